@@ -1,0 +1,36 @@
+# `make demo` and `make test` set up .venv on first use (Python 3.11, everything pinned) and are
+# quick once it exists. `make setup` alone does the set-up.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+# Re-run the set-up when any of these change.
+SETUP_INPUTS := requirements/base.txt requirements/nodeps.txt requirements/constraints.txt \
+	pyproject.toml backends/reference_torch/pyproject.toml backends/mindspore/pyproject.toml
+STAMP := $(VENV)/.sglang-fx-setup
+
+.PHONY: setup demo test conformance bench clean
+
+setup: $(STAMP)
+
+$(STAMP): $(SETUP_INPUTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -c requirements/constraints.txt -r requirements/base.txt 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PIP) install --no-deps -c requirements/constraints.txt -r requirements/nodeps.txt 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PIP) install --no-deps --no-build-isolation -e . -e backends/reference_torch -e backends/mindspore 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -m pip check >/dev/null 2>&1 || true
+	$(VENV)/bin/sglang-fx setup-cpu-host
+	touch $(STAMP)
+
+demo: setup
+	$(PY) examples/demo.py
+
+test: setup
+	$(PY) -m pytest -q
+
+conformance: setup
+	$(VENV)/bin/sglang-fx conformance --backend reference_torch
+	$(VENV)/bin/sglang-fx conformance --backend mindspore
+
+clean:
+	rm -rf $(VENV) build *.egg-info backends/*/*.egg-info

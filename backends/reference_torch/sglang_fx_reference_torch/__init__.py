@@ -1,0 +1,1 @@
+"""sglang-fx reference backend in plain PyTorch. The plugin lives in `.plugin`."""

@@ -1,0 +1,53 @@
+"""Hook implementations of the reference backend (entry point `reference_torch`)."""
+
+from __future__ import annotations
+
+import torch
+
+from sglang_fx import hookimpl
+from sglang_fx.capabilities import Capabilities
+from sglang_fx.checkpoint import ARCHITECTURES
+from sglang_fx.spi import BackendInfo
+
+from .attention import TorchPagedAttention
+from .exchange import TorchExchange
+from .kv_cache import TorchKVCache
+from .model import LlamaFamilyModel
+
+NAME = "reference_torch"
+FLOATS = frozenset({"float32", "float16", "bfloat16"})
+
+
+@hookimpl
+def sglang_fx_backend_info() -> BackendInfo:
+    return BackendInfo(
+        name=NAME,
+        framework="torch",
+        framework_version=torch.__version__,
+        capabilities=Capabilities(
+            dtypes={"cpu": FLOATS, "cuda": FLOATS},
+            architectures=frozenset(ARCHITECTURES),
+            page_sizes=None,
+            features=frozenset({"prefix_cache", "all_token_logits"}),
+        ),
+    )
+
+
+@hookimpl
+def sglang_fx_make_exchange(device):
+    return TorchExchange()
+
+
+@hookimpl
+def sglang_fx_make_kv_cache(layout, k_buffers, v_buffers, device):
+    return TorchKVCache(layout, k_buffers, v_buffers)
+
+
+@hookimpl
+def sglang_fx_make_attention(spec, layout, device):
+    return TorchPagedAttention(spec)
+
+
+@hookimpl
+def sglang_fx_make_runner(spec, weights, layout, options):
+    return LlamaFamilyModel(spec, weights, options)

@@ -1,0 +1,69 @@
+"""What a backend can run, declared as data, and checked before anything is loaded."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """A backend's declared abilities.
+
+    dtypes          device kind ("cpu", "cuda", "npu") -> dtype names the backend runs there
+                    ("float32", "float16", "bfloat16"). The keys are the supported devices.
+    architectures   HF `architectures` names, e.g. "Qwen3ForCausalLM".
+    page_sizes      supported KV page sizes in tokens; None means any positive size.
+    features        free-form feature flags, e.g. "prefix_cache", "jit", "all_token_logits".
+    """
+
+    dtypes: Mapping[str, frozenset[str]]
+    architectures: frozenset[str]
+    page_sizes: frozenset[int] | None = None
+    features: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def devices(self) -> frozenset[str]:
+        return frozenset(self.dtypes)
+
+    def validate(
+        self,
+        *,
+        architecture: str | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+        page_size: int | None = None,
+    ) -> list[str]:
+        """Every problem with running this configuration, as sentences naming the fix.
+        An empty list means supported. Arguments left as None are not checked."""
+        problems = []
+        if architecture is not None and architecture not in self.architectures:
+            problems.append(
+                f"architecture {architecture!r} is not supported; supported: {', '.join(sorted(self.architectures))}"
+            )
+        kind = device.split(":")[0] if device is not None else None
+        if kind is not None and kind not in self.dtypes:
+            problems.append(f"device {device!r} is not supported; supported devices: {', '.join(sorted(self.dtypes))}")
+        elif dtype is not None:
+            kinds = [kind] if kind is not None else sorted(self.dtypes)
+            for k in kinds:
+                if dtype not in self.dtypes[k]:
+                    problems.append(
+                        f"dtype {dtype!r} is not supported on {k}; use one of: {', '.join(sorted(self.dtypes[k]))}"
+                    )
+        if page_size is not None:
+            if page_size < 1:
+                problems.append(f"page size must be a positive number of tokens, got {page_size}")
+            elif self.page_sizes is not None and page_size not in self.page_sizes:
+                problems.append(
+                    f"page size {page_size} is not supported; supported: {', '.join(map(str, sorted(self.page_sizes)))}"
+                )
+        return problems
+
+    def describe(self) -> str:
+        devices = "; ".join(f"{d}: {', '.join(sorted(ts))}" for d, ts in sorted(self.dtypes.items()))
+        pages = "any" if self.page_sizes is None else ", ".join(map(str, sorted(self.page_sizes)))
+        return (
+            f"devices/dtypes [{devices}]; architectures [{', '.join(sorted(self.architectures))}]; "
+            f"page sizes [{pages}]; features [{', '.join(sorted(self.features))}]"
+        )

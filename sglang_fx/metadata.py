@@ -1,0 +1,127 @@
+"""ForwardMetadata: everything a backend needs to know about one forward step, as plain data.
+
+Built once per step by the host (SGLang's adapter, or the standalone `Generator`) and handed to
+the backend's runner, which hands it to its attention's `plan`. No global context: a backend
+reads this and nothing else about the batch.
+
+Notation used in the shapes below:
+    B  number of sequences in the step
+    T  number of new tokens in the step, sum(extend_lens); T == B in decode
+    L  max(seq_lens)
+    N  number of tokens whose logits are wanted (len(logits_indices))
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+class ForwardMode(enum.Enum):
+    EXTEND = "extend"  # one or more new tokens per sequence, possibly after a cached prefix
+    DECODE = "decode"  # exactly one new token per sequence
+
+
+@dataclass(frozen=True, eq=False)
+class ForwardMetadata:
+    """One step of a batch. All tensors are torch tensors on the step's device.
+
+    New tokens are packed sequence by sequence: sequence b owns rows
+    [cu_extend[b], cu_extend[b] + extend_lens[b]) of every [T, ...] tensor.
+
+    Fields:
+        mode            EXTEND or DECODE.
+        positions       [T] int64. Absolute position of each new token in its sequence.
+        out_cache_loc   [T] int64. KV-pool slot each new token's K/V is written to.
+        seq_lens        [B] int32. Tokens in each sequence after this step (prefix + new).
+        prefix_lens     [B] int32. Tokens already in the KV pool before this step.
+        extend_lens     [B] int32. New tokens per sequence; seq_lens == prefix_lens + extend_lens.
+        req_to_token    [B, >=L] int32. KV-pool slot of token j of sequence b, valid for
+                        j < seq_lens[b] (includes this step's new tokens). With page size P,
+                        slots of one page are contiguous: slot // P is the page, slot % P the
+                        offset, and req_to_token[b, j] % P == j % P.
+        logits_indices  [N] int64. Rows of the T new tokens whose logits are returned, in order.
+        page_size       KV pool page size in tokens.
+        seq_lens_cpu, prefix_lens_cpu, extend_lens_cpu
+                        The same lengths as Python ints, for shape decisions without a device
+                        sync. Must agree with the tensors.
+    """
+
+    mode: ForwardMode
+    positions: torch.Tensor
+    out_cache_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    prefix_lens: torch.Tensor
+    extend_lens: torch.Tensor
+    req_to_token: torch.Tensor
+    logits_indices: torch.Tensor
+    page_size: int
+    seq_lens_cpu: tuple[int, ...]
+    prefix_lens_cpu: tuple[int, ...]
+    extend_lens_cpu: tuple[int, ...]
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.extend_lens_cpu)
+
+    @classmethod
+    def from_lists(
+        cls,
+        *,
+        token_slots: Sequence[Sequence[int]],
+        prefix_lens: Sequence[int],
+        logits: str = "last",
+        page_size: int = 1,
+        device: torch.device | str = "cpu",
+    ) -> ForwardMetadata:
+        """Build the metadata of a step from per-sequence slot lists (host-side helper).
+
+        token_slots[b] lists the KV slots of every token of sequence b after this step
+        (prefix then new tokens); prefix_lens[b] of them are already in the pool.
+        logits: "last" (last new token of each sequence) or "all" (every new token).
+        """
+        if len(token_slots) != len(prefix_lens):
+            raise ValueError("token_slots and prefix_lens must have one entry per sequence")
+        seq_lens = [len(s) for s in token_slots]
+        extend_lens = [s - p for s, p in zip(seq_lens, prefix_lens)]
+        if any(e < 1 for e in extend_lens):
+            raise ValueError(f"every sequence needs at least one new token, got {extend_lens}")
+        positions = [j for s, p in zip(seq_lens, prefix_lens) for j in range(p, s)]
+        out_loc = [slot for slots, p in zip(token_slots, prefix_lens) for slot in slots[p:]]
+        width = max(seq_lens)
+        table = torch.zeros((len(seq_lens), width), dtype=torch.int32)
+        for b, slots in enumerate(token_slots):
+            table[b, : len(slots)] = torch.tensor(slots, dtype=torch.int32)
+        if logits == "last":
+            ends = torch.tensor(extend_lens).cumsum(0) - 1
+            indices = ends.tolist()
+        elif logits == "all":
+            indices = list(range(sum(extend_lens)))
+        else:
+            raise ValueError(f"logits must be 'last' or 'all', got {logits!r}")
+        mode = ForwardMode.DECODE if all(e == 1 for e in extend_lens) and all(prefix_lens) else ForwardMode.EXTEND
+
+        def t(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        return cls(
+            mode=mode,
+            positions=t(positions, torch.int64),
+            out_cache_loc=t(out_loc, torch.int64),
+            seq_lens=t(seq_lens, torch.int32),
+            prefix_lens=t(list(prefix_lens), torch.int32),
+            extend_lens=t(extend_lens, torch.int32),
+            req_to_token=table.to(device),
+            logits_indices=t(indices, torch.int64),
+            page_size=page_size,
+            seq_lens_cpu=tuple(seq_lens),
+            prefix_lens_cpu=tuple(prefix_lens),
+            extend_lens_cpu=tuple(extend_lens),
+        )

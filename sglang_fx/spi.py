@@ -1,0 +1,132 @@
+"""The objects a backend hands back from its factory hooks, as typed Protocols.
+
+The per-step path calls these objects directly (never through pluggy). Contracts are written
+here once; implementations stay lean. "Array" below means the backend framework's own tensor
+type (torch.Tensor for the reference backend, mindspore.Tensor for MindSpore, ...).
+
+Shape notation: T new tokens in the step, Hq query heads, Hkv KV heads, D head dim, Dv value
+head dim, S = KVLayout.num_slots. See ForwardMetadata for B, L, N.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from .capabilities import Capabilities
+from .checkpoint import ModelSpec
+from .kv_pool import KVLayout
+from .metadata import ForwardMetadata
+
+Array = Any  # the backend framework's tensor type
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What `sglang-fx backends` shows, and what selection checks.
+
+    name                the entry-point name, e.g. "mindspore".
+    framework           the framework's import name, e.g. "mindspore".
+    framework_version   its installed version, or None when it is not installed.
+    capabilities        what it runs; None when unavailable.
+    unavailable         None when usable here, else the reason and the fix, e.g.
+                        "mindspore is not installed: pip install mindspore==2.10.0".
+    known_gaps          conformance case name -> reason it is expected to fail. A listed case
+                        that passes fails the conformance run, so the list cannot go stale.
+    """
+
+    name: str
+    framework: str
+    framework_version: str | None
+    capabilities: Capabilities | None
+    unavailable: str | None = None
+    known_gaps: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """One model's attention geometry. scale multiplies q.k (usually D ** -0.5)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    scale: float
+
+
+@runtime_checkable
+class Exchange(Protocol):
+    """Tensor exchange between torch (the host) and the backend framework, by DLPack.
+
+    copy=None copies only when it must (a non-contiguous input is made contiguous, since some
+    frameworks misread DLPack strides); copy=False never copies and raises BufferError when
+    it would have to; copy=True always copies. Without a copy the result aliases the input:
+    a write through either is seen by the other, and the caller keeps the input alive.
+    Devices are preserved; no global device synchronize happens.
+    """
+
+    def from_torch(self, t: torch.Tensor, *, copy: bool | None = None) -> Array: ...
+
+    def to_torch(self, x: Array, *, copy: bool | None = None) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class KVCache(Protocol):
+    """The backend's view of a host-owned paged KV pool (see kv_pool.py for the layout).
+
+    k(layer): [S, *layout.k_shape] array aliasing the host's K buffer of that layer.
+    v(layer): same for V, or None when layout.v_shape is None.
+    write(layer, slots, k, v): store k [n, *k_shape] (and v [n, *v_shape]) at slots [n] int64,
+        in place in the host's memory. Other slots are untouched. v is None iff v_shape is None.
+    """
+
+    layout: KVLayout
+
+    def k(self, layer: int) -> Array: ...
+
+    def v(self, layer: int) -> Array | None: ...
+
+    def write(self, layer: int, slots: Array, k: Array, v: Array | None) -> None: ...
+
+
+@runtime_checkable
+class Attention(Protocol):
+    """Paged attention over a KVCache for every layer of one model.
+
+    plan(meta): once per step, before any layer; precomputes what every layer shares (slot
+        tables, masks, block tables) from the ForwardMetadata.
+    forward(layer, q, k, v, cache): q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, Dv] for the new
+        tokens. Writes k/v into the cache at meta.out_cache_loc, then attends causally: new
+        token at position p sees its sequence's tokens 0..p (cached prefix and new).
+        Returns [T, Hq, Dv] in q's dtype.
+    """
+
+    def plan(self, meta: ForwardMetadata) -> None: ...
+
+    def forward(self, layer: int, q: Array, k: Array, v: Array, cache: KVCache) -> Array: ...
+
+
+@runtime_checkable
+class ModelRunner(Protocol):
+    """A loaded model.
+
+    forward(input_ids, meta, cache): input_ids [T] int64 torch tensor of the step's new
+        tokens; writes their K/V into cache; returns float32 torch logits [N, vocab] for
+        meta.logits_indices, in that order.
+    """
+
+    spec: ModelSpec
+
+    def forward(self, input_ids: torch.Tensor, meta: ForwardMetadata, cache: KVCache) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    """How to run a model. device: "cpu", "cuda:0", "npu:0"... extra: backend-specific
+    settings (e.g. MindSpore's {"mode": "pynative"}); a backend rejects keys it does not know."""
+
+    device: str = "cpu"
+    extra: Mapping[str, str] = field(default_factory=dict)
