@@ -1,5 +1,7 @@
 # `make demo` and `make test` set up .venv on first use (Python 3.11, everything pinned) and are
 # quick once it exists. `make setup` alone does the set-up.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,6 +10,8 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 SETUP_INPUTS := requirements/base.txt requirements/nodeps.txt requirements/constraints.txt \
 	pyproject.toml backends/reference_torch/pyproject.toml backends/mindspore/pyproject.toml
 STAMP := $(VENV)/.sglang-fx-setup
+# pip warns once per package about the machine-wide extra index dirs that do not exist.
+QUIET := sed "/is ignored: it is neither a file nor a directory/d"
 
 .PHONY: setup demo test conformance bench clean
 
@@ -15,10 +19,9 @@ setup: $(STAMP)
 
 $(STAMP): $(SETUP_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -c requirements/constraints.txt -r requirements/base.txt 2>&1 | grep -v "is ignored: it is neither" || true
-	$(PIP) install --no-deps -c requirements/constraints.txt -r requirements/nodeps.txt 2>&1 | grep -v "is ignored: it is neither" || true
-	$(PIP) install --no-deps --no-build-isolation -e . -e backends/reference_torch -e backends/mindspore 2>&1 | grep -v "is ignored: it is neither" || true
-	$(PY) -m pip check >/dev/null 2>&1 || true
+	$(PIP) install -c requirements/constraints.txt -r requirements/base.txt 2>&1 | $(QUIET)
+	$(PIP) install --no-deps -c requirements/constraints.txt -r requirements/nodeps.txt 2>&1 | $(QUIET)
+	$(PIP) install --no-deps --no-build-isolation -e . -e backends/reference_torch -e backends/mindspore 2>&1 | $(QUIET)
 	$(VENV)/bin/sglang-fx setup-cpu-host
 	touch $(STAMP)
 

@@ -111,6 +111,7 @@ def make_tiny_model(
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     max_shard = f"{max(1, nbytes // shards // 1000 + 1)}KB" if shards > 1 else "50GB"
+    transformers.utils.logging.disable_progress_bar()
     model.save_pretrained(out, max_shard_size=max_shard)
     tokenizer.save_pretrained(out)
     return out

@@ -1,0 +1,248 @@
+"""The conformance cases. Each is a function of a Context returning an Outcome with its figures;
+`cases_for(ctx)` lists the ones that apply to the backend under test (its architectures).
+
+Case names are stable ("attention/page16/decode"): known-gap lists refer to them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from sglang_fx.kv_pool import KVLayout, PagedKVPool
+from sglang_fx.metadata import ForwardMetadata
+from sglang_fx.spi import AttentionSpec
+
+from .context import REFERENCE_BACKEND, TOLERANCE, Context, naive_attention
+
+
+@dataclass(frozen=True)
+class Outcome:
+    passed: bool
+    max_abs_diff: float | None = None
+    token_agreement: float | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    run: Callable[[Context], Outcome]
+
+
+def _close(diff: float, dtype: torch.dtype, what: str) -> Outcome:
+    tol = TOLERANCE[dtype]
+    return Outcome(diff <= tol, diff, None, f"{what}: max abs diff {diff:.3g} (tolerance {tol:g})")
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        raise AssertionError(f"shape {list(a.shape)} != expected {list(b.shape)}")
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Exchange
+# --------------------------------------------------------------------------------------------
+
+EXCHANGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int64)
+
+
+def exchange_case(dtype: torch.dtype, contiguous: bool) -> Case:
+    def run(ctx: Context) -> Outcome:
+        ex = ctx.backend.exchange(ctx.device)
+        g = torch.Generator().manual_seed(0)
+        base = (torch.randn((6, 10), generator=g) * 100).to(dtype).to(ctx.device)
+        t = base if contiguous else base[:, ::3].t()  # strided and transposed
+        back = ex.to_torch(ex.from_torch(t))
+        if back.dtype != t.dtype or back.shape != t.shape or back.device != t.device:
+            return Outcome(False, None, None, f"round trip gave {back.dtype} {list(back.shape)} on {back.device}")
+        diff = _max_diff(back, t)
+        if diff != 0:
+            return Outcome(False, diff, None, "values changed in the round trip")
+        from sglang_fx.exchange import shares_memory
+
+        if contiguous:
+            if not shares_memory(back, t):
+                return Outcome(False, 0.0, None, "contiguous round trip copied (must be zero-copy)")
+            t.view(-1)[0] = 7
+            if back.reshape(-1)[0].item() != 7:
+                return Outcome(False, 0.0, None, "a write to the source is not seen through the exchanged tensor")
+            return Outcome(True, 0.0, None, "zero-copy both ways; writes visible")
+        try:
+            ex.from_torch(t, copy=False)
+        except BufferError:
+            return Outcome(True, 0.0, None, "strided input copied to contiguous; copy=False refused")
+        return Outcome(False, 0.0, None, "copy=False accepted a non-contiguous tensor (must raise BufferError)")
+
+    return Case(f"exchange/{str(dtype).removeprefix('torch.')}/{'contiguous' if contiguous else 'strided'}", run)
+
+
+# --------------------------------------------------------------------------------------------
+# KV pool
+# --------------------------------------------------------------------------------------------
+
+
+def _layout(page_size: int, num_pages: int, heads: int = 2, dim: int = 16) -> KVLayout:
+    return KVLayout(num_layers=2, num_pages=num_pages, page_size=page_size, k_shape=(heads, dim), v_shape=(heads, dim), dtype=torch.float32)
+
+
+def kv_case(page_size: int) -> Case:
+    def run(ctx: Context) -> Outcome:
+        layout = _layout(page_size, num_pages=max(4, 512 // page_size))
+        pool = PagedKVPool(layout, ctx.device)
+        g = torch.Generator().manual_seed(page_size)
+        for buf in pool.k_buffers + pool.v_buffers:
+            buf.copy_(torch.randn(buf.shape, generator=g))
+        before_k = [b.clone() for b in pool.k_buffers]
+        before_v = [b.clone() for b in pool.v_buffers]
+        cache = ctx.backend.kv_cache(layout, pool.k_buffers, pool.v_buffers, ctx.device)
+        ex = ctx.backend.exchange(ctx.device)
+        from sglang_fx.exchange import shares_memory
+
+        if not shares_memory(ex.to_torch(cache.k(1)), pool.k_buffers[1]):
+            return Outcome(False, None, None, "KVCache.k(layer) does not alias the host buffer")
+        slots = torch.randperm(layout.num_slots, generator=g)[:37].to(ctx.device)  # scattered
+        k = torch.randn((37, *layout.k_shape), generator=g).to(ctx.device)
+        v = torch.randn((37, *layout.v_shape), generator=g).to(ctx.device)
+        cache.write(1, ex.from_torch(slots), ex.from_torch(k), ex.from_torch(v))
+        diff = max(_max_diff(pool.k_buffers[1][slots], k), _max_diff(pool.v_buffers[1][slots], v))
+        untouched = torch.ones(layout.num_slots, dtype=torch.bool, device=ctx.device)
+        untouched[slots] = False
+        stray = max(
+            _max_diff(pool.k_buffers[1][untouched], before_k[1][untouched]),
+            _max_diff(pool.v_buffers[1][untouched], before_v[1][untouched]),
+            _max_diff(pool.k_buffers[0], before_k[0]),
+            _max_diff(pool.v_buffers[0], before_v[0]),
+        )
+        if stray:
+            return Outcome(False, stray, None, "write changed slots or layers it was not given")
+        return Outcome(diff == 0, diff, None, "37 scattered slots written in place in host memory")
+
+    return Case(f"kv_cache/page{page_size}", run)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+
+# (prefix lengths, new-token counts) of a ragged batch, per scenario
+ATTENTION_BATCHES = {
+    "prefill": ([0, 0, 0, 0], [1, 7, 33, 140]),
+    "prefix": ([16, 5, 128, 3], [4, 30, 9, 1]),
+    "decode": ([1, 15, 16, 200], [1, 1, 1, 1]),
+}
+
+
+def attention_case(page_size: int, scenario: str) -> Case:
+    def run(ctx: Context) -> Outcome:
+        prefixes, news = ATTENTION_BATCHES[scenario]
+        spec = AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=16, v_head_dim=16, scale=16**-0.5)
+        layout = _layout(page_size, num_pages=sum(-(-(p + n) // page_size) for p, n in zip(prefixes, news)) + 2)
+        pool = PagedKVPool(layout, ctx.device)
+        g = torch.Generator().manual_seed(page_size * 7 + len(scenario))
+        # Fill each sequence's prefix straight into the pool (as an earlier step would have).
+        full_k, full_v = [], []
+        for b, (p, n) in enumerate(zip(prefixes, news)):
+            full_k.append(torch.randn((p + n, 2, 16), generator=g))
+            full_v.append(torch.randn((p + n, 2, 16), generator=g))
+            slots = torch.tensor(pool.reserve(b, p), dtype=torch.int64)
+            pool.k_buffers[0][slots] = full_k[b][:p].to(ctx.device)
+            pool.v_buffers[0][slots] = full_v[b][:p].to(ctx.device)
+        pool.reserve_many({b: n for b, n in enumerate(news)})
+        meta = ForwardMetadata.from_lists(
+            token_slots=[pool.slots(b) for b in range(len(news))], prefix_lens=prefixes, page_size=page_size, device=ctx.device
+        )
+        q = torch.randn((sum(news), 4, 16), generator=g)
+        k_new = torch.cat([k[p:] for k, p in zip(full_k, prefixes)])
+        v_new = torch.cat([v[p:] for v, p in zip(full_v, prefixes)])
+        ex = ctx.backend.exchange(ctx.device)
+        cache = ctx.backend.kv_cache(layout, pool.k_buffers, pool.v_buffers, ctx.device)
+        attn = ctx.backend.attention(spec, layout, ctx.device)
+        attn.plan(meta)
+        args = [ex.from_torch(t.to(ctx.device)) for t in (q, k_new, v_new)]
+        out = ex.to_torch(attn.forward(0, *args, cache)).cpu()
+        expected, row = [], 0
+        for b, (p, n) in enumerate(zip(prefixes, news)):
+            expected.append(naive_attention(q[row : row + n], full_k[b], full_v[b], p, spec.scale))
+            row += n
+        written = _max_diff(pool.k_buffers[0][meta.out_cache_loc].cpu(), k_new)
+        if written:
+            return Outcome(False, written, None, "new K was not written to the pool at out_cache_loc")
+        return _close(_max_diff(out, torch.cat(expected).float()), torch.float32, f"{len(news)} ragged sequences vs naive attention")
+
+    return Case(f"attention/page{page_size}/{scenario}", run)
+
+
+# --------------------------------------------------------------------------------------------
+# Whole model
+# --------------------------------------------------------------------------------------------
+
+# Ragged prompts; the second and fourth start with the first one's 20 tokens, so a session
+# that has seen the first reuses its cached pages (a prefix hit).
+BASE_PROMPT = [5, 17, 99, 250, 3, 42, 77, 301, 12, 8, 64, 128, 256, 31, 7, 400, 22, 11, 90, 45]
+PROMPTS = [BASE_PROMPT, BASE_PROMPT + [9, 33, 71], [260, 14], BASE_PROMPT + [3] * 9 + [500, 1]]
+GREEDY_STEPS = 32
+
+
+def _session_logits(ctx: Context, arch: str, backend: str | None = None) -> torch.Tensor:
+    """All-token logits of PROMPTS[1:] in one ragged step, after PROMPTS[0] filled the cache."""
+    session = ctx.session(arch, page_size=16, backend=backend)
+    first, _ = session.new_sequence(PROMPTS[0])
+    session.forward([first], [PROMPTS[0]])
+    seqs, new = [], []
+    for p in PROMPTS[1:]:
+        seq, shared = session.new_sequence(p)
+        seqs.append(seq)
+        new.append(p[shared:])
+    if not any(session.pool.length(s) for s in seqs):
+        raise AssertionError("no prefix hit happened; the case does not test what it claims")
+    logits = session.forward(seqs, new, logits="all")
+    return logits, [len(p) - len(n) for p, n in zip(PROMPTS[1:], new)]
+
+
+def logits_case(arch: str) -> Case:
+    def run(ctx: Context) -> Outcome:
+        logits, shared = _session_logits(ctx, arch)
+        diff, row = 0.0, 0
+        for p, s in zip(PROMPTS[1:], shared):
+            n = len(p) - s
+            diff = max(diff, _max_diff(logits[row : row + n].cpu(), ctx.hf_logits(arch, p)[s:]))
+            row += n
+        return _close(diff, torch.float32, "vs transformers, ragged batch with prefix hits")
+
+    return Case(f"logits/{arch}", run)
+
+
+def logits_vs_reference_case(arch: str) -> Case:
+    def run(ctx: Context) -> Outcome:
+        ours, _ = _session_logits(ctx, arch)
+        ref, _ = _session_logits(ctx, arch, backend=REFERENCE_BACKEND)
+        return _close(_max_diff(ours.cpu(), ref.cpu()), torch.float32, f"vs {REFERENCE_BACKEND}")
+
+    return Case(f"logits_vs_reference/{arch}", run)
+
+
+def greedy_case(arch: str) -> Case:
+    def run(ctx: Context) -> Outcome:
+        session = ctx.session(arch, page_size=16)
+        session.generate([PROMPTS[0]], 1)  # leaves PROMPTS[0] cached: the batch below hits it
+        ours = session.generate(PROMPTS, GREEDY_STEPS)
+        truth = [ctx.hf_greedy(arch, p, GREEDY_STEPS) for p in PROMPTS]
+        same = sum(a == b for o, t in zip(ours, truth) for a, b in zip(o, t))
+        agreement = same / (GREEDY_STEPS * len(PROMPTS))
+        first_diff = next((f"prompt {i} differs at step {next(j for j, (a, b) in enumerate(zip(o, t)) if a != b)}" for i, (o, t) in enumerate(zip(ours, truth)) if o != t), "")
+        return Outcome(agreement == 1.0, None, agreement, first_diff or f"{len(PROMPTS)} ragged prompts x {GREEDY_STEPS} steps identical to transformers")
+
+    return Case(f"greedy/{arch}", run)
+
+
+def cases_for(ctx: Context) -> list[Case]:
+    cases = [exchange_case(d, c) for d in EXCHANGE_DTYPES for c in (True, False)]
+    cases += [kv_case(p) for p in (1, 16, 128)]
+    cases += [attention_case(p, s) for p in (1, 16, 128) for s in ATTENTION_BATCHES]
+    for arch in ctx.architectures():
+        cases += [logits_case(arch), logits_vs_reference_case(arch), greedy_case(arch)]
+    return cases

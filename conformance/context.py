@@ -1,0 +1,90 @@
+"""What the conformance cases share: the backend under test, tiny checkpoints, ground truth.
+
+Ground truth is Hugging Face `transformers` run on the same checkpoint, plus the naive dense
+attention in `naive_attention`; the torch reference backend is compared the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sglang_fx.generate import Session
+from sglang_fx.registry import Backend, Registry, default_registry
+
+REFERENCE_BACKEND = "reference_torch"
+
+#: HF architecture -> `sglang-fx make-tiny-model --arch` name of its tiny checkpoint.
+TINY_ARCHES = {
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen2ForCausalLM": "qwen2",
+    "LlamaForCausalLM": "llama",
+}
+
+#: max |a - b| accepted per dtype, for logits and attention outputs.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+
+
+class Context:
+    """One conformance run against one backend. Expensive things are built once and cached."""
+
+    def __init__(self, backend: str, *, device: str = "cpu", workdir: str | Path | None = None, registry: Registry | None = None):
+        self.registry = registry or default_registry()
+        self.backend: Backend = self.registry.load(backend)
+        self.device = device
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="sglang-fx-conformance-")
+        self.workdir = Path(workdir or self._tmp.name)
+
+    def architectures(self) -> list[str]:
+        """The tiny-checkpoint architectures this backend claims to run, in a stable order."""
+        return [a for a in TINY_ARCHES if a in self.backend.capabilities.architectures]
+
+    @functools.cache
+    def checkpoint(self, arch: str) -> Path:
+        from sglang_fx.tiny import make_tiny_model
+
+        return make_tiny_model(TINY_ARCHES[arch], self.workdir / TINY_ARCHES[arch], seed=0)
+
+    @functools.cache
+    def hf_model(self, arch: str):
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(self.checkpoint(arch), dtype=torch.float32)
+        return model.eval()
+
+    def session(self, arch: str, *, page_size: int = 16, backend: str | None = None) -> Session:
+        b = self.backend if backend is None else self.registry.load(backend)
+        return Session(b, self.checkpoint(arch), dtype="float32", device=self.device, page_size=page_size, max_total_tokens=4096)
+
+    def hf_logits(self, arch: str, prompt: list[int]) -> torch.Tensor:
+        """[len(prompt), vocab] float32 logits of transformers, one prompt, no padding."""
+        with torch.inference_mode():
+            return self.hf_model(arch)(torch.tensor([prompt])).logits[0].float()
+
+    def hf_greedy(self, arch: str, prompt: list[int], steps: int) -> list[int]:
+        with torch.inference_mode():
+            out = self.hf_model(arch).generate(
+                torch.tensor([prompt]), max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                eos_token_id=None, pad_token_id=0,
+            )
+        return out[0, len(prompt):].tolist()
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, scale: float) -> torch.Tensor:
+    """Dense causal attention of one sequence, in float64: q [e, Hq, D] for positions
+    prefix..prefix+e-1, k/v [prefix+e, Hkv, D] for every position. Returns [e, Hq, Dv]."""
+    q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    qpos = torch.arange(prefix, prefix + q.shape[0])[:, None]
+    kpos = torch.arange(k.shape[0])[None, :]
+    scores = scores.masked_fill(kpos > qpos, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)

@@ -1,0 +1,108 @@
+"""Run the conformance cases against one backend: progress, a table, a JSON report.
+
+A case in the backend's `known_gaps` that fails counts as expected ("known gap"); one that
+passes fails the run ("unexpected pass"), so the list cannot go stale.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TextIO
+
+from .cases import Case, Outcome, cases_for
+from .context import Context
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    name: str
+    passed: bool  # counts toward the run passing (a known gap that failed counts as passed)
+    status: str  # "pass", "fail", "error", "known gap", "unexpected pass"
+    max_abs_diff: float | None
+    token_agreement: float | None
+    detail: str
+    seconds: float
+
+
+def judge(case: Case, ctx: Context) -> CaseResult:
+    """Run one case and apply the backend's known-gap list."""
+    start = time.perf_counter()
+    try:
+        out = case.run(ctx)
+        status = "pass" if out.passed else "fail"
+    except Exception as e:  # a crashing case is a failing case, with its reason
+        out = Outcome(False, None, None, f"{type(e).__name__}: {e}")
+        status = "error"
+        if ctx_debug():
+            traceback.print_exc()
+    gap = ctx.backend.info.known_gaps.get(case.name)
+    if gap is not None:
+        if out.passed:
+            status, passed, detail = "unexpected pass", False, f"listed as a known gap ({gap}) but passes: remove it from the list"
+        else:
+            status, passed, detail = "known gap", True, f"{gap} [{out.detail}]"
+    else:
+        passed, detail = out.passed, out.detail
+    return CaseResult(case.name, passed, status, out.max_abs_diff, out.token_agreement, detail, time.perf_counter() - start)
+
+
+def ctx_debug() -> bool:
+    import os
+
+    return bool(os.environ.get("SGLANG_FX_DEBUG"))
+
+
+@dataclass(frozen=True)
+class Report:
+    backend: str
+    passed: bool
+    cases: list[CaseResult]
+
+    def to_json(self) -> dict:
+        return {"backend": self.backend, "passed": self.passed, "cases": [asdict(c) for c in self.cases]}
+
+    def table(self) -> str:
+        rows = [("case", "result", "max abs diff", "tokens", "detail")]
+        for c in self.cases:
+            diff = "-" if c.max_abs_diff is None else f"{c.max_abs_diff:.2e}"
+            tok = "-" if c.token_agreement is None else f"{c.token_agreement:.0%}"
+            rows.append((c.name, c.status, diff, tok, c.detail))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows]
+        lines.insert(1, "-" * (sum(widths) + 8 + 6))
+        ok = sum(c.passed for c in self.cases)
+        lines.append(f"{self.backend}: {ok} passed, {len(self.cases) - ok} failed")
+        return "\n".join(lines)
+
+
+def run(
+    backend: str,
+    *,
+    device: str = "cpu",
+    select: Callable[[str], bool] | None = None,
+    progress: TextIO | None = sys.stderr,
+) -> Report:
+    ctx = Context(backend, device=device)
+    try:
+        cases = [c for c in cases_for(ctx) if select is None or select(c.name)]
+        results = []
+        for i, case in enumerate(cases, 1):
+            if progress:
+                print(f"[{i:>3}/{len(cases)}] {case.name} ...", end="", file=progress, flush=True)
+            r = judge(case, ctx)
+            results.append(r)
+            if progress:
+                print(f" {r.status} ({r.seconds:.1f}s)", file=progress, flush=True)
+        return Report(backend, all(r.passed for r in results), results)
+    finally:
+        ctx.close()
+
+
+def write_json(report: Report, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(report.to_json(), indent=2) + "\n")

@@ -1,0 +1,130 @@
+"""The `sglang-fx` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .errors import SglangFxError
+
+
+def cmd_backends(args: argparse.Namespace) -> int:
+    from .registry import default_registry
+
+    reg = default_registry()
+    if not reg.names():
+        print("no sglang-fx backends installed (entry-point group 'sglang_fx.backends' is empty)")
+        return 1
+    for name in reg.names():
+        entries = reg.entries(name)
+        print(f"{name}")
+        print(f"  distribution: {', '.join(e.distribution for e in entries)}")
+        try:
+            info = reg.info(name)
+        except SglangFxError as e:
+            print(f"  status: broken: {e}")
+            continue
+        print(f"  framework: {info.framework} {info.framework_version or '(not installed)'}")
+        if info.unavailable:
+            print(f"  status: unavailable: {info.unavailable}")
+        else:
+            print("  status: available")
+            print(f"  capabilities: {info.capabilities.describe()}")
+        if info.known_gaps:
+            print(f"  known conformance gaps: {', '.join(sorted(info.known_gaps))}")
+    return 0
+
+
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from sglang_fx.conformance.runner import run, write_json
+
+    select = None
+    if args.only:
+        select = lambda name: any(name.startswith(p) for p in args.only)  # noqa: E731
+    report = run(args.backend, device=args.device, select=select, progress=None if args.quiet else sys.stderr)
+    print(report.table())
+    if args.json:
+        write_json(report, args.json)
+        print(f"report written to {args.json}")
+    return 0 if report.passed else 1
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from .tiny import make_tiny_model
+
+    overrides = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        if not value:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key] = int(value) if value.isdigit() else value
+    out = make_tiny_model(args.arch, args.out, seed=args.seed, shards=args.shards, **overrides)
+    print(f"wrote {args.arch} checkpoint to {out}")
+    return 0
+
+
+def cmd_setup_cpu_host(args: argparse.Namespace) -> int:
+    from .cpu_host import write_pth
+
+    print(f"installed the CPU-host import shim: {write_pth(args.site_packages)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .tiny import PRESETS
+
+    p = argparse.ArgumentParser(
+        prog="sglang-fx",
+        description="Run SGLang models through backends in other frameworks (MindSpore, PyTorch reference, ...).",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("backends", help="list installed backends, whether they can run here, and what they support")
+    s.set_defaults(func=cmd_backends)
+
+    s = sub.add_parser(
+        "conformance",
+        help="check a backend against transformers and the torch reference",
+        description="Run the conformance suite against one backend: exchange, KV pool, attention, "
+        "whole-model logits and greedy decoding on tiny local checkpoints. Exit status 0 only if every case passes.",
+    )
+    s.add_argument("--backend", required=True, help="backend name, as listed by `sglang-fx backends`")
+    s.add_argument("--device", default="cpu", help="device to run on (default: cpu)")
+    s.add_argument("--json", metavar="PATH", help="also write a machine-readable report to PATH")
+    s.add_argument("--only", action="append", metavar="PREFIX", help="run only cases whose name starts with PREFIX (repeatable)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    s.set_defaults(func=cmd_conformance)
+
+    s = sub.add_parser(
+        "make-tiny-model",
+        help="write a tiny random-weight HF checkpoint (no downloads)",
+        description="Write config.json, safetensors weights and a locally trained tokenizer for a tiny model.",
+    )
+    s.add_argument("--arch", required=True, choices=sorted(PRESETS))
+    s.add_argument("out", help="output directory")
+    s.add_argument("--seed", type=int, default=0, help="random seed (same seed, same weights)")
+    s.add_argument("--shards", type=int, default=1, help="number of safetensors shards (default 1)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config size, e.g. --set hidden_size=512")
+    s.set_defaults(func=cmd_make_tiny_model)
+
+    s = sub.add_parser(
+        "setup-cpu-host",
+        help="install the start-up shim SGLang needs on CPU-only hosts (see sglang_fx/cpu_host.py)",
+    )
+    s.add_argument("--site-packages", help="target directory (default: this environment's site-packages)")
+    s.set_defaults(func=cmd_setup_cpu_host)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SglangFxError as e:
+        print(f"sglang-fx: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
