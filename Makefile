@@ -37,3 +37,6 @@ conformance: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info backends/*/*.egg-info
+
+bench: setup
+	$(PY) benchmarks/decode.py

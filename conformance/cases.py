@@ -187,8 +187,9 @@ PROMPTS = [BASE_PROMPT, BASE_PROMPT + [9, 33, 71], [260, 14], BASE_PROMPT + [3] 
 GREEDY_STEPS = 32
 
 
-def _session_logits(ctx: Context, arch: str, backend: str | None = None) -> torch.Tensor:
-    """All-token logits of PROMPTS[1:] in one ragged step, after PROMPTS[0] filled the cache."""
+def _session_logits(ctx: Context, arch: str, backend: str | None = None) -> tuple[torch.Tensor, list[int]]:
+    """All-token logits of PROMPTS[1:] in one ragged step, after PROMPTS[0] filled the cache,
+    and how many tokens of each prompt came from the cache."""
     session = ctx.session(arch, page_size=16, backend=backend)
     first, _ = session.new_sequence(PROMPTS[0])
     session.forward([first], [PROMPTS[0]])

@@ -1,0 +1,87 @@
+"""Decode step time per backend, measured in one run on one tiny-but-not-trivial Qwen3.
+
+    python benchmarks/decode.py [--variant LABEL=BACKEND[:KEY=VALUE,...]] [--steps N]
+
+Default variants: mindspore-jit, mindspore-pynative, reference_torch (those whose backend is
+available). Each variant prefills `--prompt-len` tokens per sequence, warms up, then times
+`--steps` decode steps at each batch size; the table gives the median step time and its ratio
+to the first variant. Runs on shared machines vary: compare ratios from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+from sglang_fx.generate import Session
+from sglang_fx.registry import default_registry
+from sglang_fx.tiny import make_tiny_model
+
+MODEL = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=64)
+DEFAULT_VARIANTS = ["mindspore-jit=mindspore:mode=jit", "mindspore-pynative=mindspore:mode=pynative", "reference_torch=reference_torch"]
+
+
+def parse_variant(text: str) -> tuple[str, str, dict[str, str]]:
+    label, _, target = text.partition("=")
+    backend, _, opts = target.partition(":")
+    options = dict(kv.split("=", 1) for kv in opts.split(",") if kv)
+    return label, backend, options
+
+
+def time_decode(session: Session, batch: int, prompt_len: int, steps: int, warmup: int) -> float:
+    """Median seconds per decode step for `batch` sequences."""
+    prompts = [[(7 * b + j) % 500 + 3 for j in range(prompt_len)] for b in range(batch)]
+    seqs = [session.new_sequence(p)[0] for p in prompts]
+    logits = session.forward(seqs, prompts)
+    times = []
+    for i in range(warmup + steps):
+        nxt = logits.argmax(-1).tolist()
+        start = time.perf_counter()
+        logits = session.forward(seqs, [[t] for t in nxt])
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    for s in seqs:
+        session.release(s)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", action="append", help="LABEL=BACKEND[:KEY=VALUE,...] (repeatable)")
+    ap.add_argument("--batch", type=int, action="append", help="batch sizes (default 1 and 8)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    args = ap.parse_args()
+    batches = args.batch or [1, 8]
+    reg = default_registry()
+    variants = [parse_variant(v) for v in (args.variant or DEFAULT_VARIANTS)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_tiny_model("qwen3", tmp, seed=0, **MODEL)
+        print(f"model: qwen3 {MODEL}, float32, page size 16; {args.steps} timed decode steps after {args.warmup} warm-up")
+        rows = []
+        for label, backend, options in variants:
+            if backend not in reg.names() or reg.info(backend).unavailable:
+                print(f"skip {label}: backend {backend!r} unavailable here")
+                continue
+            start = time.perf_counter()
+            session = Session(backend, path, dtype="float32", page_size=16, options=options)
+            load = time.perf_counter() - start
+            first = time.perf_counter()
+            session.generate([[5, 6, 7]], 2, keep_cached=False)  # first call: compiles graphs if any
+            first = time.perf_counter() - first
+            rows.append((label, load, first, [time_decode(session, b, args.prompt_len, args.steps, args.warmup) for b in batches]))
+    base = rows[0][3] if rows else None
+    head = f"{'variant':<22}{'load s':>8}{'1st call s':>12}" + "".join(f"{f'b={b} ms/step':>16}{'ratio':>8}" for b in batches)
+    print(head + "\n" + "-" * len(head))
+    for label, load, first, steps in rows:
+        cells = "".join(f"{t * 1e3:>16.2f}{t / b0:>8.2f}" for t, b0 in zip(steps, base))
+        print(f"{label:<22}{load:>8.2f}{first:>12.2f}{cells}")
+    if rows:
+        print(f"ratio = step time / {rows[0][0]}'s step time at the same batch size (lower is faster)")
+
+
+if __name__ == "__main__":
+    main()
