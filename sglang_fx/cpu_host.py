@@ -14,6 +14,27 @@ Fixes:
   so `import torchvision` (and thus transformers and SGLang) crashes. We define the two operator
   schemas first (no kernel: calling nms/qnms raises torch's "no kernel" error, as it would
   without the extension). Applied only when torch is a CPU build and torchvision a CUDA one.
+- sgl_kernel: SGLang's compiled kernels. PyPI only has CUDA wheels, and its CPU build needs a
+  source build (for Intel AMX). Without it SGLang's layers take their `forward_native` torch
+  paths on CPU, but a few modules still import names from `sgl_kernel` when
+  SGLANG_USE_CPU_ENGINE=1, at import time. When no `sgl_kernel` is installed and torch is a
+  CPU build, `import sgl_kernel` gets a small stand-in module (`_SGL_KERNEL_CPU` below)
+  holding real torch implementations of the functions SGLang imports on the CPU path and
+  can call without speculative decoding:
+    assign_req_to_token_pool_cpu  (srt/mem_cache/allocation.py: writes the slots of newly
+        allocated tokens into the req-to-token table, every decode step);
+    copy_all_layer_kv_cache_cpu  (kernels/ops/kvcache/cache_move.py: the KV pool's slot
+        move, `move_kv_cache`; SGLang also runs it once as a warm-up when a pool is built
+        with enable_kv_cache_copy, i.e. with speculative decoding).
+  The speculative-decoding kernels that are imported at module level on CPU
+  (kernels/ops/speculative/*.py: tree building, greedy verification, draft cache slots) are
+  provided as functions that raise NotImplementedError when called: speculative decoding on
+  CPU without a real sgl_kernel is not supported here, and an import must not fail for it.
+  Any other name raises ImportError("cannot import name ..."), as if sgl_kernel were absent,
+  so SGLang's own `try: from sgl_kernel import X / except ImportError` fallbacks keep working,
+  and an unexpected use fails loudly instead of computing something wrong.
+  `torch.ops.sgl_kernel` stays empty, so SGLang's AMX checks
+  (`_is_intel_amx_backend_available`) still answer False.
 """
 
 from __future__ import annotations
@@ -55,17 +76,128 @@ def fix_torchvision() -> bool:
     return True
 
 
+def _bytes_at(address: int, nbytes: int):
+    """A uint8 torch tensor aliasing nbytes of host memory at address (no copy)."""
+    import ctypes
+
+    import torch
+
+    return torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(address), dtype=torch.uint8)
+
+
+def copy_all_layer_kv_cache_cpu(data_ptrs, strides, tgt_loc, src_loc) -> None:
+    """sgl_kernel's CPU KV slot move, in torch: for every buffer b (data_ptrs[b] the address
+    of a contiguous [num_slots, ...] KV buffer, strides[b] its bytes per slot), copy slot
+    src_loc[i] over slot tgt_loc[i], for all i. Every source is read before any target is
+    written, as in SGLang's triton kernel (`copy_all_layer_kv_cache_tiled`)."""
+    if tgt_loc.numel() == 0:
+        return
+    tgt, src = tgt_loc.long(), src_loc.long()
+    rows = int(max(int(tgt.max()), int(src.max()))) + 1
+    for address, stride in zip(data_ptrs.tolist(), strides.tolist()):
+        buf = _bytes_at(int(address), rows * int(stride)).view(rows, int(stride))
+        buf[tgt] = buf[src]
+
+
+def assign_req_to_token_pool_cpu(req_pool_indices, req_to_token, start_offset, end_offset, out_cache_loc, pool_len) -> None:
+    """sgl_kernel's CPU req-to-token write, in torch: the new tokens of request i take the
+    next end_offset[i] - start_offset[i] slots of out_cache_loc (requests in order), written
+    to req_to_token[req_pool_indices[i], start_offset[i]:end_offset[i]]. Same result as
+    SGLang's triton kernel `assign_req_to_token_pool` (pool_len = req_to_token.shape[1])."""
+    import torch
+
+    start, end = start_offset.long(), end_offset.long()
+    lens = end - start  # [B] new tokens per request
+    total = int(lens.sum())
+    if total == 0:
+        return
+    row = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), lens)  # [total]
+    first = torch.cumsum(lens, 0) - lens  # [B] index of each request's first token in out_cache_loc
+    col = start[row] + torch.arange(total, device=lens.device) - first[row]
+    req_to_token[req_pool_indices.long()[row], col] = out_cache_loc[:total].to(req_to_token.dtype)
+
+
+#: name -> implementation, for the `sgl_kernel` stand-in. Only functions SGLang calls on CPU.
+_SGL_KERNEL_CPU = {
+    "copy_all_layer_kv_cache_cpu": copy_all_layer_kv_cache_cpu,
+    "assign_req_to_token_pool_cpu": assign_req_to_token_pool_cpu,
+}
+
+
+def _not_on_cpu(name: str, feature: str):
+    def call(*args, **kwargs):
+        raise NotImplementedError(
+            f"sgl_kernel.{name} ({feature}) has no CPU implementation here: sgl_kernel is not "
+            "installed and sglang-fx's stand-in (sglang_fx.cpu_host) only lets SGLang import it. "
+            f"Turn {feature} off, or install a CPU build of sgl-kernel."
+        )
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+#: Names SGLang imports at module level on CPU but only calls for features sglang-fx does not
+#: support on CPU; calling one raises NotImplementedError (never a wrong result).
+_SGL_KERNEL_IMPORT_ONLY = {
+    # kernels/ops/speculative/{spec_tree,cache_locs,eagle,multi_layer_eagle}.py
+    "build_tree_kernel_efficient_cpu": "speculative decoding",
+    "verify_tree_greedy_cpu": "speculative decoding",
+    "assign_draft_cache_locs_contiguous_cpu": "speculative decoding",
+    "assign_extend_cache_locs_cpu": "speculative decoding",
+    "fill_accept_out_cache_loc_cpu": "speculative decoding",
+    "fill_bonus_tokens_cpu": "speculative decoding",
+    "rotate_input_ids_cpu": "speculative decoding",
+}
+_SGL_KERNEL_CPU.update({n: _not_on_cpu(n, f) for n, f in _SGL_KERNEL_IMPORT_ONLY.items()})
+
+
+def _sgl_kernel_missing(name: str):
+    raise AttributeError(
+        f"sgl_kernel.{name} is not available: sgl_kernel is not installed, and sglang-fx's CPU "
+        f"stand-in (sglang_fx.cpu_host) only provides {', '.join(sorted(_SGL_KERNEL_CPU))}. "
+        "Install a CPU build of sgl-kernel, or report the SGLang code path that needs it."
+    )
+
+
+class _SglKernelLoader(importlib.abc.Loader):
+    def create_module(self, spec):
+        return None  # the default module object
+
+    def exec_module(self, module) -> None:
+        module.__dict__.update(_SGL_KERNEL_CPU)
+        module.__doc__ = "sglang-fx CPU stand-in for sgl_kernel (see sglang_fx.cpu_host)."
+        module.__getattr__ = _sgl_kernel_missing
+        module.SGLANG_FX_STAND_IN = True
+
+
+def sgl_kernel_spec(name: str):
+    """The stand-in's spec, when `sgl_kernel` is not installed and torch is a CPU build."""
+    if importlib.machinery.PathFinder.find_spec(name) is not None or not _torch_is_cpu_build():
+        return None
+    return importlib.machinery.ModuleSpec(name, _SglKernelLoader(), origin="sglang_fx.cpu_host")
+
+
+def _torch_is_cpu_build() -> bool:
+    import torch
+
+    return torch.version.cuda is None and getattr(torch.version, "hip", None) is None
+
+
 class _ImportHook(importlib.abc.MetaPathFinder):
-    """Runs a package's fix just before its first import, then steps aside."""
+    """Runs a package's fix just before its first import (`fixes`, one-shot), and provides
+    stand-ins for modules that are missing here (`providers`, consulted on every lookup of
+    that exact name). Never imports the packages themselves."""
 
     fixes = {"torchvision": fix_torchvision}
+    providers = {"sgl_kernel": sgl_kernel_spec}
 
     def find_spec(self, name, path=None, target=None):
         fix = self.fixes.pop(name, None)
         if fix is not None:
             fix()
-        if not self.fixes and self in sys.meta_path:
-            sys.meta_path.remove(self)
+        provider = self.providers.get(name)
+        if provider is not None:
+            return provider(name)
         return None  # the normal finders import the package itself
 
 
