@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import torch
+from mindspore import Tensor, mutable
+
+from sglang_fx.kv_pool import KVLayout
+
+from .exchange import MindSporeExchange
+from .kernels import row_writer
+from .runtime import ms_dtype
+
+
+class MindSporeKVCache:
+    """MindSpore tensors aliasing the host's torch KV buffers, made once here (never per step).
+
+    Besides the `spi.KVCache` methods, every layer's buffer is held in two zero-copy views, as
+    MindSpore `mutable` tuples (the form a jit graph takes them in, so that its writes land in
+    place): `keys`/`values` [S, *shape] for the portable tier, and `key_pages`/`value_pages`
+    [num_pages, P, *shape] for Ascend's paged kernels. values/value_pages are None without V.
+    """
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        k_buffers: list[torch.Tensor],
+        v_buffers: list[torch.Tensor] | None,
+        exchange: MindSporeExchange,
+    ):
+        if len(k_buffers) != layout.num_layers or (v_buffers is not None and len(v_buffers) != layout.num_layers):
+            raise ValueError(f"expected {layout.num_layers} K (and V) buffers, one per layer")
+        if (v_buffers is None) != (layout.v_shape is None):
+            raise ValueError("v_buffers must be given exactly when layout.v_shape is not None")
+        self.layout = layout
+
+        def alias(buffers: list[torch.Tensor], paged: bool) -> tuple:
+            shape = (layout.num_pages, layout.page_size) if paged else (layout.num_slots,)
+            return mutable(tuple(exchange.from_torch(b.view(*shape, *b.shape[1:]), copy=False) for b in buffers))
+
+        self.keys, self.key_pages = alias(k_buffers, False), alias(k_buffers, True)
+        self.values = None if v_buffers is None else alias(v_buffers, False)
+        self.value_pages = None if v_buffers is None else alias(v_buffers, True)
+        self._write = row_writer(ms_dtype(layout.dtype))
+
+    def k(self, layer: int) -> Tensor:
+        return self.keys[layer]
+
+    def v(self, layer: int) -> Tensor | None:
+        return None if self.values is None else self.values[layer]
+
+    def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor | None) -> None:
+        dtype = self.keys[layer].dtype
+        self._write(self.keys[layer], slots, k.astype(dtype))
+        if self.values is not None:
+            self._write(self.values[layer], slots, v.astype(dtype))

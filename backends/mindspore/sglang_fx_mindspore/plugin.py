@@ -1,0 +1,74 @@
+"""Hook implementations of the MindSpore backend (entry point `mindspore`).
+
+MindSpore is imported inside the hooks only: without it, `sglang_fx_backend_info` reports the
+backend unavailable with the install command, and nothing else is called.
+"""
+
+from __future__ import annotations
+
+from sglang_fx import hookimpl
+from sglang_fx.capabilities import Capabilities
+from sglang_fx.checkpoint import ARCHITECTURES
+from sglang_fx.spi import BackendInfo
+
+NAME = "mindspore"
+INSTALL = "pip install mindspore==2.10.0 'numpy<2' (CPU; for Ascend or GPU, the MindSpore build for that device)"
+
+CAPABILITIES = Capabilities(
+    dtypes={
+        # Measured on MindSpore 2.10 CPU: float16 MatMul runs; bfloat16 MatMul and scatter have
+        # no CPU kernel ("Select CPU operator[MatMul] fail! Unsupported data type").
+        "cpu": frozenset({"float32", "float16"}),
+        "cuda": frozenset({"float32", "float16"}),
+        "npu": frozenset({"float32", "float16", "bfloat16"}),
+    },
+    architectures=frozenset(ARCHITECTURES),
+    page_sizes=None,
+    features=frozenset({"prefix_cache", "jit", "all_token_logits"}),
+)
+
+
+@hookimpl
+def sglang_fx_backend_info() -> BackendInfo:
+    try:
+        import mindspore
+    except Exception as e:  # not installed, or broken (e.g. built against NumPy 1.x under NumPy 2)
+        return BackendInfo(
+            name=NAME,
+            framework="mindspore",
+            framework_version=None,
+            capabilities=None,
+            unavailable=f"mindspore is not installed or fails to import ({type(e).__name__}: {e}): {INSTALL}",
+        )
+    return BackendInfo(name=NAME, framework="mindspore", framework_version=mindspore.__version__, capabilities=CAPABILITIES)
+
+
+@hookimpl
+def sglang_fx_make_exchange(device):
+    from .exchange import MindSporeExchange
+    from .runtime import activate
+
+    activate(device)
+    return MindSporeExchange()
+
+
+@hookimpl
+def sglang_fx_make_kv_cache(layout, k_buffers, v_buffers, device):
+    from .kv_cache import MindSporeKVCache
+
+    return MindSporeKVCache(layout, k_buffers, v_buffers, sglang_fx_make_exchange(device))
+
+
+@hookimpl
+def sglang_fx_make_attention(spec, layout, device):
+    from .attention import make_attention
+    from .runtime import choose_tier
+
+    return make_attention(choose_tier(device, layout.dtype, layout.page_size), spec, layout, sglang_fx_make_exchange(device))
+
+
+@hookimpl
+def sglang_fx_make_runner(spec, weights, layout, options):
+    from .model import MindSporeRunner
+
+    return MindSporeRunner(spec, weights, layout, options, sglang_fx_make_exchange(options.device))
