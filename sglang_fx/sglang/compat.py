@@ -1,0 +1,225 @@
+"""Every lookup into SGLang internals that may move between SGLang versions, in one place.
+
+Pinned to SGLang 0.5.23 (`TESTED_VERSION`). When SGLang moves one of these, this is the only
+file of sglang-fx to change. Line numbers below are those of 0.5.23.
+
+- Where the KV pools live: `srt/model_executor/forward_context.py` getters
+  (`get_token_to_kv_pool()`, `get_req_to_token_pool()`), valid inside a forward. The token
+  pool (`srt/mem_cache/memory_pool.py::MHATokenToKVPool`) holds `k_buffer` / `v_buffer`: one
+  [num_slots, num_kv_heads, head_dim] tensor per layer ("nhd" layout), slot 0 reserved.
+- How a model is resolved: `srt/model_loader/utils.py::get_model_architecture` (a
+  HookRegistry target), which sets `_resolved_model_arch` / `_resolved_model_impl`.
+- Server-argument validation: `srt/arg_groups/validation_hook.py::check_server_args`
+  (a HookRegistry target) and its NPU-only rule for "mindspore" (line 318).
+- The dtype and device a model is built for: SGLang's loader (`srt/model_loader/loader.py`)
+  constructs model classes under `set_default_torch_dtype(model_config.dtype)` and
+  `with target_device:`, so torch's defaults answer both.
+- Input logprobs: `srt/layers/logits_processor.py::LogitsProcessor`, reused with an identity
+  LM head over logits the backend computed (`BackendLogitsProcessor`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata as md
+import logging
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+TESTED_VERSION = "0.5.23"
+
+#: HookRegistry targets (dotted paths) that the plugin wraps.
+GET_MODEL_ARCHITECTURE = "sglang.srt.model_loader.utils.get_model_architecture"
+CHECK_SERVER_ARGS = "sglang.srt.arg_groups.validation_hook.check_server_args"
+
+#: The environment variable SGLang reads (at import time, in every process) to take its CPU
+#: path (`srt/utils/common.py::is_cpu`).
+CPU_ENGINE_ENV = "SGLANG_USE_CPU_ENGINE"
+
+
+def sglang_version() -> str | None:
+    try:
+        return md.version("sglang")
+    except md.PackageNotFoundError:
+        return None
+
+
+def warn_if_untested() -> None:
+    v = sglang_version()
+    if v is not None and v != TESTED_VERSION:
+        logger.warning(
+            "sglang-fx's SGLang adapter is tested with sglang==%s, found %s; if the model fails "
+            "to load or run, check sglang_fx/sglang/compat.py first", TESTED_VERSION, v)
+
+
+def sglang_model_impls() -> frozenset[str]:
+    """SGLang's own --model-impl values (srt/configs/model_config.py::ModelImpl)."""
+    from sglang.srt.configs.model_config import ModelImpl
+
+    return frozenset(m.value for m in ModelImpl)
+
+
+def impl_name(value: Any) -> str:
+    """A --model-impl value as a plain string (ModelConfig keeps a str or a ModelImpl)."""
+    return str(getattr(value, "value", value))
+
+
+def resolved_model_impl(name: str):
+    """What SGLang records as `_resolved_model_impl` for an sglang-fx model: MINDSPORE for the
+    name SGLang already knows (so its own mindspore-specific runner branches apply, e.g. no
+    CUDA-graph capture), SGLANG otherwise (an SGLang-style model that owns its KV writes)."""
+    from sglang.srt.configs.model_config import ModelImpl
+
+    return ModelImpl.MINDSPORE if name == ModelImpl.MINDSPORE.value else ModelImpl.SGLANG
+
+
+def set_resolved_architecture(model_config: Any, arch: str, impl: Any) -> None:
+    """Record the resolution the way get_model_architecture does (model_loader/utils.py:233)."""
+    setattr(model_config, "_resolved_model_arch", arch)
+    setattr(model_config, "_resolved_model_impl", impl)
+
+
+# --------------------------------------------------------------------------------------------
+# Server arguments (launcher process, before the engine starts)
+# --------------------------------------------------------------------------------------------
+
+
+def server_view(server_args: Any) -> Any:
+    """The resolved-so-far view of ServerArgs (arg_groups/model_override_base.py)."""
+    from sglang.srt.arg_groups.overrides import resolving_view
+
+    return resolving_view(server_args)
+
+
+def server_model_config(server_args: Any) -> Any:
+    """SGLang's ModelConfig for these arguments (memoised by SGLang)."""
+    from sglang.srt.arg_groups.overrides import model_config_of
+
+    return model_config_of(server_args)
+
+
+def npu_rule_answered():
+    """SGLang 0.5.23 asserts `get_platform().is_npu` whenever --model-impl is "mindspore"
+    (validation_hook.py:318): a rule for its built-in sgl_mindspore wrapper. When sglang-fx
+    serves that name, the device rule is the backend's declared capabilities, checked before
+    this is used; this scope answers the NPU question for SGLang's check only. In 0.5.23 no
+    other reader of `is_npu` runs inside check_server_args (checked by hand)."""
+    from sglang.srt.runtime_context import override_platform
+
+    return override_platform(is_npu=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Model construction (scheduler process)
+# --------------------------------------------------------------------------------------------
+
+
+def model_path(hf_config: Any) -> str:
+    """Local directory of the checkpoint being loaded. SGLang's model config bag has the
+    path it resolved (a hub id is downloaded to a local directory first); the HF config's
+    `_name_or_path` is the fallback."""
+    with contextlib.suppress(Exception):
+        from sglang.srt.runtime_context import get_model
+
+        path = get_model().model_path
+        if path:
+            return str(path)
+    return str(getattr(hf_config, "_name_or_path", "") or getattr(hf_config, "name_or_path", ""))
+
+
+def construction_dtype() -> torch.dtype:
+    """The dtype SGLang builds the model in (its loader sets torch's default dtype)."""
+    return torch.get_default_dtype()
+
+
+def construction_device() -> str:
+    """The device SGLang builds the model on, as "cpu" / "cuda:0" / "npu:0"."""
+    dev = torch.get_default_device()
+    if dev.type != "cpu" and dev.index is None:
+        mod = getattr(torch, dev.type, None)
+        index = mod.current_device() if mod is not None and hasattr(mod, "current_device") else 0
+        dev = torch.device(dev.type, index)
+    return str(dev)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-step lookups (inside a forward)
+# --------------------------------------------------------------------------------------------
+
+
+def token_to_kv_pool() -> Any:
+    from sglang.srt.model_executor.forward_context import get_token_to_kv_pool
+
+    return get_token_to_kv_pool()
+
+
+def req_to_token() -> torch.Tensor:
+    """[max_running_requests, max_context_len] int32: KV slot of token j of request row r."""
+    from sglang.srt.model_executor.forward_context import get_req_to_token_pool
+
+    return get_req_to_token_pool().req_to_token
+
+
+def kv_buffers(pool: Any) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, int]:
+    """(K buffers, V buffers, page size) of SGLang's token-to-KV pool, one [num_slots,
+    num_kv_heads, head_dim] tensor per layer, as SGLang allocated them (aliased, not copied).
+    Raises UnsupportedConfigError for pool layouts the SPI's KVLayout cannot describe."""
+    from ..errors import UnsupportedConfigError
+
+    problems = []
+    layout = getattr(pool, "kv_cache_layout", "nhd")
+    if layout != "nhd":
+        problems.append(f"KV cache layout {layout!r} (only 'nhd'; unset SGLANG_USE_HND_KVCACHE)")
+    if getattr(pool, "store_dtype", None) is not None and pool.store_dtype != pool.dtype:
+        problems.append(f"quantized KV cache ({pool.dtype} stored as {pool.store_dtype}); use --kv-cache-dtype auto")
+    if getattr(pool, "start_layer", 0):
+        problems.append("pipeline parallelism (the pool starts at a layer other than 0)")
+    k = getattr(pool, "k_buffer", None)
+    if k is None:
+        problems.append(f"KV pool type {type(pool).__name__} (only MHA pools with k_buffer/v_buffer)")
+    if problems:
+        raise UnsupportedConfigError("sglang-fx cannot use SGLang's KV pool here: " + "; ".join(problems))
+    return list(k), list(pool.v_buffer), int(pool.page_size)
+
+
+def kv_identity(pool: Any) -> tuple[int, int, int]:
+    """Changes when SGLang replaces its pool or reallocates its buffers (a cheap per-step check)."""
+    return id(pool), pool.k_buffer[0].data_ptr(), pool.v_buffer[0].data_ptr()
+
+
+def backend_logits_processor(hf_config: Any):
+    """SGLang's LogitsProcessor over logits the backend already computed (see below)."""
+    from sglang.srt.layers.logits_processor import LogitsProcessor
+
+    class BackendLogitsProcessor(LogitsProcessor):
+        """Called as processor(input_ids, logits [T, V], None, forward_batch): `hidden_states`
+        are already logits, so the LM head is the identity. Scaling and soft-capping are
+        the backend's business and are not applied a second time. Reuses SGLang's pruning
+        and input-logprob computation (top-k, token-id logprobs, chunking) unchanged."""
+
+        def __init__(self, config):
+            super().__init__(config, skip_all_gather=True)
+            self.logit_scale = None
+            self.final_logit_softcapping = None
+
+        def _compute_lm_head(self, hidden_states, lm_head, embedding_bias=None, *, out=None):
+            return hidden_states
+
+    return BackendLogitsProcessor(hf_config)
+
+
+def logits_output(next_token_logits: torch.Tensor):
+    from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+
+    return LogitsProcessorOutput(next_token_logits=next_token_logits)
+
+
+def wants_input_logprobs(forward_batch: Any) -> bool:
+    """True when SGLang needs logits of every new token (input logprobs) in this extend step."""
+    if not forward_batch.return_logprob or not forward_batch.forward_mode.is_extend():
+        return False
+    starts = forward_batch.extend_logprob_start_lens_cpu or []
+    return any(e - s > 0 for e, s in zip(forward_batch.extend_seq_lens_cpu, starts))

@@ -1,0 +1,179 @@
+"""The one torch.nn.Module SGLang's ModelRunner calls for an sglang-fx backend.
+
+SGLang builds it as `cls(config=hf_config, quant_config=..., prefix=...)` under the model's
+dtype and device, calls `load_weights(...)`, sizes and allocates its KV pools, then calls
+`forward(input_ids, positions, forward_batch)` once per step. This module is the only place
+that reads ForwardBatch; SGLang lookups that move between versions live in `compat`.
+
+Per step: ForwardBatch -> ForwardMetadata (a few small index tensors; the KV cache is never
+copied) -> backend runner -> float32 logits for the tokens SGLang needs -> LogitsProcessorOutput.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+
+from ..checkpoint import Checkpoint, load_spec
+from ..errors import UnsupportedConfigError
+from ..kv_pool import KVLayout
+from ..metadata import ForwardMetadata, ForwardMode
+from ..registry import Backend, load_backend
+from ..spi import KVCache, ModelRunner, RunnerOptions
+from . import compat
+
+logger = logging.getLogger(__name__)
+
+
+class SglangFxForCausalLM(torch.nn.Module):
+    """A causal LM run by the sglang-fx backend `backend_name` (set on per-backend subclasses
+    made by `model_class`)."""
+
+    backend_name: str = ""
+
+    def __init__(self, config: Any, quant_config: Any = None, prefix: str = "", **_: Any) -> None:
+        super().__init__()
+        if quant_config is not None:
+            raise UnsupportedConfigError(
+                f"sglang-fx backend {self.backend_name!r} does not run quantized checkpoints "
+                f"({type(quant_config).__name__}); use an unquantized one or --model-impl sglang"
+            )
+        self.config = config
+        self.backend: Backend = load_backend(self.backend_name)
+        self.model_path = compat.model_path(config)
+        self.device = compat.construction_device()
+        self.spec = load_spec(self.model_path, compat.construction_dtype())
+        self.backend.check(architecture=self.spec.architecture, dtype=self.spec.dtype_name, device=self.device)
+        self.weights: dict[str, torch.Tensor] | None = None
+        self.runner: ModelRunner | None = None
+        self.cache: KVCache | None = None
+        self._kv_identity: tuple | None = None
+        self.logits_processor = compat.backend_logits_processor(config)
+        logger.info(
+            "sglang-fx: %s from %s on backend %r (%s %s), %s on %s", self.spec.architecture, self.model_path,
+            self.backend_name, self.backend.info.framework, self.backend.info.framework_version,
+            self.spec.dtype_name, self.device)
+
+    # ----------------------------------------------------------------------------------------
+    # Loading
+    # ----------------------------------------------------------------------------------------
+
+    def load_weights(self, weights: Any = None) -> None:
+        """Read the checkpoint through sglang_fx.checkpoint. SGLang's own weight iterator is
+        not consumed (the backend gets HF-named tensors from `Checkpoint.load`)."""
+        self.weights = Checkpoint(self.model_path).load(self.spec)
+
+    def _bind(self) -> KVCache:
+        """Build the runner and alias SGLang's KV buffers, on the first step (SGLang sizes
+        its pools after loading the model), and again only if SGLang reallocated them."""
+        pool = compat.token_to_kv_pool()
+        if self.cache is not None and compat.kv_identity(pool) == self._kv_identity:
+            return self.cache
+        k, v, page_size = compat.kv_buffers(pool)
+        s = self.spec
+        if len(k) != s.num_layers or tuple(k[0].shape[1:]) != (s.num_kv_heads, s.head_dim):
+            raise UnsupportedConfigError(
+                f"SGLang's KV pool has {len(k)} layers of {tuple(k[0].shape[1:])} per token, the model "
+                f"needs {s.num_layers} of {(s.num_kv_heads, s.head_dim)}"
+            )
+        num_slots = k[0].shape[0]
+        if num_slots % page_size:
+            raise UnsupportedConfigError(f"SGLang's KV pool has {num_slots} slots, not whole pages of {page_size}")
+        layout = KVLayout(
+            num_layers=len(k),
+            num_pages=num_slots // page_size,
+            page_size=page_size,
+            k_shape=tuple(k[0].shape[1:]),
+            v_shape=tuple(v[0].shape[1:]),
+            dtype=k[0].dtype,
+        )
+        if self.runner is None:
+            if self.weights is None:
+                self.load_weights()
+            self.runner = self.backend.runner(self.spec, self.weights, layout, RunnerOptions(device=self.device))
+            self.weights = None  # the runner holds what it needs
+        self.cache = self.backend.kv_cache(layout, k, v, self.device)
+        self._kv_identity = compat.kv_identity(pool)
+        return self.cache
+
+    # ----------------------------------------------------------------------------------------
+    # One step
+    # ----------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: Any, **kwargs: Any):
+        unsupported = sorted(k for k, v in kwargs.items() if v is not None)
+        if unsupported:
+            raise UnsupportedConfigError(
+                f"sglang-fx backend {self.backend_name!r} got {unsupported}: input embeddings and "
+                "pipeline parallelism are not supported"
+            )
+        mode = forward_batch.forward_mode
+        if mode.is_idle():
+            return compat.logits_output(torch.empty((0, self.spec.vocab_size), dtype=torch.float32, device=input_ids.device))
+        cache = self._bind()
+        all_logits = compat.wants_input_logprobs(forward_batch)
+        meta = to_metadata(forward_batch, positions, compat.req_to_token(), cache.layout.page_size, all_logits)
+        logits = self.runner.forward(input_ids, meta, cache)  # [N, V] float32
+        if all_logits:
+            return self.logits_processor(input_ids, logits, None, forward_batch)
+        return compat.logits_output(logits)
+
+
+def to_metadata(
+    fb: Any, positions: torch.Tensor, req_to_token: torch.Tensor, page_size: int, all_logits: bool = False
+) -> ForwardMetadata:
+    """ForwardMetadata of one SGLang step. Decode: one new token per sequence, seq_lens
+    already counting it. Extend (and mixed): extend_seq_lens new tokens after
+    extend_prefix_lens cached ones. Only index tensors are built; the KV cache is untouched."""
+    mode = fb.forward_mode
+    if mode.is_target_verify() or mode.is_draft_extend_v2() or not (mode.is_decode() or mode.is_extend()):
+        raise UnsupportedConfigError(f"sglang-fx does not run SGLang forward mode {mode.name} (speculative decoding is not supported)")
+    device = positions.device
+    lens = fb.seq_lens_cpu if fb.seq_lens_cpu is not None else fb.seq_lens.cpu()
+    seq_lens_cpu = tuple(int(x) for x in lens.tolist())
+    batch = len(seq_lens_cpu)
+    seq_lens = fb.seq_lens.to(torch.int32)
+    if mode.is_decode():
+        extend_cpu = (1,) * batch
+        prefix_cpu = tuple(n - 1 for n in seq_lens_cpu)
+        extend_lens = torch.ones(batch, dtype=torch.int32, device=device)
+        prefix_lens = seq_lens - 1
+        logits_indices = torch.arange(batch, dtype=torch.int64, device=device)
+        meta_mode = ForwardMode.DECODE
+    else:
+        extend_cpu = tuple(int(x) for x in fb.extend_seq_lens_cpu)
+        prefix_cpu = tuple(int(x) for x in fb.extend_prefix_lens_cpu)
+        extend_lens = fb.extend_seq_lens.to(torch.int32)
+        prefix_lens = fb.extend_prefix_lens.to(torch.int32)
+        if all_logits:
+            logits_indices = torch.arange(sum(extend_cpu), dtype=torch.int64, device=device)
+        else:
+            logits_indices = torch.cumsum(extend_lens, 0, dtype=torch.int64) - 1
+        meta_mode = ForwardMode.EXTEND
+    width = max(seq_lens_cpu)
+    return ForwardMetadata(
+        mode=meta_mode,
+        positions=positions.to(torch.int64),
+        out_cache_loc=fb.out_cache_loc.to(torch.int64),
+        seq_lens=seq_lens,
+        prefix_lens=prefix_lens,
+        extend_lens=extend_lens,
+        req_to_token=req_to_token[fb.req_pool_indices, :width],
+        logits_indices=logits_indices,
+        page_size=page_size,
+        seq_lens_cpu=seq_lens_cpu,
+        prefix_lens_cpu=prefix_cpu,
+        extend_lens_cpu=extend_cpu,
+    )
+
+
+@functools.cache
+def model_class(backend_name: str) -> type[SglangFxForCausalLM]:
+    """The model class SGLang builds for `--model-impl backend_name` (one per backend, so the
+    class name in SGLang's logs names the backend)."""
+    name = "SglangFx_" + "".join(c if c.isalnum() else "_" for c in backend_name) + "_ForCausalLM"
+    return type(name, (SglangFxForCausalLM,), {"backend_name": backend_name, "__module__": __name__})

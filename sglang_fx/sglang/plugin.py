@@ -1,0 +1,112 @@
+"""The SGLang general plugin (entry point group `sglang.srt.plugins`): makes
+`--model-impl NAME` run the installed sglang-fx backend NAME.
+
+SGLang calls `register()` in its launcher, its Engine and every scheduler process, before
+server arguments are validated and before the model loads. It registers two HookRegistry
+hooks (SGLang applies them right after):
+
+- AROUND `check_server_args` (launcher): refuses an unknown --model-impl with the list of
+  valid names, checks an sglang-fx backend's capabilities (device, dtype, architecture, page
+  size) so an unsupported configuration fails at start-up with every problem named, and, for
+  "mindspore", answers SGLang's NPU-only rule with that capability check.
+- AROUND `get_model_architecture` (every process): for an sglang-fx name, resolves the model
+  class to the adapter (`sglang_fx.sglang.model`) instead of SGLang's own.
+
+Backend names equal to SGLang's own implementations (auto, sglang, transformers) are refused:
+they stay SGLang's. "mindspore" is SGLang's name for its Ascend-only external wrapper; when the
+sglang-fx mindspore backend is installed, the name means that backend.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..errors import SglangFxError, UnsupportedConfigError
+from ..registry import default_registry
+from . import compat
+
+logger = logging.getLogger(__name__)
+
+#: SGLang's own implementations: never taken over by a backend of the same name.
+RESERVED = frozenset({"auto", "sglang", "transformers"})
+
+_backends: list[str] = []  # the names this plugin serves in this process (set by register)
+
+
+def backend_names() -> list[str]:
+    """Installed sglang-fx backends that --model-impl can name (entry-point metadata only)."""
+    names = []
+    for name in default_registry().names():
+        if name in RESERVED:
+            entries = ", ".join(e.distribution for e in default_registry().entries(name))
+            logger.error(
+                "sglang-fx: backend %r (from %s) is not usable as --model-impl: the name is SGLang's "
+                "own implementation. Rename the backend's entry point.", name, entries)
+            continue
+        names.append(name)
+    return names
+
+
+def register() -> None:
+    """Entry point of the `sglang.srt.plugins` group."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    compat.warn_if_untested()
+    _backends[:] = backend_names()
+    HookRegistry.register(compat.CHECK_SERVER_ARGS, check_server_args, HookType.AROUND)
+    HookRegistry.register(compat.GET_MODEL_ARCHITECTURE, get_model_architecture, HookType.AROUND)
+    logger.info("sglang-fx: --model-impl can name the backends %s", ", ".join(_backends) or "(none installed)")
+
+
+# --------------------------------------------------------------------------------------------
+# Hooks
+# --------------------------------------------------------------------------------------------
+
+
+def check_server_args(original, server_args: Any, *args: Any, **kwargs: Any):
+    name = compat.impl_name(compat.server_view(server_args).model_impl)
+    if name not in _backends:
+        valid = sorted(compat.sglang_model_impls() | set(_backends))
+        if name not in compat.sglang_model_impls():
+            raise ValueError(
+                f"--model-impl {name!r} is neither an SGLang implementation nor an installed sglang-fx "
+                f"backend; valid values: {', '.join(valid)}. (`sglang-fx backends` lists the backends; "
+                "install the package that provides one.)"
+            )
+        return original(server_args, *args, **kwargs)
+    check_backend(name, server_args)
+    if name in compat.sglang_model_impls():  # "mindspore": SGLang asserts an NPU for its own wrapper
+        with compat.npu_rule_answered():
+            return original(server_args, *args, **kwargs)
+    return original(server_args, *args, **kwargs)
+
+
+def check_backend(name: str, server_args: Any) -> None:
+    """Load the backend and check it can run this model here; raises ValueError naming every
+    problem (SGLang shows it as the start-up error)."""
+    view = compat.server_view(server_args)
+    try:
+        backend = default_registry().load(name)
+        model_config = compat.server_model_config(server_args)
+        archs = list(getattr(model_config.hf_config, "architectures", None) or [])
+        dtype = str(model_config.dtype).removeprefix("torch.")
+        device = str(view.device or "cpu")
+        problems = backend.capabilities.validate(
+            architecture=archs[0] if archs else None, dtype=dtype, device=device, page_size=view.page_size
+        )
+        if problems:
+            raise UnsupportedConfigError("; ".join(problems))
+    except SglangFxError as e:
+        raise ValueError(f"--model-impl {name}: sglang-fx backend {name!r} cannot serve this: {e}") from e
+
+
+def get_model_architecture(original, model_config: Any, *args: Any, **kwargs: Any):
+    name = compat.impl_name(model_config.model_impl)
+    if name not in _backends:
+        return original(model_config, *args, **kwargs)
+    from .model import model_class
+
+    cls = model_class(name)
+    compat.set_resolved_architecture(model_config, cls.__name__, compat.resolved_model_impl(name))
+    return cls, cls.__name__

@@ -1,0 +1,67 @@
+"""The SGLang plugin's decisions, without starting SGLang (its lookups are stubbed)."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+from types import SimpleNamespace
+
+import pytest
+
+from sglang_fx.registry import Registry
+from sglang_fx.sglang import compat, plugin
+from sglang_fx.sglang.launch_server import wants_cpu
+
+SGLANG_IMPLS = frozenset({"auto", "sglang", "transformers", "mindspore"})
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    eps = [
+        md.EntryPoint(name, "sglang_fx_reference_torch.plugin", "sglang_fx.backends")
+        for name in ("reference_torch", "sglang", "transformers", "auto", "mindspore")
+    ]
+    reg = Registry(entry_points=eps)
+    monkeypatch.setattr(plugin, "default_registry", lambda: reg)
+    monkeypatch.setattr(compat, "sglang_model_impls", lambda: SGLANG_IMPLS)
+    monkeypatch.setattr(compat, "server_view", lambda server_args: server_args)
+    return reg
+
+
+def test_names_of_sglang_implementations_are_refused(registry, caplog):
+    assert plugin.backend_names() == ["mindspore", "reference_torch"]
+    for name in ("auto", "sglang", "transformers"):
+        assert f"backend {name!r}" in caplog.text and "is SGLang's own implementation" in caplog.text
+
+
+def test_check_server_args_routes_by_name(registry, monkeypatch):
+    monkeypatch.setattr(plugin, "_backends", ["reference_torch"])
+    checked, calls = [], []
+    monkeypatch.setattr(plugin, "check_backend", lambda name, sa: checked.append(name))
+
+    def original(server_args):
+        calls.append(server_args.model_impl)
+        return "ok"
+
+    assert plugin.check_server_args(original, SimpleNamespace(model_impl="sglang")) == "ok"
+    assert plugin.check_server_args(original, SimpleNamespace(model_impl="reference_torch")) == "ok"
+    assert checked == ["reference_torch"] and calls == ["sglang", "reference_torch"]
+    with pytest.raises(ValueError, match="'nope' is neither an SGLang implementation nor an installed sglang-fx backend; valid values: auto, mindspore, reference_torch, sglang, transformers"):
+        plugin.check_server_args(original, SimpleNamespace(model_impl="nope"))
+
+
+def test_get_model_architecture_builds_the_adapter_only_for_backends(monkeypatch):
+    monkeypatch.setattr(plugin, "_backends", ["reference_torch"])
+    monkeypatch.setattr(compat, "resolved_model_impl", lambda name: "SGLANG")
+    native = plugin.get_model_architecture(lambda cfg: ("Native", "Qwen3ForCausalLM"), SimpleNamespace(model_impl="sglang"))
+    assert native == ("Native", "Qwen3ForCausalLM")
+    cfg = SimpleNamespace(model_impl="reference_torch")
+    cls, arch = plugin.get_model_architecture(lambda cfg: pytest.fail("SGLang's resolution was used"), cfg)
+    assert cls.backend_name == "reference_torch" and arch == cls.__name__ == "SglangFx_reference_torch_ForCausalLM"
+    assert cfg._resolved_model_arch == arch and cfg._resolved_model_impl == "SGLANG"
+
+
+def test_launch_server_sets_the_cpu_engine_only_for_cpu():
+    assert wants_cpu(["--model-path", "m", "--device", "cpu"])
+    assert wants_cpu(["--device=cpu"])
+    assert not wants_cpu(["--device", "cuda"])
+    assert not wants_cpu(["--model-path", "m"])
