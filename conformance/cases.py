@@ -15,7 +15,7 @@ from sglang_fx.kv_pool import KVLayout, PagedKVPool
 from sglang_fx.metadata import ForwardMetadata
 from sglang_fx.spi import AttentionSpec
 
-from .context import REFERENCE_BACKEND, TOLERANCE, Context, naive_attention
+from .context import MLA_ARCHES, REFERENCE_BACKEND, TOLERANCE, Context, naive_attention
 
 
 @dataclass(frozen=True)
@@ -85,19 +85,21 @@ def exchange_case(dtype: torch.dtype, contiguous: bool) -> Case:
 # --------------------------------------------------------------------------------------------
 
 
-def _layout(page_size: int, num_pages: int, heads: int = 2, dim: int = 16) -> KVLayout:
-    return KVLayout(num_layers=2, num_pages=num_pages, page_size=page_size, k_shape=(heads, dim), v_shape=(heads, dim), dtype=torch.float32)
+def _layout(page_size: int, num_pages: int, mla: bool = False) -> KVLayout:
+    """A 2-layer float32 layout: GQA with 2 KV heads of 16, or MLA with one 40-wide latent."""
+    k_shape, v_shape = ((1, 40), None) if mla else ((2, 16), (2, 16))
+    return KVLayout(num_layers=2, num_pages=num_pages, page_size=page_size, k_shape=k_shape, v_shape=v_shape, dtype=torch.float32)
 
 
-def kv_case(page_size: int) -> Case:
+def kv_case(page_size: int, mla: bool = False) -> Case:
     def run(ctx: Context) -> Outcome:
-        layout = _layout(page_size, num_pages=max(4, 512 // page_size))
+        layout = _layout(page_size, num_pages=max(4, 512 // page_size), mla=mla)
         pool = PagedKVPool(layout, ctx.device)
         g = torch.Generator().manual_seed(page_size)
-        for buf in pool.k_buffers + pool.v_buffers:
+        v_buffers = pool.v_buffers or []
+        for buf in pool.k_buffers + v_buffers:
             buf.copy_(torch.randn(buf.shape, generator=g))
-        before_k = [b.clone() for b in pool.k_buffers]
-        before_v = [b.clone() for b in pool.v_buffers]
+        before = [b.clone() for b in pool.k_buffers + v_buffers]
         cache = ctx.backend.kv_cache(layout, pool.k_buffers, pool.v_buffers, ctx.device)
         ex = ctx.backend.exchange(ctx.device)
         from sglang_fx.exchange import shares_memory
@@ -106,22 +108,24 @@ def kv_case(page_size: int) -> Case:
             return Outcome(False, None, None, "KVCache.k(layer) does not alias the host buffer")
         slots = torch.randperm(layout.num_slots, generator=g)[:37].to(ctx.device)  # scattered
         k = torch.randn((37, *layout.k_shape), generator=g).to(ctx.device)
-        v = torch.randn((37, *layout.v_shape), generator=g).to(ctx.device)
-        cache.write(1, ex.from_torch(slots), ex.from_torch(k), ex.from_torch(v))
-        diff = max(_max_diff(pool.k_buffers[1][slots], k), _max_diff(pool.v_buffers[1][slots], v))
+        v = None if mla else torch.randn((37, *layout.v_shape), generator=g).to(ctx.device)
+        cache.write(1, ex.from_torch(slots), ex.from_torch(k), None if mla else ex.from_torch(v))
+        diff = _max_diff(pool.k_buffers[1][slots], k)
+        if not mla:
+            diff = max(diff, _max_diff(pool.v_buffers[1][slots], v))
         untouched = torch.ones(layout.num_slots, dtype=torch.bool, device=ctx.device)
         untouched[slots] = False
+        after = pool.k_buffers + v_buffers
+        layer1 = {1} | ({3} if not mla else set())  # indices of layer 1's buffers in `after`
         stray = max(
-            _max_diff(pool.k_buffers[1][untouched], before_k[1][untouched]),
-            _max_diff(pool.v_buffers[1][untouched], before_v[1][untouched]),
-            _max_diff(pool.k_buffers[0], before_k[0]),
-            _max_diff(pool.v_buffers[0], before_v[0]),
+            _max_diff(a[untouched], b[untouched]) if i in layer1 else _max_diff(a, b)
+            for i, (a, b) in enumerate(zip(after, before))
         )
         if stray:
             return Outcome(False, stray, None, "write changed slots or layers it was not given")
         return Outcome(diff == 0, diff, None, "37 scattered slots written in place in host memory")
 
-    return Case(f"kv_cache/page{page_size}", run)
+    return Case(f"kv_cache/{'mla/' if mla else ''}page{page_size}", run)
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,34 +140,40 @@ ATTENTION_BATCHES = {
 }
 
 
-def attention_case(page_size: int, scenario: str) -> Case:
+def attention_case(page_size: int, scenario: str, mla: bool = False) -> Case:
     def run(ctx: Context) -> Outcome:
         prefixes, news = ATTENTION_BATCHES[scenario]
-        spec = AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=16, v_head_dim=16, scale=16**-0.5)
-        layout = _layout(page_size, num_pages=sum(-(-(p + n) // page_size) for p, n in zip(prefixes, news)) + 2)
+        if mla:  # MQA over a latent: values are the first 32 of the key's 40 channels
+            spec = AttentionSpec(num_heads=4, num_kv_heads=1, head_dim=40, v_head_dim=32, scale=24**-0.5)
+        else:
+            spec = AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=16, v_head_dim=16, scale=16**-0.5)
+        layout = _layout(page_size, num_pages=sum(-(-(p + n) // page_size) for p, n in zip(prefixes, news)) + 2, mla=mla)
+        kv_heads, dim = layout.k_shape
         pool = PagedKVPool(layout, ctx.device)
         g = torch.Generator().manual_seed(page_size * 7 + len(scenario))
         # Fill each sequence's prefix straight into the pool (as an earlier step would have).
         full_k, full_v = [], []
         for b, (p, n) in enumerate(zip(prefixes, news)):
-            full_k.append(torch.randn((p + n, 2, 16), generator=g))
-            full_v.append(torch.randn((p + n, 2, 16), generator=g))
+            full_k.append(torch.randn((p + n, kv_heads, dim), generator=g))
+            full_v.append(full_k[b][..., : spec.v_head_dim] if mla else torch.randn((p + n, kv_heads, dim), generator=g))
             slots = torch.tensor(pool.reserve(b, p), dtype=torch.int64)
             pool.k_buffers[0][slots] = full_k[b][:p].to(ctx.device)
-            pool.v_buffers[0][slots] = full_v[b][:p].to(ctx.device)
+            if not mla:
+                pool.v_buffers[0][slots] = full_v[b][:p].to(ctx.device)
         pool.reserve_many({b: n for b, n in enumerate(news)})
         meta = ForwardMetadata.from_lists(
             token_slots=[pool.slots(b) for b in range(len(news))], prefix_lens=prefixes, page_size=page_size, device=ctx.device
         )
-        q = torch.randn((sum(news), 4, 16), generator=g)
+        q = torch.randn((sum(news), spec.num_heads, spec.head_dim), generator=g)
         k_new = torch.cat([k[p:] for k, p in zip(full_k, prefixes)])
         v_new = torch.cat([v[p:] for v, p in zip(full_v, prefixes)])
         ex = ctx.backend.exchange(ctx.device)
         cache = ctx.backend.kv_cache(layout, pool.k_buffers, pool.v_buffers, ctx.device)
         attn = ctx.backend.attention(spec, layout, ctx.device)
         attn.plan(meta)
-        args = [ex.from_torch(t.to(ctx.device)) for t in (q, k_new, v_new)]
-        out = ex.to_torch(attn.forward(0, *args, cache)).cpu()
+        q_, k_ = (ex.from_torch(t.to(ctx.device)) for t in (q, k_new))
+        v_ = None if mla else ex.from_torch(v_new.to(ctx.device))
+        out = ex.to_torch(attn.forward(0, q_, k_, v_, cache)).cpu()
         expected, row = [], 0
         for b, (p, n) in enumerate(zip(prefixes, news)):
             expected.append(naive_attention(q[row : row + n], full_k[b], full_v[b], p, spec.scale))
@@ -173,7 +183,7 @@ def attention_case(page_size: int, scenario: str) -> Case:
             return Outcome(False, written, None, "new K was not written to the pool at out_cache_loc")
         return _close(_max_diff(out, torch.cat(expected).float()), torch.float32, f"{len(news)} ragged sequences vs naive attention")
 
-    return Case(f"attention/page{page_size}/{scenario}", run)
+    return Case(f"attention/{'mla/' if mla else ''}page{page_size}/{scenario}", run)
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,6 +254,8 @@ def cases_for(ctx: Context) -> list[Case]:
     cases = [exchange_case(d, c) for d in EXCHANGE_DTYPES for c in (True, False)]
     cases += [kv_case(p) for p in (1, 16, 128)]
     cases += [attention_case(p, s) for p in (1, 16, 128) for s in ATTENTION_BATCHES]
+    if MLA_ARCHES & set(ctx.architectures()):
+        cases += [kv_case(16, mla=True)] + [attention_case(p, s, mla=True) for p in (1, 16) for s in ATTENTION_BATCHES]
     for arch in ctx.architectures():
         cases += [logits_case(arch), logits_vs_reference_case(arch), greedy_case(arch)]
     return cases

@@ -22,7 +22,13 @@ TINY_ARCHES = {
     "Qwen3ForCausalLM": "qwen3",
     "Qwen2ForCausalLM": "qwen2",
     "LlamaForCausalLM": "llama",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
 }
+
+#: Architectures whose attention is MLA (a latent K cache, no V): the attention and KV cases
+#: also run in that layout for backends that claim one of them.
+MLA_ARCHES = frozenset({"DeepseekV3ForCausalLM"})
 
 #: max |a - b| accepted per dtype, for logits and attention outputs.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,12 +19,61 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 @dataclass(frozen=True)
+class MoESpec:
+    """Routed experts (replacing the dense MLP on the layers not in dense_layers).
+
+    scoring         "softmax" (Qwen3-MoE: softmax over router logits) or "sigmoid"
+                    (DeepSeek-V3: sigmoid scores, experts chosen with score_correction_bias
+                    added, group-limited to the topk_groups best of num_groups groups, each
+                    group scored by its two best experts).
+    top_k           experts per token; norm_topk_prob renormalises their weights to sum to 1,
+                    then routed_scaling_factor multiplies them.
+    num_shared_experts  experts every token also goes through, fused in HF as one MLP of
+                    width intermediate_size * num_shared_experts (DeepSeek-V3).
+    dense_layers    indices of layers that keep a dense MLP of ModelSpec.intermediate_size.
+    """
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    scoring: str
+    norm_topk_prob: bool
+    routed_scaling_factor: float = 1.0
+    num_shared_experts: int = 0
+    num_groups: int = 1
+    topk_groups: int = 1
+    score_correction_bias: bool = False
+    dense_layers: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class MLASpec:
+    """Multi-head latent attention (DeepSeek-V2/V3). Each token caches one latent vector:
+    kv_lora_rank normalised channels plus qk_rope_head_dim rotated key channels, shared by all
+    heads. q_lora_rank None means a plain q_proj. rope_interleave: RoPE pairs are adjacent
+    channels (x0,x1),(x2,x3)... rather than the two halves."""
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_interleave: bool
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """The shape of a decoder-only transformer, read from its HF config.
 
     Sizes are counts (heads, layers) or widths in elements. head_dim is per attention head.
     qk_norm: Qwen3's RMSNorm over each q/k head before RoPE. attention_bias: biases on the
     q/k/v projections (Qwen2). dtype: the parameter dtype the model runs in.
+    moe: routed experts, or None for a dense model. mla: latent attention, or None for GQA
+    (then head_dim/num_kv_heads describe the KV cache).
     """
 
     architecture: str
@@ -43,6 +92,11 @@ class ModelSpec:
     qk_norm: bool
     attention_bias: bool
     dtype: torch.dtype
+    moe: MoESpec | None = None
+    mla: MLASpec | None = None
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe is not None and i not in self.moe.dense_layers
 
     @property
     def dtype_name(self) -> str:
@@ -89,11 +143,62 @@ def _llama_family(*, qk_norm: bool, bias_default: bool) -> Callable[[dict, str, 
     return parse
 
 
+def _field(cfg: dict, *names: str):
+    """The first of `names` present in cfg (HF renamed some fields across versions)."""
+    for n in names:
+        if cfg.get(n) is not None:
+            return cfg[n]
+    raise KeyError(" or ".join(names))
+
+
+def _qwen3_moe(cfg: dict, arch: str, dtype: torch.dtype) -> ModelSpec:
+    n, step, only = cfg["num_hidden_layers"], cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or [])
+    moe = MoESpec(
+        num_experts=_field(cfg, "num_experts", "num_local_experts"),
+        top_k=cfg["num_experts_per_tok"],
+        intermediate_size=cfg["moe_intermediate_size"],
+        scoring="softmax",
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        dense_layers=frozenset(i for i in range(n) if i in only or (i + 1) % step != 0),
+    )
+    return replace(_llama_family(qk_norm=True, bias_default=False)(cfg, arch, dtype), moe=moe)
+
+
+def _deepseek_v3(cfg: dict, arch: str, dtype: torch.dtype) -> ModelSpec:
+    if cfg.get("scoring_func", "sigmoid") != "sigmoid" or cfg.get("topk_method", "noaux_tc") != "noaux_tc":
+        raise UnsupportedConfigError("only DeepSeek-V3 routing (scoring_func 'sigmoid', topk_method 'noaux_tc') is supported")
+    mla = MLASpec(
+        q_lora_rank=cfg.get("q_lora_rank"),
+        kv_lora_rank=cfg["kv_lora_rank"],
+        qk_nope_head_dim=cfg["qk_nope_head_dim"],
+        qk_rope_head_dim=cfg["qk_rope_head_dim"],
+        v_head_dim=cfg["v_head_dim"],
+        rope_interleave=bool(cfg.get("rope_interleave", True)),
+    )
+    moe = MoESpec(
+        num_experts=_field(cfg, "n_routed_experts", "num_local_experts"),
+        top_k=cfg["num_experts_per_tok"],
+        intermediate_size=cfg["moe_intermediate_size"],
+        scoring="sigmoid",
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+        routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+        num_shared_experts=cfg.get("n_shared_experts") or 0,
+        num_groups=cfg.get("n_group") or 1,
+        topk_groups=cfg.get("topk_group") or 1,
+        score_correction_bias=True,
+        dense_layers=frozenset(range(cfg.get("first_k_dense_replace", 0))),
+    )
+    base = _llama_family(qk_norm=False, bias_default=False)(cfg, arch, dtype)
+    return replace(base, num_kv_heads=1, head_dim=mla.qk_head_dim, moe=moe, mla=mla)
+
+
 #: HF architecture name -> config parser. The one place that knows which configs we read.
 ARCHITECTURES: dict[str, Callable[[dict, str, torch.dtype], ModelSpec]] = {
     "Qwen3ForCausalLM": _llama_family(qk_norm=True, bias_default=False),
     "Qwen2ForCausalLM": _llama_family(qk_norm=False, bias_default=True),
     "LlamaForCausalLM": _llama_family(qk_norm=False, bias_default=False),
+    "Qwen3MoeForCausalLM": _qwen3_moe,
+    "DeepseekV3ForCausalLM": _deepseek_v3,
 }
 
 
@@ -123,6 +228,9 @@ def load_spec(model_path: str | Path, dtype: str | torch.dtype | None = None) ->
             f"{path}: architecture {archs or cfg.get('model_type')!r} is not supported; "
             f"supported: {', '.join(ARCHITECTURES)}"
         )
+    if cfg.get("quantization_config"):
+        method = cfg["quantization_config"].get("quant_method", "?")
+        raise UnsupportedConfigError(f"{path}: quantized checkpoints ({method}) are not supported yet; use a bf16/fp16/fp32 checkpoint")
     if dtype in (None, "auto"):
         dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
     try:
@@ -134,8 +242,7 @@ def load_spec(model_path: str | Path, dtype: str | torch.dtype | None = None) ->
 def expected_weights(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """HF parameter name -> shape, for every tensor the model needs (lm_head.weight included
     even when tied; `Checkpoint.load` fills it from the embedding)."""
-    H, I, D = spec.hidden_size, spec.intermediate_size, spec.head_dim
-    q, kv = spec.num_heads * D, spec.num_kv_heads * D
+    H = spec.hidden_size
     shapes: dict[str, tuple[int, ...]] = {
         "model.embed_tokens.weight": (spec.vocab_size, H),
         "model.norm.weight": (H,),
@@ -143,21 +250,57 @@ def expected_weights(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     }
     for i in range(spec.num_layers):
         p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (H,),
-            p + "post_attention_layernorm.weight": (H,),
-            p + "self_attn.q_proj.weight": (q, H),
-            p + "self_attn.k_proj.weight": (kv, H),
-            p + "self_attn.v_proj.weight": (kv, H),
-            p + "self_attn.o_proj.weight": (H, q),
-            p + "mlp.gate_proj.weight": (I, H),
-            p + "mlp.up_proj.weight": (I, H),
-            p + "mlp.down_proj.weight": (H, I),
-        }
-        if spec.attention_bias:
-            shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,), p + "self_attn.v_proj.bias": (kv,)}
-        if spec.qk_norm:
-            shapes |= {p + "self_attn.q_norm.weight": (D,), p + "self_attn.k_norm.weight": (D,)}
+        shapes |= {p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,)}
+        attention = _mla_weights(spec, spec.mla) if spec.mla else _gqa_weights(spec)
+        shapes |= {p + "self_attn." + n: s for n, s in attention.items()}
+        if spec.is_moe_layer(i):
+            shapes |= {p + "mlp." + n: s for n, s in _moe_weights(H, spec.moe).items()}
+        else:
+            shapes |= {p + "mlp." + n: s for n, s in _mlp_weights(H, spec.intermediate_size).items()}
+    return shapes
+
+
+def _mlp_weights(H: int, I: int) -> dict[str, tuple[int, ...]]:
+    return {"gate_proj.weight": (I, H), "up_proj.weight": (I, H), "down_proj.weight": (H, I)}
+
+
+def _gqa_weights(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    H, D = spec.hidden_size, spec.head_dim
+    q, kv = spec.num_heads * D, spec.num_kv_heads * D
+    shapes = {"q_proj.weight": (q, H), "k_proj.weight": (kv, H), "v_proj.weight": (kv, H), "o_proj.weight": (H, q)}
+    if spec.attention_bias:
+        shapes |= {"q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,)}
+    if spec.qk_norm:
+        shapes |= {"q_norm.weight": (D,), "k_norm.weight": (D,)}
+    return shapes
+
+
+def _mla_weights(spec: ModelSpec, m: MLASpec) -> dict[str, tuple[int, ...]]:
+    H, n = spec.hidden_size, spec.num_heads
+    shapes = {
+        "kv_a_proj_with_mqa.weight": (m.kv_lora_rank + m.qk_rope_head_dim, H),
+        "kv_a_layernorm.weight": (m.kv_lora_rank,),
+        "kv_b_proj.weight": (n * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank),
+        "o_proj.weight": (H, n * m.v_head_dim),
+    }
+    if m.q_lora_rank is None:
+        return shapes | {"q_proj.weight": (n * m.qk_head_dim, H)}
+    return shapes | {
+        "q_a_proj.weight": (m.q_lora_rank, H),
+        "q_a_layernorm.weight": (m.q_lora_rank,),
+        "q_b_proj.weight": (n * m.qk_head_dim, m.q_lora_rank),
+    }
+
+
+def _moe_weights(H: int, moe: MoESpec) -> dict[str, tuple[int, ...]]:
+    shapes = {"gate.weight": (moe.num_experts, H)}
+    if moe.score_correction_bias:
+        shapes["gate.e_score_correction_bias"] = (moe.num_experts,)
+    for e in range(moe.num_experts):
+        shapes |= {f"experts.{e}.{n}": s for n, s in _mlp_weights(H, moe.intermediate_size).items()}
+    if moe.num_shared_experts:
+        shared = _mlp_weights(H, moe.intermediate_size * moe.num_shared_experts)
+        shapes |= {f"shared_experts.{n}": s for n, s in shared.items()}
     return shapes
 
 

@@ -180,6 +180,11 @@ class PagedKVPool:
 
 
 def layout_for(spec: ModelSpec, *, num_pages: int, page_size: int, dtype: torch.dtype | None = None) -> KVLayout:
-    """The KV layout a model of `spec` needs: one K and V entry per token and layer."""
-    shape = (spec.num_kv_heads, spec.head_dim)
-    return KVLayout(spec.num_layers, num_pages, page_size, shape, shape, dtype or spec.dtype)
+    """The KV layout a model of `spec` needs: per token and layer, one K and one V entry of
+    (num_kv_heads, head_dim); with MLA, one latent K entry (1, kv_lora_rank + qk_rope_head_dim)
+    and no V (values are the latent's first kv_lora_rank channels)."""
+    if spec.mla is not None:
+        k_shape, v_shape = (1, spec.mla.kv_lora_rank + spec.mla.qk_rope_head_dim), None
+    else:
+        k_shape = v_shape = (spec.num_kv_heads, spec.head_dim)
+    return KVLayout(spec.num_layers, num_pages, page_size, k_shape, v_shape, dtype or spec.dtype)

@@ -102,11 +102,13 @@ class Attention(Protocol):
         tokens. Writes k/v into the cache at meta.out_cache_loc, then attends causally: new
         token at position p sees its sequence's tokens 0..p (cached prefix and new).
         Returns [T, Hq, Dv] in q's dtype.
+        v is None iff the cache layout has no V (MLA): the values are then the first Dv
+        channels of the keys (the latent), with Hkv == 1.
     """
 
     def plan(self, meta: ForwardMetadata) -> None: ...
 
-    def forward(self, layer: int, q: Array, k: Array, v: Array, cache: KVCache) -> Array: ...
+    def forward(self, layer: int, q: Array, k: Array, v: Array | None, cache: KVCache) -> Array: ...
 
 
 @runtime_checkable

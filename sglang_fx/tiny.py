@@ -51,6 +51,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
     ),
+    "qwen3_moe": dict(
+        config_class="Qwen3MoeConfig",
+        hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=True, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
+    ),
+    "deepseek_v3": dict(
+        config_class="DeepseekV3Config",
+        hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=48,
+        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+        routed_scaling_factor=2.5, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
+    ),
 }
 
 
@@ -109,6 +123,10 @@ def make_tiny_model(
     )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    with torch.no_grad():  # HF starts routing biases at zero; random ones exercise them
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.rand(buf.shape) * 0.1)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     max_shard = f"{max(1, nbytes // shards // 1000 + 1)}KB" if shards > 1 else "50GB"
     transformers.utils.logging.disable_progress_bar()

@@ -119,3 +119,25 @@ def test_unsupported_rope_scaling(copy_of):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedConfigError, match=r"RoPE scaling 'yarn' is not supported yet"):
         load_spec(path)
+
+
+def test_moe_and_mla_specs(tiny):
+    moe = load_spec(tiny("qwen3_moe"))
+    assert (moe.moe.num_experts, moe.moe.top_k, moe.moe.scoring, moe.mla) == (8, 2, "softmax", None)
+    assert moe.is_moe_layer(0) and moe.is_moe_layer(1)
+    ds = load_spec(tiny("deepseek_v3"))
+    assert ds.moe.scoring == "sigmoid" and ds.moe.num_shared_experts == 1 and ds.moe.routed_scaling_factor == 2.5
+    assert not ds.is_moe_layer(0) and ds.is_moe_layer(1) and ds.is_moe_layer(2)  # first_k_dense_replace=1
+    assert (ds.mla.kv_lora_rank, ds.mla.qk_rope_head_dim, ds.mla.qk_head_dim, ds.mla.rope_interleave) == (32, 8, 24, True)
+    weights = Checkpoint(tiny("deepseek_v3")).load(ds)
+    assert weights["model.layers.1.mlp.gate.e_score_correction_bias"].abs().sum() > 0  # random, not HF's zeros
+    assert {n: tuple(t.shape) for n, t in weights.items()} == expected_weights(ds)
+
+
+def test_quantized_checkpoints_are_refused(copy_of):
+    path = copy_of()
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedConfigError, match=r"quantized checkpoints \(fp8\) are not supported yet"):
+        load_spec(path)

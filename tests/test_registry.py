@@ -119,6 +119,6 @@ def test_unsupported_configuration_lists_every_problem():
     with pytest.raises(UnsupportedConfigError) as e:
         backend.check(architecture="GPT2LMHeadModel", device="npu", page_size=0)
     msg = str(e.value)
-    assert "architecture 'GPT2LMHeadModel' is not supported; supported: LlamaForCausalLM" in msg
+    assert "architecture 'GPT2LMHeadModel' is not supported; supported: DeepseekV3ForCausalLM, LlamaForCausalLM" in msg
     assert "device 'npu' is not supported; supported devices: cpu, cuda" in msg
     assert "page size must be a positive number of tokens, got 0" in msg

@@ -25,9 +25,10 @@ class TorchPagedAttention:
             self.seqs.append((row, new, slots, key_pos[None, :] <= query_pos[:, None]))
             row += new
 
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
         cache.write(layer, self.out_cache_loc, k, v)
-        keys, values = cache.k(layer), cache.v(layer)
+        keys = cache.k(layer)
+        values = keys[..., : self.spec.v_head_dim] if v is None else cache.v(layer)  # MLA: the latent
         out = q.new_empty((q.shape[0], q.shape[1], self.spec.v_head_dim))
         for row, new, slots, mask in self.seqs:
             qs = q[row : row + new].transpose(0, 1)  # [Hq, e, D]

@@ -7,12 +7,14 @@ import torch
 from sglang_fx import hookimpl
 from sglang_fx.capabilities import Capabilities
 from sglang_fx.checkpoint import ARCHITECTURES
+from sglang_fx.errors import UnsupportedConfigError
 from sglang_fx.spi import BackendInfo
 
 from .attention import TorchPagedAttention
 from .exchange import TorchExchange
 from .kv_cache import TorchKVCache
-from .model import LlamaFamilyModel
+from .deepseek_v3 import DeepseekV3Model
+from .llama import LlamaFamilyModel
 
 NAME = "reference_torch"
 FLOATS = frozenset({"float32", "float16", "bfloat16"})
@@ -50,4 +52,7 @@ def sglang_fx_make_attention(spec, layout, device):
 
 @hookimpl
 def sglang_fx_make_runner(spec, weights, layout, options):
-    return LlamaFamilyModel(spec, weights, options)
+    if options.extra:
+        raise UnsupportedConfigError(f"{NAME} takes no backend options, got {sorted(options.extra)}")
+    model = DeepseekV3Model if spec.mla is not None else LlamaFamilyModel
+    return model(spec, weights, torch.device(options.device))
