@@ -24,7 +24,6 @@ from sglang_fx.metadata import ForwardMetadata
 from sglang_fx.spi import AttentionSpec
 
 from .exchange import MindSporeExchange
-from .kernels import row_writer
 from .kv_cache import MindSporeKVCache
 from .runtime import Tier, ms_dtype
 
@@ -33,18 +32,26 @@ from .runtime import Tier, ms_dtype
 # ---------------------------------------------------------------------------------------------
 
 
+_bmm, _bmm_t = ops.BatchMatMul(), ops.BatchMatMul(transpose_b=True)
+
+
 @dataclass(frozen=True)
 class PortableInputs:
-    """The portable tier's step tensors (torch, on the step's device).
+    """The portable tier's step tensors (torch, on the step's device). Keys j < prefix_b come
+    from the pool; this step's keys come straight from k/v, so a step never reads what it writes.
 
     q_rows    [B, E] int64. Row of new token e of sequence b in the packed [T] tensors (0 if padding).
-    kv_slots  [B, L] int64. KV-pool slot of token j of sequence b (0 past its length).
+    kv_slots  [B, L] int64. Pool slot of cached token j of sequence b (j < prefix_b), else 0.
+    new_rows  [B, L] int64. Row in [T] of this step's token j (prefix_b <= j < seq_len_b), else 0.
+    is_new    [B, L] bool. Key j comes from this step's k/v (new_rows), not the pool (kv_slots).
     bias      [B, E, L] float32. 0 where new token e of b may see key j, -inf elsewhere.
     out_rows  [T] int64. Row b * E + e of each new token in the padded [B * E] layout.
     """
 
     q_rows: torch.Tensor
     kv_slots: torch.Tensor
+    new_rows: torch.Tensor
+    is_new: torch.Tensor
     bias: torch.Tensor
     out_rows: torch.Tensor
 
@@ -52,38 +59,48 @@ class PortableInputs:
 def portable_inputs(meta: ForwardMetadata) -> PortableInputs:
     dev = meta.positions.device
     E, L, T = max(meta.extend_lens_cpu), max(meta.seq_lens_cpu), meta.num_tokens
-    ext = meta.extend_lens.long()
+    ext, prefix = meta.extend_lens.long(), meta.prefix_lens.long()
     starts = ext.cumsum(0) - ext  # [B] first row of each sequence
     e = torch.arange(E, device=dev)
     q_rows = torch.where(e[None, :] < ext[:, None], starts[:, None] + e[None, :], 0)
     seq_of_row = torch.repeat_interleave(torch.arange(len(ext), device=dev), ext, output_size=T)  # [T]
     out_rows = seq_of_row * E + torch.arange(T, device=dev) - starts[seq_of_row]
-    j = torch.arange(L, device=dev)
-    kv_slots = torch.where(j[None, :] < meta.seq_lens[:, None], meta.req_to_token[:, :L].long(), 0)
-    query_pos = meta.prefix_lens[:, None].long() + e[None, :]  # [B, E]; padding rows see a superset
-    visible = j[None, None, :] <= query_pos[:, :, None]  # [B, E, L]
+    j = torch.arange(L, device=dev)[None, :]
+    cached = j < prefix[:, None]  # [B, L]
+    is_new = ~cached & (j < meta.seq_lens[:, None])
+    kv_slots = torch.where(cached, meta.req_to_token[:, :L].long(), 0)
+    new_rows = torch.where(is_new, starts[:, None] + j - prefix[:, None], 0)
+    query_pos = prefix[:, None] + e[None, :]  # [B, E]; padding rows see a superset
+    visible = j[:, None, :] <= query_pos[:, :, None]  # [B, E, L]
     bias = torch.zeros(visible.shape, dtype=torch.float32, device=dev).masked_fill_(~visible, float("-inf"))
-    return PortableInputs(q_rows, kv_slots, bias, out_rows)
+    return PortableInputs(q_rows, kv_slots, new_rows, is_new, bias, out_rows)
 
 
 class PortablePagedAttention(nn.Cell):
     """Pads the step to [B, E] queries x [B, L] keys, so one batched matmul covers ragged
-    sequences, cached prefixes and decode alike, for any page size. Scores and softmax in float32."""
+    sequences, cached prefixes and decode alike, for any page size. Scores and softmax in float32.
+
+    run() only reads the pool (writes_kv is False): MindSpore copies a whole buffer that one
+    graph both reads and writes, so the caller stores the new K/V separately
+    (MindSporeKVCache.write / write_layers)."""
+
+    writes_kv = False
 
     def __init__(self, spec: AttentionSpec, layout: KVLayout, exchange: MindSporeExchange):
         super().__init__()
         self.num_heads, self.num_kv_heads = spec.num_heads, spec.num_kv_heads
         self.head_dim, self.v_head_dim, self.scale = spec.head_dim, spec.v_head_dim, spec.scale
         self.group = spec.num_heads // spec.num_kv_heads
-        self.cache_dtype = ms_dtype(layout.dtype)
-        self.write = row_writer(self.cache_dtype)
         self.exchange = exchange
+        i64 = ms.int64
         self.dynamic_inputs = (
-            Tensor(shape=[None], dtype=ms.int64),  # out_cache_loc [T]
-            Tensor(shape=[None, None], dtype=ms.int64),  # q_rows [B, E]
-            Tensor(shape=[None, None], dtype=ms.int64),  # kv_slots [B, L]
+            Tensor(shape=[None], dtype=i64),  # out_cache_loc [T]
+            Tensor(shape=[None, None], dtype=i64),  # q_rows [B, E]
+            Tensor(shape=[None, None], dtype=i64),  # kv_slots [B, L]
+            Tensor(shape=[None, None], dtype=i64),  # new_rows [B, L]
+            Tensor(shape=[None, None], dtype=ms.bool_),  # is_new [B, L]
             Tensor(shape=[None, None, None], dtype=ms.float32),  # bias [B, E, L]
-            Tensor(shape=[None], dtype=ms.int64),  # out_rows [T]
+            Tensor(shape=[None], dtype=i64),  # out_rows [T]
         )
         self.inputs: tuple = ()
         self.variant = 0
@@ -94,30 +111,34 @@ class PortablePagedAttention(nn.Cell):
 
     def plan(self, meta: ForwardMetadata) -> None:
         p = portable_inputs(meta)
-        tensors = (meta.out_cache_loc, p.q_rows, p.kv_slots, p.bias, p.out_rows)
+        tensors = (meta.out_cache_loc, p.q_rows, p.kv_slots, p.new_rows, p.is_new, p.bias, p.out_rows)
         self.inputs = mutable(tuple(self.exchange.from_torch(t) for t in tensors))
 
     def forward(self, layer: int, q: Tensor, k: Tensor, v: Tensor, cache: MindSporeKVCache) -> Tensor:
+        cache.write(layer, self.inputs[0], k, v)
         return self.run(q, k, v, cache.k(layer), cache.v(layer), self.inputs, self.variant)
 
     def run(self, q, k, v, k_cache, v_cache, inputs, variant):
-        out_cache_loc, q_rows, kv_slots, bias, out_rows = inputs
-        self.write(k_cache, out_cache_loc, k.astype(self.cache_dtype))
-        self.write(v_cache, out_cache_loc, v.astype(self.cache_dtype))
+        _, q_rows, kv_slots, new_rows, is_new, bias, out_rows = inputs
         B, E = q_rows.shape
         L = kv_slots.shape[1]
         Hkv, G, D, Dv = self.num_kv_heads, self.group, self.head_dim, self.v_head_dim
         qp = ops.gather(q, q_rows.reshape(-1), 0).astype(ms.float32)  # [B*E, Hq, D]
         qp = qp.reshape(B, E, Hkv, G, D).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * E, D)
-        keys = ops.gather(k_cache, kv_slots.reshape(-1), 0).astype(ms.float32)  # [B*L, Hkv, D]
-        keys = keys.reshape(B, L, Hkv, D).transpose(0, 2, 3, 1)  # [B, Hkv, D, L]
-        vals = ops.gather(v_cache, kv_slots.reshape(-1), 0).astype(ms.float32)
-        vals = vals.reshape(B, L, Hkv, Dv).transpose(0, 2, 1, 3)  # [B, Hkv, L, Dv]
-        scores = ops.matmul(qp, keys).reshape(B, Hkv, G, E, L) * self.scale
+        keys = _sequence_rows(k_cache, k, kv_slots, new_rows, is_new).reshape(B, L, Hkv, D).transpose(0, 2, 1, 3)
+        vals = _sequence_rows(v_cache, v, kv_slots, new_rows, is_new).reshape(B, L, Hkv, Dv).transpose(0, 2, 1, 3)
+        scores = _bmm_t(qp, keys).reshape(B, Hkv, G, E, L) * self.scale  # keys, vals: [B, Hkv, L, D|Dv]
         probs = ops.softmax(scores + bias.reshape(B, 1, 1, E, L), -1).reshape(B, Hkv, G * E, L)
-        out = ops.matmul(probs, vals).reshape(B, Hkv, G, E, Dv).transpose(0, 3, 1, 2, 4)  # [B, E, Hkv, G, Dv]
+        out = _bmm(probs, vals).reshape(B, Hkv, G, E, Dv).transpose(0, 3, 1, 2, 4)  # [B, E, Hkv, G, Dv]
         out = ops.gather(out.reshape(B * E, Hkv * G, Dv), out_rows, 0)  # [T, Hq, Dv]
         return out.astype(q.dtype)
+
+
+def _sequence_rows(pool, new, kv_slots, new_rows, is_new):
+    """[B*L, H, D] float32: row j of sequence b from the pool (cached) or from new (this step)."""
+    from_pool = ops.gather(pool, kv_slots.reshape(-1), 0).astype(ms.float32)
+    from_step = ops.gather(new, new_rows.reshape(-1), 0).astype(ms.float32)
+    return ops.where(is_new.reshape(-1, 1, 1), from_step, from_pool)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +224,10 @@ def ascend_inputs(meta: ForwardMetadata, dtype: torch.dtype) -> AscendInputs:
 
 
 class AscendPagedAttention(nn.Cell):
-    """Ascend's fused kernels over the pool viewed as pages: [num_pages, P, Hkv, D]."""
+    """Ascend's fused kernels over the pool viewed as pages: [num_pages, P, Hkv, D]. run()
+    writes the new K/V itself (reshape_and_cache), before paged_attention reads them."""
+
+    writes_kv = True
 
     def __init__(self, spec: AttentionSpec, layout: KVLayout, exchange: MindSporeExchange):
         super().__init__()

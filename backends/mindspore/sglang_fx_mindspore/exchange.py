@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
+import mindspore as ms
 import torch
 from mindspore import Tensor
 from mindspore.utils.dlpack import from_dlpack, to_dlpack
 
 from sglang_fx.exchange import export_torch, finish_import
 
+#: What MindSpore 2.10's DLPack accepts. bool is not among them: it crosses as uint8 and is
+#: reinterpreted on arrival (Tensor.view(dtype), no copy).
+DLPACK_DTYPES = frozenset({
+    torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.int8, torch.int16, torch.int32, torch.int64,
+    torch.float16, torch.bfloat16, torch.float32, torch.float64,
+})  # fmt: skip
+
 
 class MindSporeExchange:
     """Zero-copy exchange under the copy rules of `spi.Exchange`. bf16 crosses as bf16 (DLPack
-    carries it; NumPy is never involved)."""
+    carries it; NumPy is never involved). Raises TypeError for dtypes MindSpore's DLPack lacks
+    (complex, float8)."""
 
     def from_torch(self, t: torch.Tensor, *, copy: bool | None = None) -> Tensor:
+        if t.dtype == torch.bool:
+            return self.from_torch(t.view(torch.uint8), copy=copy).view(ms.bool_)
+        if t.dtype not in DLPACK_DTYPES:
+            raise TypeError(f"MindSpore's DLPack cannot take {t.dtype}; convert the tensor to a supported dtype first")
         return from_dlpack(torch.utils.dlpack.to_dlpack(export_torch(t, copy)))
 
     def to_torch(self, x: Tensor, *, copy: bool | None = None) -> torch.Tensor:
+        if x.dtype == ms.bool_:
+            return self.to_torch(x.view(ms.uint8), copy=copy).view(torch.bool)
         if not x.is_contiguous():
             if copy is False:
                 raise BufferError(

@@ -6,7 +6,7 @@ from mindspore import Tensor, mutable
 from sglang_fx.kv_pool import KVLayout
 
 from .exchange import MindSporeExchange
-from .kernels import row_writer
+from .kernels import rows_writer
 from .runtime import ms_dtype
 
 
@@ -39,7 +39,8 @@ class MindSporeKVCache:
         self.keys, self.key_pages = alias(k_buffers, False), alias(k_buffers, True)
         self.values = None if v_buffers is None else alias(v_buffers, False)
         self.value_pages = None if v_buffers is None else alias(v_buffers, True)
-        self._write = row_writer(ms_dtype(layout.dtype))
+        self.dtype = ms_dtype(layout.dtype)
+        self._write = rows_writer(self.dtype)
 
     def k(self, layer: int) -> Tensor:
         return self.keys[layer]
@@ -48,7 +49,12 @@ class MindSporeKVCache:
         return None if self.values is None else self.values[layer]
 
     def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor | None) -> None:
-        dtype = self.keys[layer].dtype
-        self._write(self.keys[layer], slots, k.astype(dtype))
+        self._write(mutable((self.keys[layer],)), slots, k.astype(self.dtype).expand_dims(0))
         if self.values is not None:
-            self._write(self.values[layer], slots, v.astype(dtype))
+            self._write(mutable((self.values[layer],)), slots, v.astype(self.dtype).expand_dims(0))
+
+    def write_layers(self, slots: Tensor, k: Tensor, v: Tensor | None) -> None:
+        """write() for every layer at once: k [num_layers, n, *k_shape], v likewise."""
+        self._write(self.keys, slots, k.astype(self.dtype))
+        if self.values is not None:
+            self._write(self.values, slots, v.astype(self.dtype))

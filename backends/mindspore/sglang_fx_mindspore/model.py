@@ -26,7 +26,7 @@ from sglang_fx.spi import AttentionSpec, RunnerOptions
 from .attention import make_attention
 from .exchange import MindSporeExchange
 from .kv_cache import MindSporeKVCache
-from .runtime import DEVICE_TARGETS, choose_tier
+from .runtime import DEVICE_TARGETS, choose_tier, ms_dtype
 
 MODES = ("jit", "pynative")
 _matmul_t = ops.MatMul(transpose_b=True)  # x @ w.T, without materialising w.T
@@ -62,11 +62,16 @@ def layer_weights(w: Mapping[str, torch.Tensor], i: int, spec: ModelSpec) -> lis
 
 class LlamaFamily(nn.Cell):
     """The decoder. Weights, KV buffers and step tensors come in as arguments (mutable tuples of
-    MindSpore tensors aliasing host memory), so the compiled graph holds no data of its own."""
+    MindSpore tensors aliasing host memory), so the compiled graph holds no data of its own.
 
-    def __init__(self, spec: ModelSpec, attention: nn.Cell):
+    construct returns logits [N, V] float32, or, when the attention leaves K/V writes to its
+    caller (not attn.writes_kv), (logits, k, v) with this step's k and v [num_layers, T, Hkv, D]
+    in the KV dtype, for MindSporeKVCache.write_layers."""
+
+    def __init__(self, spec: ModelSpec, attention: nn.Cell, kv_dtype):
         super().__init__()
-        self.attn = attention
+        self.attn, self.kv_dtype = attention, kv_dtype
+        self.return_kv = not attention.writes_kv
         self.num_layers, self.eps = spec.num_layers, spec.rms_norm_eps
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.qk_norm, self.attention_bias = spec.qk_norm, spec.attention_bias
@@ -78,6 +83,7 @@ class LlamaFamily(nn.Cell):
         emb = ops.cat((freqs, freqs), -1).reshape(-1, 1, D)  # [T, 1, D], broadcast over heads
         cos, sin = ops.cos(emb).astype(embed.dtype), ops.sin(emb).astype(embed.dtype)
         x = ops.gather(embed, input_ids, 0)  # [T, H]
+        new_k, new_v = [], []
         for i in range(self.num_layers):
             L = layers[i]
             ln1, wq, wk, wv, wo, ln2, gate, up, down = L[0], L[1], L[2], L[3], L[4], L[5], L[6], L[7], L[8]
@@ -91,11 +97,16 @@ class LlamaFamily(nn.Cell):
             q = q * cos + rotate_half(q, D // 2) * sin
             k = k * cos + rotate_half(k, D // 2) * sin
             a = self.attn.run(q, k, v, keys[i], values[i], attn_inputs, attn_variant)  # [T, Hq, D]
+            new_k.append(k)
+            new_v.append(v)
             x = x + linear(a.reshape(-1, Hq * D), wo)
             h = rms_norm(x, ln2, eps)
             x = x + linear(ops.silu(linear(h, gate)) * linear(h, up), down)
         x = rms_norm(ops.gather(x, logits_indices, 0), norm, eps)  # [N, H]
-        return linear(x, lm_head).astype(ms.float32)  # [N, V]
+        logits = linear(x, lm_head).astype(ms.float32)  # [N, V]
+        if self.return_kv:
+            return logits, ops.stack(new_k).astype(self.kv_dtype), ops.stack(new_v).astype(self.kv_dtype)
+        return logits
 
 
 class MindSporeRunner:
@@ -120,7 +131,7 @@ class MindSporeRunner:
         D = spec.head_dim
         attn_spec = AttentionSpec(spec.num_heads, spec.num_kv_heads, D, D, D**-0.5)
         self.attn = make_attention(choose_tier(options.device, spec.dtype, layout.page_size), attn_spec, layout, exchange)
-        self.model = LlamaFamily(spec, self.attn)
+        self.model = LlamaFamily(spec, self.attn, ms_dtype(layout.dtype))
         inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
         target = DEVICE_TARGETS[options.device.partition(":")[0]]
 
@@ -146,6 +157,9 @@ class MindSporeRunner:
         self.attn.plan(meta)
         keys, values = self.attn.cache_views(cache)
         ex = self.exchange.from_torch
-        logits = self._step(self.weights, keys, values, ex(input_ids), ex(meta.positions), ex(meta.logits_indices),
-                            self.attn.inputs, self.attn.variant)  # fmt: skip
-        return self.exchange.to_torch(logits)
+        out = self._step(self.weights, keys, values, ex(input_ids), ex(meta.positions), ex(meta.logits_indices),
+                         self.attn.inputs, self.attn.variant)  # fmt: skip
+        if self.model.return_kv:
+            out, k, v = out
+            cache.write_layers(ex(meta.out_cache_loc), k, v)
+        return self.exchange.to_torch(out)

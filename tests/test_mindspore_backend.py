@@ -1,0 +1,320 @@
+"""The MindSpore backend: exchange aliasing, in-place KV writes, attention tiers, whole-model
+logits and greedy decoding against Hugging Face transformers (float32 on CPU)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("mindspore")
+
+import mindspore as ms  # noqa: E402
+
+from sglang_fx.errors import UnsupportedConfigError  # noqa: E402
+from sglang_fx.exchange import shares_memory  # noqa: E402
+from sglang_fx.generate import Session  # noqa: E402
+from sglang_fx.kv_pool import KVLayout, PagedKVPool  # noqa: E402
+from sglang_fx.metadata import ForwardMetadata  # noqa: E402
+from sglang_fx.registry import load_backend  # noqa: E402
+from sglang_fx.spi import AttentionSpec  # noqa: E402
+from sglang_fx_mindspore import plugin  # noqa: E402
+from sglang_fx_mindspore.attention import (  # noqa: E402
+    DECODE,
+    FLASH,
+    MASK_VALUE,
+    PAGED_EXTEND,
+    ascend_inputs,
+    flash_causal_mask,
+)
+from sglang_fx_mindspore.runtime import Tier, choose_tier  # noqa: E402
+
+ARCHS = ["qwen3", "qwen2", "llama"]
+
+
+def npu_available() -> bool:
+    try:
+        return ms.device_context.ascend.is_available()
+    except Exception:
+        return False
+
+
+needs_npu = pytest.mark.skipif(not npu_available(), reason="needs an Ascend NPU (MindSpore's fused kernels are Ascend-only)")
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return load_backend("mindspore")
+
+
+@pytest.fixture(scope="module")
+def ex(backend):
+    return backend.exchange("cpu")
+
+
+@pytest.fixture(scope="module")
+def hf(tiny):
+    """hf(arch) -> (checkpoint path, float32 transformers model)."""
+    import transformers
+
+    models = {}
+
+    def get(arch: str):
+        if arch not in models:
+            path = tiny(arch)
+            models[arch] = (path, transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval())
+        return models[arch]
+
+    return get
+
+
+# --- backend info ----------------------------------------------------------------------------
+
+
+def test_info_declares_no_bfloat16_on_cpu(backend):
+    info = backend.info
+    assert info.unavailable is None and info.framework_version == ms.__version__
+    assert info.capabilities.dtypes["cpu"] == {"float32", "float16"}
+    assert "bfloat16" in info.capabilities.dtypes["npu"]
+
+
+def test_info_without_mindspore_is_unavailable_not_an_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mindspore", None)  # makes `import mindspore` raise
+    info = plugin.sglang_fx_backend_info()
+    assert info.capabilities is None and info.framework_version is None
+    assert "pip install mindspore==2.10.0" in info.unavailable
+
+
+def test_bfloat16_on_cpu_is_refused_with_the_fix(tiny):
+    with pytest.raises(UnsupportedConfigError, match=r"dtype 'bfloat16' is not supported on cpu; use one of: float16, float32"):
+        Session("mindspore", tiny("qwen3"), dtype="bfloat16")
+
+
+@pytest.mark.parametrize("extra", [{"mode": "graph"}, {"compile": "yes"}])
+def test_unknown_options_are_refused(tiny, extra):
+    with pytest.raises(UnsupportedConfigError, match="takes only"):
+        Session("mindspore", tiny("qwen3"), options=extra)
+
+
+# --- exchange ----------------------------------------------------------------------------------
+
+
+def test_exchange_shares_memory_both_ways(ex):
+    t = torch.zeros(4, 3)
+    x = ex.from_torch(t, copy=False)
+    t[1, 2] = 7.0  # torch write, seen by MindSpore
+    assert x.asnumpy()[1, 2] == 7.0
+    x[2] = 5.0  # MindSpore in-place write, seen by torch
+    assert t[2].tolist() == [5.0, 5.0, 5.0]
+
+    y = ms.Tensor([1.0, 2.0, 3.0], ms.float32)
+    u = ex.to_torch(y, copy=False)
+    u[0] = 9.0
+    assert y.asnumpy().tolist() == [9.0, 2.0, 3.0]
+    y[2] = 4.0
+    assert u.tolist() == [9.0, 2.0, 4.0]
+
+
+def test_exchange_bfloat16_round_trip_aliases(ex):
+    t = torch.randn(5, 7).bfloat16()
+    x = ex.from_torch(t, copy=False)
+    assert x.dtype == ms.bfloat16
+    back = ex.to_torch(x, copy=False)
+    assert back.dtype == torch.bfloat16 and shares_memory(back, t) and torch.equal(back, t)
+
+
+def test_exchange_copy_rules(ex):
+    t = torch.arange(12.0).reshape(3, 4)
+    assert not shares_memory(ex.to_torch(ex.from_torch(t, copy=True)), t)
+    with pytest.raises(BufferError, match="not contiguous"):
+        ex.from_torch(t.T, copy=False)
+    assert ex.from_torch(t.T).asnumpy().tolist() == t.T.tolist()  # copy=None makes it contiguous
+    x = ex.from_torch(t)
+    assert not shares_memory(ex.to_torch(x, copy=True), t)
+
+
+# --- KV cache ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kv_write_lands_in_place_in_host_buffers(backend, ex, dtype):
+    layout = KVLayout(num_layers=2, num_pages=4, page_size=16, k_shape=(2, 8), v_shape=(2, 8), dtype=dtype)
+    pool = PagedKVPool(layout)
+    before = [b.data_ptr() for b in pool.k_buffers + pool.v_buffers]
+    cache = backend.kv_cache(layout, pool.k_buffers, pool.v_buffers, "cpu")
+    assert shares_memory(ex.to_torch(cache.k(1)), pool.k_buffers[1])
+    slots = torch.tensor([37, 2, 60, 17])
+    k, v = torch.randn(4, 2, 8), torch.randn(4, 2, 8)
+    cache.write(1, ex.from_torch(slots), ex.from_torch(k), ex.from_torch(v))
+    assert [b.data_ptr() for b in pool.k_buffers + pool.v_buffers] == before
+    assert torch.equal(pool.k_buffers[1][slots], k.to(dtype)) and torch.equal(pool.v_buffers[1][slots], v.to(dtype))
+    others = torch.ones(layout.num_slots, dtype=torch.bool)
+    others[slots] = False
+    assert not pool.k_buffers[1][others].any() and not pool.k_buffers[0].any()
+
+
+# --- attention ---------------------------------------------------------------------------------
+
+
+def step_metadata(page_size: int, prefix: list[int], new: list[int]) -> ForwardMetadata:
+    """Sequences with scattered pages: sequence b holds prefix[b] cached + new[b] new tokens."""
+    pages_per_seq = -(-max(p + n for p, n in zip(prefix, new)) // page_size)
+    order = torch.randperm(len(prefix) * pages_per_seq, generator=torch.Generator().manual_seed(0)).tolist()
+    slots = []
+    for b, (p, n) in enumerate(zip(prefix, new)):
+        pages = order[b * pages_per_seq : (b + 1) * pages_per_seq]
+        slots.append([pages[j // page_size] * page_size + j % page_size for j in range(p + n)])
+    return ForwardMetadata.from_lists(token_slots=slots, prefix_lens=prefix, logits="all", page_size=page_size)
+
+
+@pytest.mark.parametrize("page_size", [1, 16, 128])
+@pytest.mark.parametrize("prefix,new", [([0, 0, 0], [5, 1, 19]), ([17, 0, 130], [3, 9, 1]), ([40, 3, 140], [1, 1, 1])])
+def test_portable_attention_matches_reference(backend, ex, page_size, prefix, new):
+    from sglang_fx_reference_torch.attention import TorchPagedAttention
+    from sglang_fx_reference_torch.kv_cache import TorchKVCache
+
+    spec = AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=16, v_head_dim=16, scale=0.25)
+    meta = step_metadata(page_size, prefix, new)
+    pages = -(-int(meta.req_to_token.max() + 1) // page_size)
+    layout = KVLayout(1, pages, page_size, (2, 16), (2, 16), torch.float32)
+    torch.manual_seed(0)
+    k_pool, v_pool = torch.randn(layout.num_slots, 2, 16), torch.randn(layout.num_slots, 2, 16)
+    q, k, v = torch.randn(meta.num_tokens, 4, 16), torch.randn(meta.num_tokens, 2, 16), torch.randn(meta.num_tokens, 2, 16)
+
+    ref_cache = TorchKVCache(layout, [k_pool.clone()], [v_pool.clone()])
+    ref = TorchPagedAttention(spec)
+    ref.plan(meta)
+    expected = ref.forward(0, q, k, v, ref_cache)
+
+    attn = backend.attention(spec, layout, "cpu")
+    ms_k, ms_v = k_pool.clone(), v_pool.clone()
+    cache = backend.kv_cache(layout, [ms_k], [ms_v], "cpu")
+    attn.plan(meta)
+    got = ex.to_torch(attn.forward(0, ex.from_torch(q), ex.from_torch(k), ex.from_torch(v), cache))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert torch.equal(ms_k, ref_cache.k(0)) and torch.equal(ms_v, ref_cache.v(0))
+
+
+def test_tier_choice():
+    assert choose_tier("cpu", torch.float16, 16) is Tier.PORTABLE
+    assert choose_tier("npu:0", torch.bfloat16, 128) is Tier.ASCEND
+    assert choose_tier("npu:0", torch.float32, 16) is Tier.PORTABLE  # fused kernels are half-precision only
+    assert choose_tier("npu:0", torch.float16, 1) is Tier.PORTABLE  # paged kernels need blocks of 16k tokens
+
+
+def test_ascend_inputs_prefill_uses_flash_attention():
+    meta = step_metadata(16, [0, 0], [5, 20])
+    a = ascend_inputs(meta, torch.float16)
+    assert a.variant == FLASH
+    assert a.actual_seq_qlen.tolist() == [5, 25] and a.actual_seq_qlen.dtype == torch.int32
+    assert torch.equal(a.slot_mapping, meta.out_cache_loc.int())
+    mask = flash_causal_mask()
+    assert mask.shape == (2048, 2048) and mask.dtype == torch.uint8
+    assert mask[0, 1] == 1 and mask[1, 1] == 0 and mask[5, 0] == 0
+
+
+def test_ascend_inputs_block_tables_follow_req_to_token():
+    meta = step_metadata(16, [17, 40], [1, 1])
+    a = ascend_inputs(meta, torch.bfloat16)
+    assert a.variant == DECODE
+    assert a.context_lens.tolist() == [18, 41] and a.q_seq_lens.tolist() == [1, 1]
+    assert a.block_tables.shape == (2, 3) and a.block_tables.dtype == torch.int32
+    for b, n in enumerate(meta.seq_lens_cpu):
+        pages = (meta.req_to_token[b, :n] // 16).unique_consecutive().tolist()
+        assert a.block_tables[b, : len(pages)].tolist() == pages
+    assert a.block_tables[0, 2] == 0  # sequence 0 has 2 pages; the rest is padding
+
+
+def test_ascend_inputs_prefix_hit_uses_a_lookahead_mask():
+    meta = step_metadata(16, [32, 0], [3, 2])
+    a = ascend_inputs(meta, torch.float16)
+    assert a.variant == PAGED_EXTEND and a.q_seq_lens.tolist() == [3, 2]
+    assert a.lookahead_mask.shape == (5, 35) and a.lookahead_mask.dtype == torch.float16
+    for t, pos in enumerate(meta.positions.tolist()):
+        row = a.lookahead_mask[t]
+        assert not row[: pos + 1].any() and (row[pos + 1 :] == MASK_VALUE).all()
+
+
+@needs_npu
+@pytest.mark.parametrize("prefix,new", [([0, 0], [5, 20]), ([32, 16], [1, 1]), ([32, 0], [3, 2])])
+def test_ascend_attention_matches_portable(backend, prefix, new):
+    spec = AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=128, v_head_dim=128, scale=128**-0.5)
+    meta = step_metadata(16, prefix, new)
+    layout = KVLayout(1, 8, 16, (2, 128), (2, 128), torch.float16)
+    ex = backend.exchange("npu:0")
+    q, k, v = (torch.randn(meta.num_tokens, h, 128, dtype=torch.float16) for h in (4, 2, 2))
+    outs = []
+    for device in ("cpu", "npu:0"):
+        pool = PagedKVPool(layout)
+        cache = backend.kv_cache(layout, pool.k_buffers, pool.v_buffers, device)
+        attn = backend.attention(spec, layout, device)
+        attn.plan(meta)
+        outs.append(ex.to_torch(attn.forward(0, ex.from_torch(q), ex.from_torch(k), ex.from_torch(v), cache)).float().cpu())
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=2e-3)
+
+
+# --- whole model -------------------------------------------------------------------------------
+
+PROMPT = [(37 * j + 11) % 500 + 3 for j in range(150)]
+
+
+@pytest.mark.parametrize("page_size", [1, 16, 128])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_match_transformers_with_prefix_hits(hf, arch, page_size):
+    path, model = hf(arch)
+    s = Session("mindspore", path, page_size=page_size, max_total_tokens=1024)
+
+    def expected(tokens: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return model(torch.tensor([tokens])).logits[0]
+
+    first, _ = s.new_sequence(PROMPT)
+    got = s.forward([first], [PROMPT], logits="all")
+    worst = (got - expected(PROMPT)).abs().max().item()
+
+    hit = PROMPT[:140] + [7, 8, 9, 10, 11, 12]  # shares 140 (page 1) or 128 (pages 16/128) tokens
+    fresh = PROMPT[20:31]
+    second, shared = s.new_sequence(hit)
+    third, _ = s.new_sequence(fresh)
+    assert shared == {1: 140, 16: 128, 128: 128}[page_size]
+    got = s.forward([second, third], [hit[shared:], fresh], logits="all")  # ragged: prefix hit + fresh
+    worst = max(worst, (got[: len(hit) - shared] - expected(hit)[shared:]).abs().max().item())
+    worst = max(worst, (got[len(hit) - shared :] - expected(fresh)).abs().max().item())
+
+    got = s.forward([second, third], [[42], [43]])  # decode over the shared pages
+    worst = max(worst, (got[0] - expected(hit + [42])[-1]).abs().max().item())
+    worst = max(worst, (got[1] - expected(fresh + [43])[-1]).abs().max().item())
+    assert worst < 1e-4, f"{arch} page {page_size}: max abs logit diff {worst:.3g}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_32_steps_match_transformers(hf, arch):
+    path, model = hf(arch)
+    prompts = [PROMPT[:23], PROMPT[50:53], PROMPT[7:47], [5]]
+    got = Session("mindspore", path, page_size=16).generate(prompts, 32)
+    for prompt, tokens in zip(prompts, got):
+        want = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert tokens == want[0, len(prompt) :].tolist()
+
+
+def test_pynative_mode_gives_the_jit_logits(tiny):
+    prompts = [PROMPT[:30], PROMPT[40:45]]
+    out = []
+    for mode in ("pynative", "jit"):
+        s = Session("mindspore", tiny("qwen2"), page_size=16, options={"mode": mode})
+        seqs = [s.new_sequence(p)[0] for p in prompts]
+        first = s.forward(seqs, prompts, logits="all")
+        out.append(torch.cat([first, s.forward(seqs, [[3], [4]])]))
+    torch.testing.assert_close(out[0], out[1], rtol=0, atol=1e-5)
+
+
+def test_float16_on_cpu_matches_the_reference_backend(tiny):
+    prompts = [PROMPT[:30], PROMPT[40:45]]
+    out = []
+    for name in ("mindspore", "reference_torch"):
+        s = Session(name, tiny("llama"), dtype="float16", page_size=16)
+        seqs = [s.new_sequence(p)[0] for p in prompts]
+        out.append(s.forward(seqs, prompts, logits="all"))
+    assert out[0].dtype == torch.float32
+    torch.testing.assert_close(out[0], out[1], rtol=0, atol=2e-2)
