@@ -197,10 +197,14 @@ def test_portable_attention_matches_reference(backend, ex, page_size, prefix, ne
 
 
 def test_tier_choice():
-    assert choose_tier("cpu", torch.float16, 16) is Tier.PORTABLE
-    assert choose_tier("npu:0", torch.bfloat16, 128) is Tier.ASCEND
-    assert choose_tier("npu:0", torch.float32, 16) is Tier.PORTABLE  # fused kernels are half-precision only
-    assert choose_tier("npu:0", torch.float16, 1) is Tier.PORTABLE  # paged kernels need blocks of 16k tokens
+    def layout(page_size, dtype):
+        return KVLayout(1, 4, page_size, (2, 16), (2, 16), dtype)
+
+    assert choose_tier("cpu", layout(16, torch.float16), torch.float16) is Tier.PORTABLE
+    assert choose_tier("npu:0", layout(128, torch.bfloat16), torch.bfloat16) is Tier.ASCEND
+    assert choose_tier("npu:0", layout(16, torch.float32), torch.float32) is Tier.PORTABLE  # fused kernels: half only
+    assert choose_tier("npu:0", layout(16, torch.float16), torch.float32) is Tier.PORTABLE
+    assert choose_tier("npu:0", layout(1, torch.float16), torch.float16) is Tier.PORTABLE  # blocks of 16k tokens
 
 
 def test_ascend_inputs_prefill_uses_flash_attention():
@@ -238,20 +242,28 @@ def test_ascend_inputs_prefix_hit_uses_a_lookahead_mask():
 
 @needs_npu
 @pytest.mark.parametrize("prefix,new", [([0, 0], [5, 20]), ([32, 16], [1, 1]), ([32, 0], [3, 2])])
-def test_ascend_attention_matches_portable(backend, prefix, new):
+def test_ascend_attention_matches_reference(backend, prefix, new):
+    pytest.importorskip("torch_npu")  # the host's KV pool lives in NPU memory
+    from sglang_fx_reference_torch.attention import TorchPagedAttention
+    from sglang_fx_reference_torch.kv_cache import TorchKVCache
+
     spec = AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=128, v_head_dim=128, scale=128**-0.5)
     meta = step_metadata(16, prefix, new)
     layout = KVLayout(1, 8, 16, (2, 128), (2, 128), torch.float16)
-    ex = backend.exchange("npu:0")
     q, k, v = (torch.randn(meta.num_tokens, h, 128, dtype=torch.float16) for h in (4, 2, 2))
-    outs = []
-    for device in ("cpu", "npu:0"):
-        pool = PagedKVPool(layout)
-        cache = backend.kv_cache(layout, pool.k_buffers, pool.v_buffers, device)
-        attn = backend.attention(spec, layout, device)
-        attn.plan(meta)
-        outs.append(ex.to_torch(attn.forward(0, ex.from_torch(q), ex.from_torch(k), ex.from_torch(v), cache)).float().cpu())
-    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=2e-3)
+    ref = TorchPagedAttention(spec)
+    ref.plan(meta)
+    pool = PagedKVPool(layout)
+    expected = ref.forward(0, q.float(), k.float(), v.float(), TorchKVCache(layout, pool.k_buffers, pool.v_buffers))
+
+    ex = backend.exchange("npu:0")
+    npu_pool = PagedKVPool(layout, "npu:0")
+    cache = backend.kv_cache(layout, npu_pool.k_buffers, npu_pool.v_buffers, "npu:0")
+    attn = backend.attention(spec, layout, "npu:0")
+    attn.plan(ForwardMetadata(**{f: getattr(meta, f).to("npu:0") if isinstance(getattr(meta, f), torch.Tensor)
+                                 else getattr(meta, f) for f in meta.__dataclass_fields__}))  # fmt: skip
+    out = attn.forward(0, *(ex.from_torch(t.to("npu:0")) for t in (q, k, v)), cache)
+    torch.testing.assert_close(ex.to_torch(out).float().cpu(), expected, rtol=0, atol=2e-3)
 
 
 # --- whole model -------------------------------------------------------------------------------

@@ -2,10 +2,11 @@
 
 Both tiers split a step the same way. `plan(meta)` builds the step's index tensors on the host
 with plain torch functions (`portable_inputs`, `ascend_inputs`: unit-tested on CPU) and hands
-them to MindSpore once per step. `run(q, k, v, k_cache, v_cache, inputs, variant)` writes the new
-K/V and attends; it is graph-callable, so the model's jit graph inlines it, and `forward` (the SPI
-entry) calls it with the planned inputs. `variant` is a Python int that picks a kernel path;
-in a jit graph it is a compile-time constant.
+them to MindSpore once per step. `run(q, k, v, k_cache, v_cache, inputs, variant)` attends, and
+first writes the new K/V when the tier's `writes_kv` says so (else its caller stores them). It is
+graph-callable, so the model's jit graph inlines it; `forward` (the SPI entry) calls it with the
+planned inputs. `variant` is a Python int that picks a kernel path: a compile-time constant in a
+jit graph. `cache_views(cache)` gives the per-layer KV tuples `run` takes.
 
 Shapes: T new tokens, B sequences, E = max new tokens of a sequence, L = max sequence length,
 Hq/Hkv heads, G = Hq // Hkv, D/Dv head dims, S pool slots, P page size.
@@ -25,7 +26,7 @@ from sglang_fx.spi import AttentionSpec
 
 from .exchange import MindSporeExchange
 from .kv_cache import MindSporeKVCache
-from .runtime import Tier, ms_dtype
+from .runtime import Tier, choose_tier, ms_dtype
 
 # ---------------------------------------------------------------------------------------------
 # Portable tier: gather each sequence's K/V by slot, masked softmax, over ops that run anywhere
@@ -86,7 +87,7 @@ class PortablePagedAttention(nn.Cell):
 
     writes_kv = False
 
-    def __init__(self, spec: AttentionSpec, layout: KVLayout, exchange: MindSporeExchange):
+    def __init__(self, spec: AttentionSpec, layout: KVLayout, device: str, exchange: MindSporeExchange):
         super().__init__()
         self.num_heads, self.num_kv_heads = spec.num_heads, spec.num_kv_heads
         self.head_dim, self.v_head_dim, self.scale = spec.head_dim, spec.v_head_dim, spec.scale
@@ -94,7 +95,6 @@ class PortablePagedAttention(nn.Cell):
         self.exchange = exchange
         i64 = ms.int64
         self.dynamic_inputs = (
-            Tensor(shape=[None], dtype=i64),  # out_cache_loc [T]
             Tensor(shape=[None, None], dtype=i64),  # q_rows [B, E]
             Tensor(shape=[None, None], dtype=i64),  # kv_slots [B, L]
             Tensor(shape=[None, None], dtype=i64),  # new_rows [B, L]
@@ -102,6 +102,7 @@ class PortablePagedAttention(nn.Cell):
             Tensor(shape=[None, None, None], dtype=ms.float32),  # bias [B, E, L]
             Tensor(shape=[None], dtype=i64),  # out_rows [T]
         )
+        self.slots: Tensor | None = None  # [T] int64, the step's out_cache_loc
         self.inputs: tuple = ()
         self.variant = 0
 
@@ -111,15 +112,16 @@ class PortablePagedAttention(nn.Cell):
 
     def plan(self, meta: ForwardMetadata) -> None:
         p = portable_inputs(meta)
-        tensors = (meta.out_cache_loc, p.q_rows, p.kv_slots, p.new_rows, p.is_new, p.bias, p.out_rows)
+        tensors = (p.q_rows, p.kv_slots, p.new_rows, p.is_new, p.bias, p.out_rows)
+        self.slots = self.exchange.from_torch(meta.out_cache_loc)
         self.inputs = mutable(tuple(self.exchange.from_torch(t) for t in tensors))
 
     def forward(self, layer: int, q: Tensor, k: Tensor, v: Tensor, cache: MindSporeKVCache) -> Tensor:
-        cache.write(layer, self.inputs[0], k, v)
+        cache.write(layer, self.slots, k, v)
         return self.run(q, k, v, cache.k(layer), cache.v(layer), self.inputs, self.variant)
 
     def run(self, q, k, v, k_cache, v_cache, inputs, variant):
-        _, q_rows, kv_slots, new_rows, is_new, bias, out_rows = inputs
+        q_rows, kv_slots, new_rows, is_new, bias, out_rows = inputs
         B, E = q_rows.shape
         L = kv_slots.shape[1]
         Hkv, G, D, Dv = self.num_kv_heads, self.group, self.head_dim, self.v_head_dim
@@ -229,13 +231,13 @@ class AscendPagedAttention(nn.Cell):
 
     writes_kv = True
 
-    def __init__(self, spec: AttentionSpec, layout: KVLayout, exchange: MindSporeExchange):
+    def __init__(self, spec: AttentionSpec, layout: KVLayout, device: str, exchange: MindSporeExchange):
         super().__init__()
         self.num_heads, self.scale, self.dtype = spec.num_heads, spec.scale, layout.dtype
         self.exchange = exchange
         self.reshape_and_cache = ops.auto_generate.ReshapeAndCache()
         self.paged_attention = ops.auto_generate.PagedAttention(spec.num_heads, spec.scale, spec.num_kv_heads)
-        self.causal_mask = exchange.from_torch(flash_causal_mask())
+        self.causal_mask = exchange.from_torch(flash_causal_mask(device))
         i32, mask_dtype = ms.int32, ms_dtype(layout.dtype)
         self.dynamic_inputs = (
             Tensor(shape=[None], dtype=i32),  # slot_mapping [T]
@@ -273,6 +275,7 @@ class AscendPagedAttention(nn.Cell):
         return self.paged_attention(q, k_pages, v_pages, tables, context_lens, None, None, mask, q_seq_lens)
 
 
-def make_attention(tier: Tier, spec: AttentionSpec, layout: KVLayout, exchange: MindSporeExchange):
-    cls = AscendPagedAttention if tier is Tier.ASCEND else PortablePagedAttention
-    return cls(spec, layout, exchange)
+def make_attention(spec: AttentionSpec, layout: KVLayout, device: str, dtype: torch.dtype, exchange: MindSporeExchange):
+    """The tier `choose_tier` picks for `device`, compute `dtype` and `layout`."""
+    cls = AscendPagedAttention if choose_tier(device, layout, dtype) is Tier.ASCEND else PortablePagedAttention
+    return cls(spec, layout, device, exchange)

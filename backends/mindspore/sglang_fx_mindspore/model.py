@@ -26,7 +26,7 @@ from sglang_fx.spi import AttentionSpec, RunnerOptions
 from .attention import make_attention
 from .exchange import MindSporeExchange
 from .kv_cache import MindSporeKVCache
-from .runtime import DEVICE_TARGETS, choose_tier, ms_dtype
+from .runtime import DEVICE_TARGETS, ms_dtype
 
 MODES = ("jit", "pynative")
 _matmul_t = ops.MatMul(transpose_b=True)  # x @ w.T, without materialising w.T
@@ -127,10 +127,10 @@ class MindSporeRunner:
                 f"mindspore backend options: unknown keys {unknown} or mode {mode!r}; it takes only "
                 f"{{'mode': {' | '.join(map(repr, MODES))}}}"
             )
-        self.spec, self.mode, self.exchange = spec, mode, exchange
+        self.spec, self.exchange = spec, exchange
         D = spec.head_dim
         attn_spec = AttentionSpec(spec.num_heads, spec.num_kv_heads, D, D, D**-0.5)
-        self.attn = make_attention(choose_tier(options.device, spec.dtype, layout.page_size), attn_spec, layout, exchange)
+        self.attn = make_attention(attn_spec, layout, options.device, spec.dtype, exchange)
         self.model = LlamaFamily(spec, self.attn, ms_dtype(layout.dtype))
         inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
         target = DEVICE_TARGETS[options.device.partition(":")[0]]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from sglang_fx import hookimpl
 from sglang_fx.capabilities import Capabilities
-from sglang_fx.checkpoint import ARCHITECTURES
 from sglang_fx.spi import BackendInfo
 
 NAME = "mindspore"
@@ -22,7 +21,7 @@ CAPABILITIES = Capabilities(
         "cuda": frozenset({"float32", "float16"}),
         "npu": frozenset({"float32", "float16", "bfloat16"}),
     },
-    architectures=frozenset(ARCHITECTURES),
+    architectures=frozenset({"Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM"}),
     page_sizes=None,
     features=frozenset({"prefix_cache", "jit", "all_token_logits"}),
 )
@@ -62,9 +61,8 @@ def sglang_fx_make_kv_cache(layout, k_buffers, v_buffers, device):
 @hookimpl
 def sglang_fx_make_attention(spec, layout, device):
     from .attention import make_attention
-    from .runtime import choose_tier
 
-    return make_attention(choose_tier(device, layout.dtype, layout.page_size), spec, layout, sglang_fx_make_exchange(device))
+    return make_attention(spec, layout, device, layout.dtype, sglang_fx_make_exchange(device))
 
 
 @hookimpl

@@ -9,6 +9,7 @@ import functools
 import torch
 
 from sglang_fx.errors import UnsupportedConfigError
+from sglang_fx.kv_pool import KVLayout
 
 #: sglang-fx device kind -> MindSpore device target.
 DEVICE_TARGETS = {"cpu": "CPU", "cuda": "GPU", "npu": "Ascend"}
@@ -49,9 +50,10 @@ class Tier(enum.Enum):
     ASCEND = "ascend"
 
 
-def choose_tier(device: str, dtype: torch.dtype, page_size: int) -> Tier:
+def choose_tier(device: str, layout: KVLayout, dtype: torch.dtype) -> Tier:
     """The one place that picks the attention tier. Ascend's fused kernels (flash_attention_score,
-    paged_attention, reshape_and_cache) need an NPU, a half-precision dtype and KV blocks of a
-    multiple of 16 tokens; everything else runs the portable tier."""
-    fused = device.startswith("npu") and dtype in (torch.float16, torch.bfloat16) and page_size % 16 == 0
+    paged_attention, reshape_and_cache) need an NPU, half-precision activations and KV of the same
+    dtype, and KV blocks of a multiple of 16 tokens; everything else runs the portable tier."""
+    half = dtype in (torch.float16, torch.bfloat16) and layout.dtype == dtype
+    fused = device.startswith("npu") and half and layout.page_size % 16 == 0
     return Tier.ASCEND if fused else Tier.PORTABLE
