@@ -125,18 +125,19 @@ def test_reference_torch_matches_native_greedy(env, model, tmp_path):
          "--repeats", "1", "--out", str(report_path)],
         env=env, capture_output=True, text=True, timeout=400, cwd=ROOT,
     )
-    assert report_path.exists(), proc.stdout[-3000:] + proc.stderr[-5000:]
+    log = f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert report_path.exists(), log
     report = json.loads(report_path.read_text())
     native = report["results"]["sglang"]
     assert len(native["batch"]) == 8 and all(len(t) == 24 for t in native["batch"])
-    assert native["cached_tokens"][0] > 0, "the shared-prefix prompts should hit the radix cache"
+    assert native["cached_tokens"][0] > 0, ("the shared-prefix prompts should hit the radix cache", log)
     for impl in impls[1:]:
         cmp = report["comparison"][impl]
-        assert all(cmp["tokens_identical"].values()), (impl, cmp)
-        assert cmp["max_abs_input_logprob_diff"] < 1e-4, (impl, cmp)
-        assert cmp["max_abs_output_logprob_diff"] < 1e-4, (impl, cmp)
+        assert all(cmp["tokens_identical"].values()), (impl, cmp, log)
+        assert cmp["max_abs_input_logprob_diff"] < 1e-4, (impl, cmp, log)
+        assert cmp["max_abs_output_logprob_diff"] < 1e-4, (impl, cmp, log)
     print(json.dumps({k: v["timings"] for k, v in report["results"].items()}), json.dumps(report["comparison"]))
-    assert report["ok"] and proc.returncode == 0
+    assert report["ok"] and proc.returncode == 0, log
 
 
 def test_unknown_model_impl_fails_at_startup(env, model):

@@ -117,7 +117,7 @@ class SglangFxForCausalLM(torch.nn.Module):
         cache = self._bind()
         all_logits = compat.wants_input_logprobs(forward_batch)
         meta = to_metadata(forward_batch, positions, compat.req_to_token(), cache.layout.page_size, all_logits)
-        logits = self.runner.forward(input_ids, meta, cache)  # [N, V] float32
+        logits = self.runner.forward(input_ids.to(torch.int64), meta, cache)  # [N, V] float32
         if all_logits:
             return self.logits_processor(input_ids, logits, None, forward_batch)
         return compat.logits_output(logits)
@@ -130,8 +130,11 @@ def to_metadata(
     already counting it. Extend (and mixed): extend_seq_lens new tokens after
     extend_prefix_lens cached ones. Only index tensors are built; the KV cache is untouched."""
     mode = fb.forward_mode
-    if mode.is_target_verify() or mode.is_draft_extend_v2() or not (mode.is_decode() or mode.is_extend()):
-        raise UnsupportedConfigError(f"sglang-fx does not run SGLang forward mode {mode.name} (speculative decoding is not supported)")
+    if mode.name not in ("EXTEND", "MIXED", "DECODE"):
+        raise UnsupportedConfigError(
+            f"sglang-fx does not run SGLang forward mode {mode.name} (speculative decoding, split prefill "
+            "and diffusion LLMs are not supported)"
+        )
     device = positions.device
     lens = fb.seq_lens_cpu if fb.seq_lens_cpu is not None else fb.seq_lens.cpu()
     seq_lens_cpu = tuple(int(x) for x in lens.tolist())

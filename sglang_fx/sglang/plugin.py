@@ -95,6 +95,11 @@ def check_backend(name: str, server_args: Any) -> None:
         problems = backend.capabilities.validate(
             architecture=archs[0] if archs else None, dtype=dtype, device=device, page_size=view.page_size
         )
+        # SGLang skips CUDA-graph capture for "mindspore" only (cuda_graph_setup.py:729); the
+        # adapter's step is not capturable (host-side lengths, per-step metadata).
+        if device.startswith("cuda") and name not in compat.sglang_model_impls() and not view.disable_cuda_graph \
+                and "cuda_graph" not in backend.capabilities.features:
+            problems.append("CUDA graph capture is not supported by sglang-fx backends; add --disable-cuda-graph")
         if problems:
             raise UnsupportedConfigError("; ".join(problems))
     except SglangFxError as e:
