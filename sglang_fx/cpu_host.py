@@ -35,6 +35,11 @@ Fixes:
   and an unexpected use fails loudly instead of computing something wrong.
   `torch.ops.sgl_kernel` stays empty, so SGLang's AMX checks
   (`_is_intel_amx_backend_available`) still answer False.
+
+Not done here: SGLANG_USE_CPU_ENGINE=1, which SGLang reads at import time to take its CPU path.
+This hook runs in every Python process of the environment, and choosing SGLang's device is the
+launcher's decision, not the interpreter's: `python -m sglang_fx.sglang.launch_server ...
+--device cpu` and `sglang_fx.sglang.use_cpu_engine()` (before `import sglang`) set it.
 """
 
 from __future__ import annotations
