@@ -21,6 +21,7 @@ $(STAMP): $(SETUP_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -c requirements/constraints.txt -r requirements/base.txt 2>&1 | $(QUIET)
 	$(PIP) install --no-deps -c requirements/constraints.txt -r requirements/nodeps.txt 2>&1 | $(QUIET)
+	rm -rf *.egg-info backends/*/*.egg-info  # stale metadata in the source tree shadows the installed entry points
 	$(PIP) install --no-deps --no-build-isolation -e . -e backends/reference_torch -e backends/mindspore 2>&1 | $(QUIET)
 	$(VENV)/bin/sglang-fx setup-cpu-host
 	touch $(STAMP)
