@@ -25,6 +25,7 @@ from sglang_fx.metadata import ForwardMetadata
 from sglang_fx.spi import AttentionSpec
 
 from .exchange import MindSporeExchange
+from .kernels import cast
 from .kv_cache import MindSporeKVCache
 from .runtime import Tier, choose_tier, ms_dtype
 
@@ -38,48 +39,60 @@ _bmm, _bmm_t = ops.BatchMatMul(), ops.BatchMatMul(transpose_b=True)
 
 @dataclass(frozen=True)
 class PortableInputs:
-    """The portable tier's step tensors (torch, on the step's device). Keys j < prefix_b come
-    from the pool; this step's keys come straight from k/v, so a step never reads what it writes.
+    """The portable tier's step tensors (torch, on the step's device), in the shapes the graph
+    uses them, so that it needs no dynamic reshapes or transposes of queries and outputs. Queries
+    are padded per sequence to E rows, and each KV head's G query heads are stacked with them
+    (R = E * G rows per KV head). Keys j < prefix_b come from the pool; this step's keys come
+    straight from k/v, so a step never reads what it writes.
 
-    q_rows    [B, E] int64. Row of new token e of sequence b in the packed [T] tensors (0 if padding).
-    kv_slots  [B, L] int64. Pool slot of cached token j of sequence b (j < prefix_b), else 0.
-    new_rows  [B, L] int64. Row in [T] of this step's token j (prefix_b <= j < seq_len_b), else 0.
-    is_new    [B, L] bool. Key j comes from this step's k/v (new_rows), not the pool (kv_slots).
-    bias      [B, E, L] float32. 0 where new token e of b may see key j, -inf elsewhere.
-    out_rows  [T] int64. Row b * E + e of each new token in the padded [B * E] layout.
+    q_index   [B, Hkv, R] int32. Row of q.reshape(T * Hq, D) for (sequence, KV head, e * G + g).
+    kv_slots  [B, L] int32. Pool slot of cached token j of sequence b (j < prefix_b), else 0.
+    new_rows  [B, L] int32. Row in [T] of this step's token j (prefix_b <= j < seq_len_b), else 0.
+    is_new    [B, L, 1, 1] bool. Key j comes from this step's k/v (new_rows), not the pool.
+    bias      [B, 1, R, L] float32. 0 where query row r may see key j, -inf elsewhere.
+    out_index [T, Hq] int32. Row of the attention output [B * Hkv * R, Dv] for (token, head).
+    Indices are int32 because MindSpore's CPU Gather casts int64 indices with an extra kernel.
     """
 
-    q_rows: torch.Tensor
+    q_index: torch.Tensor
     kv_slots: torch.Tensor
     new_rows: torch.Tensor
     is_new: torch.Tensor
     bias: torch.Tensor
-    out_rows: torch.Tensor
+    out_index: torch.Tensor
 
 
-def portable_inputs(meta: ForwardMetadata) -> PortableInputs:
-    dev = meta.positions.device
-    E, L, T = max(meta.extend_lens_cpu), max(meta.seq_lens_cpu), meta.num_tokens
+def portable_inputs(meta: ForwardMetadata, num_heads: int, num_kv_heads: int) -> PortableInputs:
+    dev, G = meta.positions.device, num_heads // num_kv_heads
+    B, E, L, T = meta.batch_size, max(meta.extend_lens_cpu), max(meta.seq_lens_cpu), meta.num_tokens
     ext, prefix = meta.extend_lens.long(), meta.prefix_lens.long()
     starts = ext.cumsum(0) - ext  # [B] first row of each sequence
     e = torch.arange(E, device=dev)
-    q_rows = torch.where(e[None, :] < ext[:, None], starts[:, None] + e[None, :], 0)
-    seq_of_row = torch.repeat_interleave(torch.arange(len(ext), device=dev), ext, output_size=T)  # [T]
-    out_rows = seq_of_row * E + torch.arange(T, device=dev) - starts[seq_of_row]
+    q_rows = torch.where(e[None, :] < ext[:, None], starts[:, None] + e[None, :], 0)  # [B, E]
+    head = torch.arange(num_heads, device=dev).view(num_kv_heads, 1, G)  # [Hkv, 1, G]
+    q_index = (q_rows[:, None, :, None] * num_heads + head).reshape(B, num_kv_heads, E * G)
+    seq = torch.repeat_interleave(torch.arange(B, device=dev), ext, output_size=T)  # [T]
+    e_of_row = torch.arange(T, device=dev) - starts[seq]
+    h = torch.arange(num_heads, device=dev)
+    out_index = ((seq[:, None] * num_kv_heads + h // G) * E + e_of_row[:, None]) * G + h % G  # [T, Hq]
     j = torch.arange(L, device=dev)[None, :]
     cached = j < prefix[:, None]  # [B, L]
     is_new = ~cached & (j < meta.seq_lens[:, None])
     kv_slots = torch.where(cached, meta.req_to_token[:, :L].long(), 0)
     new_rows = torch.where(is_new, starts[:, None] + j - prefix[:, None], 0)
     query_pos = prefix[:, None] + e[None, :]  # [B, E]; padding rows see a superset
-    visible = j[:, None, :] <= query_pos[:, :, None]  # [B, E, L]
+    visible = (j[:, None, :] <= query_pos[:, :, None]).repeat_interleave(G, dim=1)  # [B, R, L]
     bias = torch.zeros(visible.shape, dtype=torch.float32, device=dev).masked_fill_(~visible, float("-inf"))
-    return PortableInputs(q_rows, kv_slots, new_rows, is_new, bias, out_rows)
+    i32 = torch.int32
+    return PortableInputs(
+        q_index.to(i32), kv_slots.to(i32), new_rows.to(i32), is_new[:, :, None, None], bias[:, None], out_index.to(i32)
+    )
 
 
 class PortablePagedAttention(nn.Cell):
-    """Pads the step to [B, E] queries x [B, L] keys, so one batched matmul covers ragged
-    sequences, cached prefixes and decode alike, for any page size. Scores and softmax in float32.
+    """Pads the step to [B, Hkv, E * G] queries x [B, Hkv, L] keys, so one batched matmul covers
+    ragged sequences, cached prefixes and decode alike, for any page size, and grouped-query
+    heads without repeating K/V. Scores and softmax in float32.
 
     run() only reads the pool (writes_kv is False): MindSpore copies a whole buffer that one
     graph both reads and writes, so the caller stores the new K/V separately
@@ -91,16 +104,16 @@ class PortablePagedAttention(nn.Cell):
         super().__init__()
         self.num_heads, self.num_kv_heads = spec.num_heads, spec.num_kv_heads
         self.head_dim, self.v_head_dim, self.scale = spec.head_dim, spec.v_head_dim, spec.scale
-        self.group = spec.num_heads // spec.num_kv_heads
         self.exchange = exchange
-        i64 = ms.int64
+        i32 = ms.int32
+        Hq, Hkv = spec.num_heads, spec.num_kv_heads
         self.dynamic_inputs = (
-            Tensor(shape=[None, None], dtype=i64),  # q_rows [B, E]
-            Tensor(shape=[None, None], dtype=i64),  # kv_slots [B, L]
-            Tensor(shape=[None, None], dtype=i64),  # new_rows [B, L]
-            Tensor(shape=[None, None], dtype=ms.bool_),  # is_new [B, L]
-            Tensor(shape=[None, None, None], dtype=ms.float32),  # bias [B, E, L]
-            Tensor(shape=[None], dtype=i64),  # out_rows [T]
+            Tensor(shape=[None, Hkv, None], dtype=i32),  # q_index [B, Hkv, R]
+            Tensor(shape=[None, None], dtype=i32),  # kv_slots [B, L]
+            Tensor(shape=[None, None], dtype=i32),  # new_rows [B, L]
+            Tensor(shape=[None, None, 1, 1], dtype=ms.bool_),  # is_new [B, L, 1, 1]
+            Tensor(shape=[None, 1, None, None], dtype=ms.float32),  # bias [B, 1, R, L]
+            Tensor(shape=[None, Hq], dtype=i32),  # out_index [T, Hq]
         )
         self.slots: Tensor | None = None  # [T] int64, the step's out_cache_loc
         self.inputs: tuple = ()
@@ -111,8 +124,8 @@ class PortablePagedAttention(nn.Cell):
         return cache.keys, cache.values
 
     def plan(self, meta: ForwardMetadata) -> None:
-        p = portable_inputs(meta)
-        tensors = (p.q_rows, p.kv_slots, p.new_rows, p.is_new, p.bias, p.out_rows)
+        p = portable_inputs(meta, self.num_heads, self.num_kv_heads)
+        tensors = (p.q_index, p.kv_slots, p.new_rows, p.is_new, p.bias, p.out_index)
         self.slots = self.exchange.from_torch(meta.out_cache_loc)
         self.inputs = mutable(tuple(self.exchange.from_torch(t) for t in tensors))
 
@@ -121,26 +134,21 @@ class PortablePagedAttention(nn.Cell):
         return self.run(q, k, v, cache.k(layer), cache.v(layer), self.inputs, self.variant)
 
     def run(self, q, k, v, k_cache, v_cache, inputs, variant):
-        q_rows, kv_slots, new_rows, is_new, bias, out_rows = inputs
-        B, E = q_rows.shape
-        L = kv_slots.shape[1]
-        Hkv, G, D, Dv = self.num_kv_heads, self.group, self.head_dim, self.v_head_dim
-        qp = ops.gather(q, q_rows.reshape(-1), 0).astype(ms.float32)  # [B*E, Hq, D]
-        qp = qp.reshape(B, E, Hkv, G, D).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, G * E, D)
-        keys = _sequence_rows(k_cache, k, kv_slots, new_rows, is_new).reshape(B, L, Hkv, D).transpose(0, 2, 1, 3)
-        vals = _sequence_rows(v_cache, v, kv_slots, new_rows, is_new).reshape(B, L, Hkv, Dv).transpose(0, 2, 1, 3)
-        scores = _bmm_t(qp, keys).reshape(B, Hkv, G, E, L) * self.scale  # keys, vals: [B, Hkv, L, D|Dv]
-        probs = ops.softmax(scores + bias.reshape(B, 1, 1, E, L), -1).reshape(B, Hkv, G * E, L)
-        out = _bmm(probs, vals).reshape(B, Hkv, G, E, Dv).transpose(0, 3, 1, 2, 4)  # [B, E, Hkv, G, Dv]
-        out = ops.gather(out.reshape(B * E, Hkv * G, Dv), out_rows, 0)  # [T, Hq, Dv]
-        return out.astype(q.dtype)
+        q_index, kv_slots, new_rows, is_new, bias, out_index = inputs
+        D, Dv = self.head_dim, self.v_head_dim
+        qp = cast(ops.gather(q.reshape(-1, D), q_index, 0), ms.float32)  # [B, Hkv, R, D]
+        keys = _sequence_rows(k_cache, k, kv_slots, new_rows, is_new)  # [B, Hkv, L, D]
+        vals = _sequence_rows(v_cache, v, kv_slots, new_rows, is_new)  # [B, Hkv, L, Dv]
+        probs = ops.softmax(_bmm_t(qp, keys) * self.scale + bias, -1)  # [B, Hkv, R, L]
+        out = _bmm(probs, vals).reshape(-1, Dv)  # [B * Hkv * R, Dv]
+        return cast(ops.gather(out, out_index, 0), q.dtype)  # [T, Hq, Dv]
 
 
 def _sequence_rows(pool, new, kv_slots, new_rows, is_new):
-    """[B*L, H, D] float32: row j of sequence b from the pool (cached) or from new (this step)."""
-    from_pool = ops.gather(pool, kv_slots.reshape(-1), 0).astype(ms.float32)
-    from_step = ops.gather(new, new_rows.reshape(-1), 0).astype(ms.float32)
-    return ops.where(is_new.reshape(-1, 1, 1), from_step, from_pool)
+    """[B, H, L, D] float32: key/value j of sequence b from the pool (cached) or new (this step)."""
+    from_pool = cast(ops.gather(pool, kv_slots, 0), ms.float32)  # [B, L, H, D]
+    from_step = cast(ops.gather(new, new_rows, 0), ms.float32)
+    return ops.where(is_new, from_step, from_pool).transpose(0, 2, 1, 3)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The in-place KV write, as a small MindSpore graph.
+"""Small MindSpore building blocks: the in-place KV write (its own graph) and a no-op-free cast.
 
 MindSpore 2.10 has no in-place row scatter on CPU in PyNative: Tensor.index_put_/index_copy_/
 scatter_ have no CPU kernel, and ops.scatter_update / tensor-index __setitem__ return new storage.
@@ -28,3 +28,10 @@ def rows_writer(dtype):
             ops.scatter_update(buffers[i], slots, rows[i])
 
     return write
+
+
+def cast(x: Tensor, dtype) -> Tensor:
+    """x in dtype, launching no kernel when it already is (a compile-time test under jit)."""
+    if x.dtype == dtype:
+        return x
+    return x.astype(dtype)

@@ -25,6 +25,7 @@ from sglang_fx.spi import AttentionSpec, RunnerOptions
 
 from .attention import make_attention
 from .exchange import MindSporeExchange
+from .kernels import cast
 from .kv_cache import MindSporeKVCache
 from .runtime import DEVICE_TARGETS, ms_dtype
 
@@ -37,26 +38,41 @@ def linear(x: Tensor, w: Tensor) -> Tensor:
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    x32 = x.astype(ms.float32)
+    x32 = cast(x, ms.float32)
     x32 = x32 * ops.rsqrt(ops.mean(x32 * x32, -1, True) + eps)
-    return weight * x32.astype(x.dtype)
+    return weight * cast(x32, x.dtype)
 
 
-def rotate_half(x: Tensor, half: int) -> Tensor:
-    return ops.cat((-x[..., half:], x[..., :half]), -1)
+def rotate_half_matrix(head_dim: int) -> torch.Tensor:
+    """[D, D] R with x @ R == cat(-x[..., D/2:], x[..., :D/2]): RoPE's rotate_half as one
+    matmul (exact: one +-1 per column) instead of four slice/negate/concat kernels."""
+    half = head_dim // 2
+    r = torch.zeros(head_dim, head_dim)
+    r[torch.arange(half) + half, torch.arange(half)] = -1.0
+    r[torch.arange(half), torch.arange(half) + half] = 1.0
+    return r
 
 
 def layer_weights(w: Mapping[str, torch.Tensor], i: int, spec: ModelSpec) -> list[torch.Tensor]:
-    """Layer i's tensors in the order `LlamaFamily.construct` unpacks them: 9 always, then the
-    q/k/v biases (attention_bias), then the q/k norms (qk_norm)."""
-    p = f"model.layers.{i}."
-    names = ["input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-             "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # fmt: skip
-    out = [w[p + n + ".weight"] for n in names]
+    """Layer i's tensors in the order `LlamaFamily.construct` unpacks them: input norm, fused
+    q/k/v projection [(Hq + 2 Hkv) * D, H], o_proj, post-attention norm, fused gate/up
+    projection [2 I, H], down_proj; then the fused q/k/v bias (attention_bias); then the q and k
+    head norms as one [Hq + Hkv, D] weight (qk_norm). Fusing copies those weights once and saves
+    kernel launches on every step."""
+    a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+    out = [
+        w[f"model.layers.{i}.input_layernorm.weight"],
+        torch.cat([w[a + f"{n}_proj.weight"] for n in "qkv"]),
+        w[a + "o_proj.weight"],
+        w[f"model.layers.{i}.post_attention_layernorm.weight"],
+        torch.cat([w[m + "gate_proj.weight"], w[m + "up_proj.weight"]]),
+        w[m + "down_proj.weight"],
+    ]
     if spec.attention_bias:
-        out += [w[p + f"self_attn.{n}_proj.bias"] for n in "qkv"]
+        out.append(torch.cat([w[a + f"{n}_proj.bias"] for n in "qkv"]))
     if spec.qk_norm:
-        out += [w[p + "self_attn.q_norm.weight"], w[p + "self_attn.k_norm.weight"]]
+        q, k = w[a + "q_norm.weight"], w[a + "k_norm.weight"]
+        out.append(torch.cat([q.expand(spec.num_heads, -1), k.expand(spec.num_kv_heads, -1)]))
     return out
 
 
@@ -72,40 +88,38 @@ class LlamaFamily(nn.Cell):
         super().__init__()
         self.attn, self.kv_dtype = attention, kv_dtype
         self.return_kv = not attention.writes_kv
-        self.num_layers, self.eps = spec.num_layers, spec.rms_norm_eps
+        self.num_layers, self.eps, self.intermediate = spec.num_layers, spec.rms_norm_eps, spec.intermediate_size
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.qk_norm, self.attention_bias = spec.qk_norm, spec.attention_bias
 
     def construct(self, weights, keys, values, input_ids, positions, logits_indices, attn_inputs, attn_variant):
-        embed, norm, lm_head, inv_freq, layers = weights
-        Hq, Hkv, D, eps = self.num_heads, self.num_kv_heads, self.head_dim, self.eps
+        embed, norm, lm_head, inv_freq, rotate_half, layers = weights
+        Hq, Hkv, D, I, eps = self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate, self.eps
         freqs = positions.astype(ms.float32).reshape(-1, 1) * inv_freq.reshape(1, -1)  # [T, D/2]
         emb = ops.cat((freqs, freqs), -1).reshape(-1, 1, D)  # [T, 1, D], broadcast over heads
-        cos, sin = ops.cos(emb).astype(embed.dtype), ops.sin(emb).astype(embed.dtype)
+        cos, sin = cast(ops.cos(emb), embed.dtype), cast(ops.sin(emb), embed.dtype)
         x = ops.gather(embed, input_ids, 0)  # [T, H]
         new_k, new_v = [], []
         for i in range(self.num_layers):
             L = layers[i]
-            ln1, wq, wk, wv, wo, ln2, gate, up, down = L[0], L[1], L[2], L[3], L[4], L[5], L[6], L[7], L[8]
-            h = rms_norm(x, ln1, eps)
-            q, k, v = linear(h, wq), linear(h, wk), linear(h, wv)  # [T, Hq*D], [T, Hkv*D] x2
+            qkv = linear(rms_norm(x, L[0], eps), L[1])  # [T, (Hq + 2 Hkv) * D]
             if self.attention_bias:
-                q, k, v = q + L[9], k + L[10], v + L[11]
-            q, k, v = q.reshape(-1, Hq, D), k.reshape(-1, Hkv, D), v.reshape(-1, Hkv, D)
+                qkv = qkv + L[6]
+            qk, v = ops.split(qkv.reshape(-1, Hq + 2 * Hkv, D), (Hq + Hkv, Hkv), 1)  # [T, Hq+Hkv, D], [T, Hkv, D]
             if self.qk_norm:
-                q, k = rms_norm(q, L[-2], eps), rms_norm(k, L[-1], eps)
-            q = q * cos + rotate_half(q, D // 2) * sin
-            k = k * cos + rotate_half(k, D // 2) * sin
+                qk = rms_norm(qk, L[-1], eps)
+            qk = qk * cos + ops.matmul(qk, rotate_half) * sin  # RoPE on q and k heads at once
+            q, k = ops.split(qk, (Hq, Hkv), 1)
             a = self.attn.run(q, k, v, keys[i], values[i], attn_inputs, attn_variant)  # [T, Hq, D]
             new_k.append(k)
             new_v.append(v)
-            x = x + linear(a.reshape(-1, Hq * D), wo)
-            h = rms_norm(x, ln2, eps)
-            x = x + linear(ops.silu(linear(h, gate)) * linear(h, up), down)
+            x = x + linear(a.reshape(-1, Hq * D), L[2])
+            gate, up = ops.split(linear(rms_norm(x, L[3], eps), L[4]), (I, I), -1)  # [T, I] x2
+            x = x + linear(ops.silu(gate) * up, L[5])
         x = rms_norm(ops.gather(x, logits_indices, 0), norm, eps)  # [N, H]
-        logits = linear(x, lm_head).astype(ms.float32)  # [N, V]
+        logits = cast(linear(x, lm_head), ms.float32)  # [N, V]
         if self.return_kv:
-            return logits, ops.stack(new_k).astype(self.kv_dtype), ops.stack(new_v).astype(self.kv_dtype)
+            return logits, cast(ops.stack(new_k), self.kv_dtype), cast(ops.stack(new_v), self.kv_dtype)
         return logits
 
 
@@ -140,8 +154,9 @@ class MindSporeRunner:
             return x if target == "CPU" else x.move_to(target)
 
         layers = tuple(tuple(load(t) for t in layer_weights(weights, i, spec)) for i in range(spec.num_layers))
+        rotate_half = rotate_half_matrix(D).to(spec.dtype)
         self.weights = mutable((load(weights["model.embed_tokens.weight"]), load(weights["model.norm.weight"]),
-                                load(weights["lm_head.weight"]), load(inv_freq), layers))  # fmt: skip
+                                load(weights["lm_head.weight"]), load(inv_freq), load(rotate_half), layers))  # fmt: skip
         self._step = self.model if mode == "pynative" else self._compile()
 
     def _compile(self):
