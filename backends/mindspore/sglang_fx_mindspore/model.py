@@ -135,12 +135,11 @@ class MindSporeRunner:
         exchange: MindSporeExchange,
     ):
         unknown = sorted(set(options.extra) - {"mode"})
+        if unknown:
+            raise UnsupportedConfigError(f"mindspore backend: unknown option(s) {unknown}; it takes only 'mode' ({' | '.join(MODES)})")
         mode = options.extra.get("mode", "jit")
-        if unknown or mode not in MODES:
-            raise UnsupportedConfigError(
-                f"mindspore backend options: unknown keys {unknown} or mode {mode!r}; it takes only "
-                f"{{'mode': {' | '.join(map(repr, MODES))}}}"
-            )
+        if mode not in MODES:
+            raise UnsupportedConfigError(f"mindspore backend: mode {mode!r} is not one of {' | '.join(MODES)}")
         self.spec, self.exchange = spec, exchange
         D = spec.head_dim
         attn_spec = AttentionSpec(spec.num_heads, spec.num_kv_heads, D, D, D**-0.5)
