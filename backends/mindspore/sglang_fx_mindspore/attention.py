@@ -47,8 +47,7 @@ class PortableInputs:
 
     q_index   [B, Hkv, R] int32. Row of q.reshape(T * Hq, D) for (sequence, KV head, e * G + g).
     kv_slots  [B, L] int32. Pool slot of cached token j of sequence b (j < prefix_b), else 0.
-    new_rows  [B, L] int32. Row in [T] of this step's token j (prefix_b <= j < seq_len_b), else 0.
-    is_new    [B, L, 1, 1] bool. Key j comes from this step's k/v (new_rows), not the pool.
+    new_pos   [T, 2] int32. (b, j) of each new token: where its k/v go among the gathered keys.
     bias      [B, 1, R, L] float32. 0 where query row r may see key j, -inf elsewhere.
     out_index [T, Hq] int32. Row of the attention output [B * Hkv * R, Dv] for (token, head).
     Indices are int32 because MindSpore's CPU Gather casts int64 indices with an extra kernel.
@@ -56,8 +55,7 @@ class PortableInputs:
 
     q_index: torch.Tensor
     kv_slots: torch.Tensor
-    new_rows: torch.Tensor
-    is_new: torch.Tensor
+    new_pos: torch.Tensor
     bias: torch.Tensor
     out_index: torch.Tensor
 
@@ -75,18 +73,14 @@ def portable_inputs(meta: ForwardMetadata, num_heads: int, num_kv_heads: int) ->
     e_of_row = torch.arange(T, device=dev) - starts[seq]
     h = torch.arange(num_heads, device=dev)
     out_index = ((seq[:, None] * num_kv_heads + h // G) * E + e_of_row[:, None]) * G + h % G  # [T, Hq]
+    new_pos = torch.stack([seq, prefix[seq] + e_of_row], 1)
     j = torch.arange(L, device=dev)[None, :]
-    cached = j < prefix[:, None]  # [B, L]
-    is_new = ~cached & (j < meta.seq_lens[:, None])
-    kv_slots = torch.where(cached, meta.req_to_token[:, :L].long(), 0)
-    new_rows = torch.where(is_new, starts[:, None] + j - prefix[:, None], 0)
+    kv_slots = torch.where(j < prefix[:, None], meta.req_to_token[:, :L].long(), 0)
     query_pos = prefix[:, None] + e[None, :]  # [B, E]; padding rows see a superset
     visible = (j[:, None, :] <= query_pos[:, :, None]).repeat_interleave(G, dim=1)  # [B, R, L]
     bias = torch.zeros(visible.shape, dtype=torch.float32, device=dev).masked_fill_(~visible, float("-inf"))
     i32 = torch.int32
-    return PortableInputs(
-        q_index.to(i32), kv_slots.to(i32), new_rows.to(i32), is_new[:, :, None, None], bias[:, None], out_index.to(i32)
-    )
+    return PortableInputs(q_index.to(i32), kv_slots.to(i32), new_pos.to(i32), bias[:, None], out_index.to(i32))
 
 
 class PortablePagedAttention(nn.Cell):
@@ -110,8 +104,7 @@ class PortablePagedAttention(nn.Cell):
         self.dynamic_inputs = (
             Tensor(shape=[None, Hkv, None], dtype=i32),  # q_index [B, Hkv, R]
             Tensor(shape=[None, None], dtype=i32),  # kv_slots [B, L]
-            Tensor(shape=[None, None], dtype=i32),  # new_rows [B, L]
-            Tensor(shape=[None, None, 1, 1], dtype=ms.bool_),  # is_new [B, L, 1, 1]
+            Tensor(shape=[None, 2], dtype=i32),  # new_pos [T, 2]
             Tensor(shape=[None, 1, None, None], dtype=ms.float32),  # bias [B, 1, R, L]
             Tensor(shape=[None, Hq], dtype=i32),  # out_index [T, Hq]
         )
@@ -125,7 +118,7 @@ class PortablePagedAttention(nn.Cell):
 
     def plan(self, meta: ForwardMetadata) -> None:
         p = portable_inputs(meta, self.num_heads, self.num_kv_heads)
-        tensors = (p.q_index, p.kv_slots, p.new_rows, p.is_new, p.bias, p.out_index)
+        tensors = (p.q_index, p.kv_slots, p.new_pos, p.bias, p.out_index)
         self.slots = self.exchange.from_torch(meta.out_cache_loc)
         self.inputs = mutable(tuple(self.exchange.from_torch(t) for t in tensors))
 
@@ -134,21 +127,21 @@ class PortablePagedAttention(nn.Cell):
         return self.run(q, k, v, cache.k(layer), cache.v(layer), self.inputs, self.variant)
 
     def run(self, q, k, v, k_cache, v_cache, inputs, variant):
-        q_index, kv_slots, new_rows, is_new, bias, out_index = inputs
+        q_index, kv_slots, new_pos, bias, out_index = inputs
         D, Dv = self.head_dim, self.v_head_dim
         qp = cast(ops.gather(q.reshape(-1, D), q_index, 0), ms.float32)  # [B, Hkv, R, D]
-        keys = _sequence_rows(k_cache, k, kv_slots, new_rows, is_new)  # [B, Hkv, L, D]
-        vals = _sequence_rows(v_cache, v, kv_slots, new_rows, is_new)  # [B, Hkv, L, Dv]
+        keys = _sequence_rows(k_cache, k, kv_slots, new_pos)  # [B, Hkv, L, D]
+        vals = _sequence_rows(v_cache, v, kv_slots, new_pos)  # [B, Hkv, L, Dv]
         probs = ops.softmax(_bmm_t(qp, keys) * self.scale + bias, -1)  # [B, Hkv, R, L]
         out = _bmm(probs, vals).reshape(-1, Dv)  # [B * Hkv * R, Dv]
         return cast(ops.gather(out, out_index, 0), q.dtype)  # [T, Hq, Dv]
 
 
-def _sequence_rows(pool, new, kv_slots, new_rows, is_new):
-    """[B, H, L, D] float32: key/value j of sequence b from the pool (cached) or new (this step)."""
-    from_pool = cast(ops.gather(pool, kv_slots, 0), ms.float32)  # [B, L, H, D]
-    from_step = cast(ops.gather(new, new_rows, 0), ms.float32)
-    return ops.where(is_new, from_step, from_pool).transpose(0, 2, 1, 3)
+def _sequence_rows(pool, new, kv_slots, new_pos):
+    """[B, H, L, D] float32: key/value j of sequence b, cached ones gathered from the pool and
+    this step's put in place, rounded to the pool's dtype as if written and read back."""
+    rows = ops.tensor_scatter_update(ops.gather(pool, kv_slots, 0), new_pos, cast(new, pool.dtype))  # [B, L, H, D]
+    return cast(rows, ms.float32).transpose(0, 2, 1, 3)
 
 
 # ---------------------------------------------------------------------------------------------
