@@ -96,11 +96,10 @@ class PortablePagedAttention(nn.Cell):
 
     def __init__(self, spec: AttentionSpec, layout: KVLayout, device: str, exchange: MindSporeExchange):
         super().__init__()
-        self.num_heads, self.num_kv_heads = spec.num_heads, spec.num_kv_heads
+        Hq, Hkv, i32 = spec.num_heads, spec.num_kv_heads, ms.int32
+        self.num_heads, self.num_kv_heads = Hq, Hkv
         self.head_dim, self.v_head_dim, self.scale = spec.head_dim, spec.v_head_dim, spec.scale
         self.exchange = exchange
-        i32 = ms.int32
-        Hq, Hkv = spec.num_heads, spec.num_kv_heads
         self.dynamic_inputs = (
             Tensor(shape=[None, Hkv, None], dtype=i32),  # q_index [B, Hkv, R]
             Tensor(shape=[None, None], dtype=i32),  # kv_slots [B, L]
