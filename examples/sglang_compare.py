@@ -4,9 +4,10 @@
 
 Each implementation gets its own sglang.Engine (CPU, float32, torch_native attention), one
 after the other, and runs: a batch of prompts of different lengths; prompts sharing a prefix
-with the first batch (radix-cache hits); a long prompt split by chunked prefill; and input
-logprobs with top-k. Prints a JSON report (tokens, logprob differences, timings) and exits 1
-if the greedy tokens differ.
+with the first batch (radix-cache hits); a long prompt split by chunked prefill; random
+sampling (SGLang's sampler path; only the lengths are compared); and input logprobs with
+top-k. Prints a JSON report (tokens, logprob differences, timings) and exits 1 if the greedy
+tokens differ.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ def run(impl: str, model: str, max_new_tokens: int, repeats: int) -> dict:
         out["shared"] = [o["output_ids"] for o in shared]
         out["cached_tokens"] = [o["meta_info"]["cached_tokens"] for o in shared]
         out["long"] = engine.generate(LONG, greedy)["output_ids"]
+        # temperature > 0 (and top_k != 1) takes the sampler's softmax path, which updates the
+        # logits in place; random tokens, so only the lengths are compared
+        sample = {"temperature": 1.0, "top_p": 0.9, "max_new_tokens": 8, "ignore_eos": True}
+        out["sampled_lens"] = [len(o["output_ids"]) for o in engine.generate(PROMPTS[:4], sample)]
         lp = engine.generate(PROMPTS[2], {**greedy, "max_new_tokens": 4}, return_logprob=True,
                              logprob_start_len=0, top_logprobs_num=3)["meta_info"]
         out["input_logprobs"] = [x[0] for x in lp["input_token_logprobs"]]
@@ -98,7 +103,7 @@ def main() -> int:
     ok = True
     for impl in args.impls[1:]:
         r = results[impl]
-        same = {k: r[k] == base[k] for k in ("batch", "shared", "long", "input_top_ids")}
+        same = {k: r[k] == base[k] for k in ("batch", "shared", "long", "sampled_lens", "input_top_ids")}
         ok &= all(same.values())
         report["comparison"][impl] = {
             "tokens_identical": same,

@@ -103,7 +103,9 @@ class SglangFxForCausalLM(torch.nn.Module):
     # One step
     # ----------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: SGLang's sampler updates the returned logits in place
+    # (`logits.div_(temperatures)`) outside inference mode, which an inference tensor refuses.
+    @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: Any, **kwargs: Any):
         unsupported = sorted(k for k, v in kwargs.items() if v is not None)
         if unsupported:
@@ -118,6 +120,8 @@ class SglangFxForCausalLM(torch.nn.Module):
         all_logits = compat.wants_input_logprobs(forward_batch)
         meta = to_metadata(forward_batch, positions, compat.req_to_token(), cache.layout.page_size, all_logits)
         logits = self.runner.forward(input_ids.to(torch.int64), meta, cache)  # [N, V] float32
+        if logits.is_inference():  # a runner that computes under torch.inference_mode (see above)
+            logits = logits.clone()
         if all_logits:
             return self.logits_processor(input_ids, logits, None, forward_batch)
         return compat.logits_output(logits)
