@@ -1,0 +1,166 @@
+"""Helpers shared by the SGLang end-to-end tests (test_sglang_engine.py, test_sglang_server.py):
+test-only backend distributions declared in a temporary dist-info, and SGLang servers run as
+subprocesses with every wait bounded and every process group terminated."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata as md
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+#: A test-only backend: the reference_torch hooks under another name, declaring `devices`.
+DEVICE_BACKEND = '''
+"""Test-only sglang-fx backend: the reference_torch hooks under another name/capabilities."""
+import dataclasses
+from sglang_fx import hookimpl
+from sglang_fx_reference_torch import plugin as ref
+
+NAME, DEVICES = {name!r}, {devices!r}
+
+@hookimpl
+def sglang_fx_backend_info():
+    info = ref.sglang_fx_backend_info()
+    caps = dataclasses.replace(info.capabilities, dtypes={{d: ref.FLOATS for d in DEVICES}})
+    return dataclasses.replace(info, name=NAME, capabilities=caps)
+
+sglang_fx_make_exchange = ref.sglang_fx_make_exchange
+sglang_fx_make_kv_cache = ref.sglang_fx_make_kv_cache
+sglang_fx_make_attention = ref.sglang_fx_make_attention
+sglang_fx_make_runner = ref.sglang_fx_make_runner
+'''
+
+#: A test-only backend whose framework is missing: it reports `unavailable`, as a real backend
+#: does when its framework cannot be imported. (Its factories are reference_torch's, so the
+#: hook signatures always match the hookspecs; they are never called.)
+UNAVAILABLE_BACKEND = '''
+"""Test-only sglang-fx backend whose framework ("nosuchframework") is not installed."""
+from sglang_fx import hookimpl
+from sglang_fx.spi import BackendInfo
+from sglang_fx_reference_torch import plugin as ref
+
+NAME = {name!r}
+
+@hookimpl
+def sglang_fx_backend_info():
+    try:
+        import nosuchframework  # noqa: F401
+    except ImportError as e:
+        return BackendInfo(name=NAME, framework="nosuchframework", framework_version=None, capabilities=None,
+                           unavailable=f"{{e}}: pip install nosuchframework")
+    raise AssertionError("nosuchframework should not be importable in the tests")
+
+sglang_fx_make_exchange = ref.sglang_fx_make_exchange
+sglang_fx_make_kv_cache = ref.sglang_fx_make_kv_cache
+sglang_fx_make_attention = ref.sglang_fx_make_attention
+sglang_fx_make_runner = ref.sglang_fx_make_runner
+'''
+
+
+def installed_backends() -> set[str]:
+    return {ep.name for ep in md.entry_points(group="sglang_fx.backends")}
+
+
+def has_plugin_entry_point() -> bool:
+    return any(ep.value.startswith("sglang_fx.sglang.plugin") for ep in md.entry_points(group="sglang.srt.plugins"))
+
+
+def entry_points_env(root: Path, backends: dict[str, str]) -> dict[str, str]:
+    """Declare test backends ({name: plugin module source}) in a dist-info under `root`, and
+    the SGLang plugin entry point if the installed sglang-fx lacks it. Returns os.environ with
+    `root` on PYTHONPATH, so SGLang's subprocesses see the same entry points."""
+    lines = ["[sglang_fx.backends]"]
+    for name, source in backends.items():
+        module = f"sglang_fx_test_backend_{name}"
+        (root / f"{module}.py").write_text(source)
+        lines.append(f"{name} = {module}")
+    if not has_plugin_entry_point():
+        lines += ["[sglang.srt.plugins]", "sglang_fx = sglang_fx.sglang.plugin:register"]
+    dist = root / "sglang_fx_test_entry_points-0.0.dist-info"
+    dist.mkdir(exist_ok=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: sglang-fx-test-entry-points\nVersion: 0.0\n")
+    (dist / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SERVER_FLAGS = ("--device", "cpu", "--attention-backend", "torch_native", "--dtype", "float32",
+                "--disable-cuda-graph", "--max-total-tokens", "65536")  # fmt: skip
+
+
+class Server:
+    """`python -m sglang.launch_server` (or another launcher module) in its own process group,
+    on loopback, its output in a log file. Every wait is bounded; `stop()` always ends the
+    whole group (SGLang's scheduler and detokenizer processes included)."""
+
+    def __init__(self, name: str, model: str, args: tuple[str, ...], env: dict, log_dir: Path,
+                 module: str = "sglang.launch_server"):  # fmt: skip
+        self.name, self.port = name, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log_dir / f"{name}.log"
+        env = {**env, "SGLANG_USE_CPU_ENGINE": "1"}
+        cmd = [PYTHON, "-m", module, "--model-path", model, *SERVER_FLAGS, "--host", "127.0.0.1",
+               "--port", str(self.port), *args]  # fmt: skip
+        with open(self.log, "w") as f:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                                         start_new_session=True)  # fmt: skip
+
+    def output(self, tail: int = 6000) -> str:
+        return self.log.read_text(errors="replace")[-tail:] if self.log.exists() else ""
+
+    def wait_ready(self, timeout: float) -> None:
+        """Until /health_generate answers 200 (a real generation ran). Raises RuntimeError with
+        the log tail if the server exits or the deadline passes."""
+        import requests
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server {self.name} exited with {self.proc.returncode}:\n{self.output()}")
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(self.url + "/health_generate", timeout=10).status_code == 200:
+                    return
+            time.sleep(0.5)
+        raise RuntimeError(f"server {self.name} not ready after {timeout:.0f}s:\n{self.output()}")
+
+    def wait_exit(self, timeout: float) -> int | None:
+        """The exit status, or None if the process is still running after `timeout` s."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self) -> None:
+        stop_all([self])
+
+
+def stop_all(servers: list[Server], grace: float = 20.0) -> None:
+    """SIGTERM every server's process group at once (SGLang cleans its children up), wait up to
+    `grace` s in all, then SIGKILL whatever is left of each group."""
+    for s in servers:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(s.proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for s in servers:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            s.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    for s in servers:  # a leader that ignored SIGTERM, or a child that outlived its leader
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(s.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            s.proc.wait(timeout=10)
