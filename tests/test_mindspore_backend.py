@@ -100,6 +100,13 @@ def test_bad_options_are_refused(tiny, extra, message):
         Session("mindspore", tiny("qwen3"), options=extra)
 
 
+@pytest.mark.skipif(npu_available(), reason="checks a host without an NPU")
+def test_device_this_mindspore_cannot_use_is_refused(backend):
+    with pytest.raises(UnsupportedConfigError, match="MindSpore cannot run on 'npu:0' in this process"):
+        backend.exchange("npu:0")
+    backend.exchange("cpu").from_torch(torch.ones(2)).asnumpy()  # MindSpore still works on CPU
+
+
 # --- exchange ----------------------------------------------------------------------------------
 
 
