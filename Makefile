@@ -41,3 +41,4 @@ clean:
 
 bench: setup
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/sglang_decode.py

@@ -1,0 +1,272 @@
+"""Decode throughput through sglang.Engine: SGLang's native Qwen3 vs sglang-fx backends, in one run.
+
+    python benchmarks/sglang_decode.py [--impls sglang reference_torch mindspore] [--steps 32]
+
+One tiny-but-not-trivial float32 Qwen3 (the model of benchmarks/decode.py), one sglang.Engine
+per --model-impl (CPU, torch_native attention, no CUDA graphs), one after the other. For each
+batch size, `batch` prompts of `--prompt-len` tokens are generated greedily with ignore_eos,
+once with max_new_tokens=1 (prefill only) and once with 1 + steps (prefill + `steps` decode
+steps); the decode step time is the difference over `steps`, median of `--repeats` runs, so
+it holds everything SGLang does per step (scheduling, sampling, detokenizing) and the model.
+
+It also measures the sglang-fx layer's own share of a decode step, inside SGLang's scheduler
+process: this file is declared (in a temporary dist-info) as an SGLang general plugin, and
+when SGLANG_FX_BENCH_TIMINGS is set its `register()` wraps, from outside, the adapter's
+forward (`SglangFxForCausalLM.forward`), `to_metadata`, the backend runner's `forward`, and
+the backend's model compute where the backend exposes it (the MindSpore runner's compiled step
+`_step` and its KV write `write_layers`; for other backends the whole runner counts as compute).
+Nothing is added to the hot path when the variable is unset. Per decode step:
+    sglang-fx layer = adapter forward - model compute
+                    = ForwardBatch -> ForwardMetadata, KV binding check, dispatch, output
+                      wrapping, and, inside the runner, attention planning and DLPack exchange
+and its share is printed against the whole decode step measured above (target < 5%).
+Runs on shared machines vary: compare ratios and shares from one run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from sglang_fx.sglang import use_cpu_engine
+
+use_cpu_engine()  # before sglang is imported, here and in SGLang's subprocesses
+os.environ.setdefault("GLOG_v", "3")  # MindSpore's log level in the scheduler: errors only
+
+TIMINGS_ENV = "SGLANG_FX_BENCH_TIMINGS"  # path of the JSON the scheduler-side timers write
+MODEL = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=64)
+
+
+# --------------------------------------------------------------------------------------------
+# The timing plugin: runs in SGLang's scheduler process (entry point group sglang.srt.plugins)
+# --------------------------------------------------------------------------------------------
+
+
+def register() -> None:
+    """Wrap the adapter's methods with timers when SGLANG_FX_BENCH_TIMINGS names a file. The
+    records ([mode, batch, forward_ns, runner_ns, compute_ns, metadata_ns] per step) are
+    written to that file at the first prefill step after `<file>.dump` appears, then cleared."""
+    path = os.environ.get(TIMINGS_ENV)
+    if not path:
+        return
+    import json
+    from time import perf_counter_ns
+
+    from sglang_fx.sglang import model as adapter
+
+    if getattr(adapter.SglangFxForCausalLM.forward, "_bench_timed", False):
+        return  # register() runs more than once in a process
+    records: list[list] = []
+    cur = {"runner": 0, "compute": 0, "meta": 0}
+
+    def timed(fn, key):
+        def wrapper(*args, **kwargs):
+            start = perf_counter_ns()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                cur[key] += perf_counter_ns() - start
+
+        wrapper._bench_timed = True
+        return wrapper
+
+    def wrap_attr(obj, name, key) -> bool:
+        fn = getattr(obj, name, None)
+        if fn is None:
+            return False
+        if not getattr(fn, "_bench_timed", False):
+            setattr(obj, name, timed(fn, key))  # an instance attribute shadows the method
+        return True
+
+    adapter.to_metadata = timed(adapter.to_metadata, "meta")
+    forward = adapter.SglangFxForCausalLM.forward
+
+    def timed_forward(self, input_ids, positions, forward_batch, **kwargs):
+        runner, cache = self.runner, self.cache
+        split = runner is not None and wrap_attr(runner, "forward", "runner")
+        # The model compute: the MindSpore runner's compiled step and KV write; else the runner.
+        fine = split and wrap_attr(runner, "_step", "compute")
+        if fine and cache is not None:
+            wrap_attr(cache, "write_layers", "compute")
+        cur.update(runner=0, compute=0, meta=0)
+        start = perf_counter_ns()
+        out = forward(self, input_ids, positions, forward_batch, **kwargs)
+        total = perf_counter_ns() - start
+        mode = forward_batch.forward_mode.name
+        if split and self.runner is runner and self.cache is cache:  # not a step that (re)bound the KV cache
+            compute = cur["compute"] if fine else cur["runner"]
+            records.append([mode, int(forward_batch.batch_size), total, cur["runner"], compute, cur["meta"]])
+        if mode != "DECODE" and os.path.exists(path + ".dump"):
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(records, f)
+            os.replace(tmp, path)
+            os.remove(path + ".dump")
+            records.clear()
+        return out
+
+    timed_forward._bench_timed = True
+    adapter.SglangFxForCausalLM.forward = timed_forward
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark (main process)
+# --------------------------------------------------------------------------------------------
+
+
+def declare_plugin(root: str) -> None:
+    """Declare `register` above as an SGLang general plugin in a dist-info under root, visible
+    to this process and to SGLang's subprocesses (sys.path and PYTHONPATH)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    dist = os.path.join(root, "sglang_fx_bench_timers-0.0.dist-info")
+    os.makedirs(dist, exist_ok=True)
+    with open(os.path.join(dist, "METADATA"), "w") as f:
+        f.write("Metadata-Version: 2.1\nName: sglang-fx-bench-timers\nVersion: 0.0\n")
+    with open(os.path.join(dist, "entry_points.txt"), "w") as f:
+        f.write(f"[sglang.srt.plugins]\nsglang_fx_bench_timers = {os.path.splitext(os.path.basename(__file__))[0]}:register\n")
+    for p in (here, root):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    os.environ["PYTHONPATH"] = os.pathsep.join([here, root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def bench_impl(impl: str, model: str, batches: list[int], args, timings_path: str) -> dict:
+    import sglang
+
+    os.environ[TIMINGS_ENV] = timings_path  # read by register() in the scheduler process
+    start = time.perf_counter()
+    engine = sglang.Engine(
+        model_path=model, model_impl=impl, device="cpu", attention_backend="torch_native", dtype="float32",
+        disable_cuda_graph=True, max_total_tokens=65536, log_level="error",
+    )  # fmt: skip
+    out = {"startup_s": time.perf_counter() - start, "steps": {}}
+    try:
+        prompts = [[(7 * b + 3 * j) % 500 + 3 for j in range(args.prompt_len)] for b in range(max(batches))]
+
+        def run(batch: int, new_tokens: int) -> float:
+            params = {"temperature": 0, "max_new_tokens": new_tokens, "ignore_eos": True}
+            t = time.perf_counter()
+            res = engine.generate(input_ids=prompts[:batch], sampling_params=params)
+            elapsed = time.perf_counter() - t
+            assert all(len(r["output_ids"]) == new_tokens for r in res), "ignore_eos should give every token"
+            return elapsed
+
+        for batch in batches:
+            for _ in range(args.warmup):
+                run(batch, 1), run(batch, 1 + args.steps)
+            per_step = []
+            for _ in range(args.repeats):
+                prefill = run(batch, 1)
+                whole = run(batch, 1 + args.steps)
+                per_step.append((whole - prefill) / args.steps)
+            out["steps"][batch] = median(per_step)
+        # Collect the scheduler-side timers: a prefill-only request after the marker file.
+        open(timings_path + ".dump", "w").close()
+        engine.generate(input_ids=prompts[:1], sampling_params={"temperature": 0, "max_new_tokens": 1})
+        deadline = time.monotonic() + 10
+        while os.path.exists(timings_path + ".dump") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        out["records"] = []
+        if os.path.exists(timings_path):
+            import json
+
+            with open(timings_path) as f:
+                out["records"] = json.load(f)
+        return out
+    finally:
+        engine.shutdown()
+
+
+def layer_figures(records: list[list], batch: int) -> dict | None:
+    """Medians over this batch size's decode steps, in seconds."""
+    rows = [r for r in records if r[0] == "DECODE" and r[1] == batch]
+    if not rows:
+        return None
+    col = lambda i: median([r[i] for r in rows]) / 1e9  # noqa: E731
+    layer = median([(r[2] - r[4]) for r in rows]) / 1e9
+    adapter = median([(r[2] - r[3]) for r in rows]) / 1e9
+    return {"n": len(rows), "forward": col(2), "runner": col(3), "compute": col(4), "meta": col(5), "layer": layer, "adapter": adapter}
+
+
+def main() -> int:
+    import argparse
+    import tempfile
+
+    from sglang_fx.registry import default_registry
+    from sglang_fx.tiny import make_tiny_model
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--impls", nargs="+", default=["sglang", "reference_torch", "mindspore"],
+                    help="--model-impl values; the first is the baseline of the ratios")  # fmt: skip
+    ap.add_argument("--batch", type=int, action="append", help="batch sizes (default 1 and 8)")
+    ap.add_argument("--steps", type=int, default=32, help="decode steps per timed run")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    args = ap.parse_args()
+    batches = args.batch or [1, 8]
+    reg = default_registry()
+    with tempfile.TemporaryDirectory() as tmp:
+        declare_plugin(os.path.join(tmp, "plugin"))
+        model = str(make_tiny_model("qwen3", os.path.join(tmp, "qwen3"), seed=0, **MODEL))
+        print(f"model: qwen3 {MODEL}, vocab 512, float32; SGLang {sglang_version()} sglang.Engine on CPU "
+              f"(torch_native attention), greedy, prompt {args.prompt_len} tokens, {args.steps} decode steps "
+              f"per run, median of {args.repeats}", flush=True)  # fmt: skip
+        results = {}
+        for impl in args.impls:
+            if impl not in ("sglang", "transformers") and (impl not in reg.names() or reg.info(impl).unavailable):
+                print(f"skip {impl}: sglang-fx backend unavailable here", flush=True)
+                continue
+            results[impl] = bench_impl(impl, model, batches, args, os.path.join(tmp, f"timings-{impl}.json"))
+            print(f"  {impl}: started in {results[impl]['startup_s']:.1f}s; ms/step "
+                  + ", ".join(f"b={b} {results[impl]['steps'][b] * 1e3:.2f}" for b in batches), flush=True)  # fmt: skip
+    if not results:
+        return 1
+    base_name = next(iter(results))
+    base = results[base_name]
+    head = f"{'--model-impl':<18}" + "".join(f"{f'b={b} tok/s':>12}{'ms/step':>10}{'x native':>10}" for b in batches)
+    print("\ndecode throughput through sglang.Engine\n" + head + "\n" + "-" * len(head))
+    for impl, r in results.items():
+        cells = "".join(f"{b / r['steps'][b]:>12.1f}{r['steps'][b] * 1e3:>10.2f}{base['steps'][b] / r['steps'][b]:>10.2f}" for b in batches)
+        print(f"{impl:<18}{cells}")
+    print(f"x native = {base_name}'s step time / this step time (throughput ratio; higher is faster)")
+
+    shares = []
+    print("\nsglang-fx layer per decode step (scheduler-side timers, medians)")
+    head = f"{'--model-impl':<18}{'batch':>6}{'steps':>7}{'forward ms':>12}{'compute ms':>12}{'to_metadata':>12}{'adapter':>10}{'layer ms':>10}{'of step':>9}{'of fwd':>8}"
+    print(head + "\n" + "-" * len(head))
+    for impl, r in results.items():
+        for b in batches:
+            f = layer_figures(r.get("records", []), b)
+            if f is None:
+                continue
+            share = f["layer"] / r["steps"][b]
+            shares.append((impl, b, share))
+            print(f"{impl:<18}{b:>6}{f['n']:>7}{f['forward'] * 1e3:>12.3f}{f['compute'] * 1e3:>12.3f}{f['meta'] * 1e3:>12.3f}"
+                  f"{f['adapter'] * 1e3:>10.3f}{f['layer'] * 1e3:>10.3f}{share:>9.1%}{f['layer'] / f['forward']:>8.1%}")  # fmt: skip
+    if shares:
+        print("forward = the adapter's forward; compute = the backend's model compute (MindSpore: compiled step + KV "
+              "write; reference_torch: its whole runner); adapter = forward - runner.forward (ForwardBatch -> "
+              "ForwardMetadata, binding, dispatch); layer = forward - compute (adapter + the runner's planning and "
+              "DLPack exchange); of step = layer / the decode step time above")  # fmt: skip
+        worst = max(shares, key=lambda s: s[2])
+        verdict = "meets" if worst[2] < 0.05 else "MISSES"
+        print(f"largest sglang-fx layer share: {worst[2]:.1%} ({worst[0]}, batch {worst[1]}); {verdict} the < 5% target")
+    return 0
+
+
+def sglang_version() -> str:
+    import importlib.metadata as md
+
+    return md.version("sglang")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
