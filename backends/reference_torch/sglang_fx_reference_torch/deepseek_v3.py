@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from sglang_fx.checkpoint import ModelSpec
-from sglang_fx.metadata import ForwardMetadata
 from sglang_fx.spi import AttentionSpec, KVCache
 
 from .attention import TorchPagedAttention
-from .layers import MLP, MoE, Rope, rms_norm
+from .decoder import Decoder
+from .layers import Rope, rms_norm
 
 
 class LatentAttention:
@@ -49,31 +49,9 @@ class LatentAttention:
         return F.linear(o.reshape(len(o), -1), self.o)
 
 
-class DeepseekV3Model:
-    def __init__(self, spec: ModelSpec, weights: Mapping[str, torch.Tensor], device: torch.device):
-        self.spec, m = spec, spec.mla
-        w = {n: t.to(device) for n, t in weights.items()}
-        self.embed, self.norm, self.lm_head = w["model.embed_tokens.weight"], w["model.norm.weight"], w["lm_head.weight"]
-        self.layers = []
-        for i in range(spec.num_layers):
-            p = f"model.layers.{i}."
-            mlp = MoE(spec.moe, w, p + "mlp.") if spec.is_moe_layer(i) else MLP.from_weights(w, p + "mlp.")
-            attn = LatentAttention(spec, w, p + "self_attn.")
-            self.layers.append((w[p + "input_layernorm.weight"], attn, w[p + "post_attention_layernorm.weight"], mlp))
-        self.rope = Rope(m.qk_rope_head_dim, spec.rope_theta, interleaved=m.rope_interleave, device=device)
-        # MQA over the latent: one KV "head" of r + dr channels; values are its first r channels.
-        self.attn = TorchPagedAttention(
-            AttentionSpec(spec.num_heads, 1, m.kv_lora_rank + m.qk_rope_head_dim, m.kv_lora_rank, m.qk_head_dim**-0.5)
-        )
-
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, meta: ForwardMetadata, cache: KVCache) -> torch.Tensor:
-        s = self.spec
-        cos, sin = self.rope.angles(meta.positions, s.dtype)
-        self.attn.plan(meta)
-        x = self.embed[input_ids]  # [T, H]
-        for i, (ln1, attn, ln2, mlp) in enumerate(self.layers):
-            x = x + attn(i, rms_norm(x, ln1, s.rms_norm_eps), self.rope, cos, sin, self.attn, cache)
-            x = x + mlp(rms_norm(x, ln2, s.rms_norm_eps))
-        x = rms_norm(x[meta.logits_indices], self.norm, s.rms_norm_eps)  # [N, H]
-        return F.linear(x, self.lm_head).float()  # [N, V]
+def deepseek_v3(spec: ModelSpec, weights: Mapping[str, torch.Tensor], device: torch.device) -> Decoder:
+    m = spec.mla
+    rope = Rope(m.qk_rope_head_dim, spec.rope_theta, interleaved=m.rope_interleave, device=device)
+    # MQA over the latent: one KV "head" of r + dr channels; values are its first r channels.
+    attn_spec = AttentionSpec(spec.num_heads, 1, m.kv_lora_rank + m.qk_rope_head_dim, m.kv_lora_rank, m.qk_head_dim**-0.5)
+    return Decoder(spec, weights, device, LatentAttention, rope, attn_spec)

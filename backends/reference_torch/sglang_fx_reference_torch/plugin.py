@@ -13,8 +13,8 @@ from sglang_fx.spi import BackendInfo
 from .attention import TorchPagedAttention
 from .exchange import TorchExchange
 from .kv_cache import TorchKVCache
-from .deepseek_v3 import DeepseekV3Model
-from .llama import LlamaFamilyModel
+from .deepseek_v3 import deepseek_v3
+from .llama import llama_family
 
 NAME = "reference_torch"
 FLOATS = frozenset({"float32", "float16", "bfloat16"})
@@ -54,5 +54,5 @@ def sglang_fx_make_attention(spec, layout, device):
 def sglang_fx_make_runner(spec, weights, layout, options):
     if options.extra:
         raise UnsupportedConfigError(f"{NAME} takes no backend options, got {sorted(options.extra)}")
-    model = DeepseekV3Model if spec.mla is not None else LlamaFamilyModel
-    return model(spec, weights, torch.device(options.device))
+    build = deepseek_v3 if spec.mla is not None else llama_family
+    return build(spec, weights, torch.device(options.device))
