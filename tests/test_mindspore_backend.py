@@ -250,6 +250,67 @@ def test_ascend_inputs_prefix_hit_uses_a_lookahead_mask():
         assert not row[: pos + 1].any() and (row[pos + 1 :] == MASK_VALUE).all()
 
 
+ASCEND_SHAPE_CHECK = """
+import mindspore as ms, torch
+from sglang_fx.kv_pool import KVLayout, PagedKVPool
+from sglang_fx.metadata import ForwardMetadata
+from sglang_fx.spi import AttentionSpec
+from sglang_fx_mindspore.attention import AscendPagedAttention
+from sglang_fx_mindspore.exchange import MindSporeExchange
+from sglang_fx_mindspore.kv_cache import MindSporeKVCache
+
+ms.set_device("CPU")
+ms.runtime.launch_blocking()  # report each kernel's error at its own call
+ex = MindSporeExchange()
+layout = KVLayout(1, 8, 16, (2, 128), (2, 128), torch.float16)
+pool = PagedKVPool(layout)
+cache = MindSporeKVCache(layout, pool.k_buffers, pool.v_buffers, ex)
+attn = AscendPagedAttention(AttentionSpec(4, 2, 128, 128, 128**-0.5), layout, "cpu", ex)
+for prefix, new in [([0, 0], [5, 20]), ([32, 16], [1, 1]), ([32, 0], [3, 2])]:
+    slots = [[b * 64 + j for j in range(p + n)] for b, (p, n) in enumerate(zip(prefix, new))]
+    attn.plan(ForwardMetadata.from_lists(token_slots=slots, prefix_lens=prefix, page_size=16))
+    q, k, v = (ex.from_torch(torch.randn(sum(new), h, 128, dtype=torch.float16)) for h in (4, 2, 2))
+    pages = (cache.key_pages[0], cache.value_pages[0])
+    for call in (lambda: attn.store(k, v, *pages, attn.inputs), lambda: attn.attend(q, k, v, *pages, attn.inputs, attn.variant)):
+        try:
+            call().asnumpy()
+        except RuntimeError as e:
+            print(str(e).splitlines()[0])
+
+# The whole jit step with the Ascend tier: parsed and type-inferred, then refused at kernel selection.
+import sys
+from sglang_fx.generate import Session
+from sglang_fx_mindspore import attention, runtime
+attention.choose_tier = lambda device, layout, dtype: runtime.Tier.ASCEND
+s = Session("mindspore", sys.argv[1], dtype="float16", page_size=16)
+first = s.new_sequence(list(range(3, 40)))[0]
+for step in ("prefill", "decode", "prefix hit"):  # FLASH, DECODE, PAGED_EXTEND
+    seqs, tokens = [first], [list(range(3, 40))] if step == "prefill" else [[7]]
+    if step == "prefix hit":
+        seqs, tokens = [s.new_sequence(list(range(3, 40)) + [9, 9])[0]], [[9, 9, 9]]
+    try:
+        s.forward(seqs, tokens)
+    except RuntimeError as e:
+        print(s.runner.attn.variant, next(line for line in str(e).splitlines() if "Unsupported op" in line).split(",")[0])
+"""
+
+
+@pytest.mark.skipif(npu_available(), reason="the NPU tests run the kernels themselves")
+def test_ascend_kernels_accept_their_arguments(tmp_path, tiny):
+    """MindSpore checks a primitive's argument shapes and dtypes (its infer function) before it
+    looks for a kernel, so on CPU a well-formed call fails only for want of the Ascend kernel:
+    each kernel alone in PyNative, and the whole Ascend-tier step graph under jit (run in a
+    subprocess: it needs MindSpore's process-wide blocking launch)."""
+    import subprocess
+
+    script = tmp_path / "check.py"
+    script.write_text(ASCEND_SHAPE_CHECK)
+    proc = subprocess.run([sys.executable, str(script), str(tiny("qwen3"))], capture_output=True, text=True, timeout=300)
+    kernels = ["ReshapeAndCache", "FlashAttentionScore", "ReshapeAndCache", "PagedAttention", "ReshapeAndCache", "PagedAttention"]
+    graphs = [f"{variant} Unsupported op [ReshapeAndCache] on CPU" for variant in (FLASH, DECODE, PAGED_EXTEND)]
+    assert proc.stdout.splitlines() == [f"The kernel {name} unregistered." for name in kernels] + graphs, proc.stderr[-3000:]
+
+
 @needs_npu
 @pytest.mark.parametrize("prefix,new", [([0, 0], [5, 20]), ([32, 16], [1, 1]), ([32, 0], [3, 2])])
 def test_ascend_attention_matches_reference(backend, prefix, new):

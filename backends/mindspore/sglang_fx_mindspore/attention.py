@@ -234,6 +234,7 @@ class AscendPagedAttention(nn.Cell):
     def __init__(self, spec: AttentionSpec, layout: KVLayout, device: str, exchange: MindSporeExchange):
         super().__init__()
         self.num_heads, self.scale, self.dtype = spec.num_heads, spec.scale, layout.dtype
+        self.kv_width = spec.num_kv_heads * spec.head_dim  # reshape_and_cache takes k, v as [T, Hkv * D]
         self.exchange = exchange
         self.reshape_and_cache = ops.auto_generate.ReshapeAndCache()
         self.paged_attention = ops.auto_generate.PagedAttention(spec.num_heads, spec.scale, spec.num_kv_heads)
@@ -263,8 +264,14 @@ class AscendPagedAttention(nn.Cell):
         return self.run(q, k, v, cache.key_pages[layer], cache.value_pages[layer], self.inputs, self.variant)
 
     def run(self, q, k, v, k_pages, v_pages, inputs, variant):
-        slot_mapping, tables, context_lens, q_seq_lens, actual_seq_qlen, mask = inputs
-        self.reshape_and_cache(k, v, k_pages, v_pages, slot_mapping)
+        q = ops.depend(q, self.store(k, v, k_pages, v_pages, inputs))  # the kernels read what store wrote
+        return self.attend(q, k, v, k_pages, v_pages, inputs, variant)
+
+    def store(self, k, v, k_pages, v_pages, inputs):
+        return self.reshape_and_cache(k.reshape(-1, self.kv_width), v.reshape(-1, self.kv_width), k_pages, v_pages, inputs[0])
+
+    def attend(self, q, k, v, k_pages, v_pages, inputs, variant):
+        _, tables, context_lens, q_seq_lens, actual_seq_qlen, mask = inputs
         if variant == FLASH:
             return ops.flash_attention_score(
                 q, k, v, self.num_heads, attn_mask=self.causal_mask, actual_seq_qlen=actual_seq_qlen,
