@@ -211,6 +211,9 @@ def _session_logits(ctx: Context, arch: str, backend: str | None = None) -> tupl
     if not any(session.pool.length(s) for s in seqs):
         raise AssertionError("no prefix hit happened; the case does not test what it claims")
     logits = session.forward(seqs, new, logits="all")
+    if logits.is_inference() or logits.dtype != torch.float32:
+        raise AssertionError(f"ModelRunner.forward must return ordinary float32 logits, got {logits.dtype}"
+                             f"{' made under torch.inference_mode' if logits.is_inference() else ''}")
     return logits, [len(p) - len(n) for p, n in zip(PROMPTS[1:], new)]
 
 

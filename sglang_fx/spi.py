@@ -117,7 +117,8 @@ class ModelRunner(Protocol):
 
     forward(input_ids, meta, cache): input_ids [T] int64 torch tensor of the step's new
         tokens; writes their K/V into cache; returns float32 torch logits [N, vocab] for
-        meta.logits_indices, in that order.
+        meta.logits_indices, in that order. The logits are an ordinary tensor the caller owns,
+        not one made under torch.inference_mode: SGLang's sampler updates them in place.
     """
 
     spec: ModelSpec

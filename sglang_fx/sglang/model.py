@@ -120,8 +120,6 @@ class SglangFxForCausalLM(torch.nn.Module):
         all_logits = compat.wants_input_logprobs(forward_batch)
         meta = to_metadata(forward_batch, positions, compat.req_to_token(), cache.layout.page_size, all_logits)
         logits = self.runner.forward(input_ids.to(torch.int64), meta, cache)  # [N, V] float32
-        if logits.is_inference():  # a runner that computes under torch.inference_mode (see above)
-            logits = logits.clone()
         if all_logits:
             return self.logits_processor(input_ids, logits, None, forward_batch)
         return compat.logits_output(logits)

@@ -37,7 +37,7 @@ class Decoder:
             mlp = MoE(spec.moe, w, p + "mlp.") if spec.is_moe_layer(i) else MLP.from_weights(w, p + "mlp.")
             self.layers.append((w[p + "input_layernorm.weight"], block(spec, w, p + "self_attn."), w[p + "post_attention_layernorm.weight"], mlp))
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: see ModelRunner.forward's contract
     def forward(self, input_ids: torch.Tensor, meta: ForwardMetadata, cache: KVCache) -> torch.Tensor:
         eps = self.spec.rms_norm_eps
         cos, sin = self.rope.angles(meta.positions, self.spec.dtype)
