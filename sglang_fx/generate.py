@@ -45,7 +45,7 @@ class Session:
         self.device = device
         self.pool = PagedKVPool(self.layout, device)
         self.cache = self.backend.kv_cache(self.layout, self.pool.k_buffers, self.pool.v_buffers, device)
-        self.runner = self.backend.runner(self.spec, weights, self.layout, RunnerOptions(device, dict(options or {})))
+        self.runner = self.backend.runner(self.spec, weights, RunnerOptions(device, dict(options or {})))
         self._tokens: dict[int, list[int]] = {}  # live or cached sequence -> its tokens in the pool
         self._ids = itertools.count()
 

@@ -85,10 +85,10 @@ def sglang_fx_make_attention(spec: AttentionSpec, layout: KVLayout, device: str)
 
 
 @hookspec(firstresult=True)
-def sglang_fx_make_runner(
-    spec: ModelSpec, weights: Mapping[str, torch.Tensor], layout: KVLayout, options: RunnerOptions
-) -> ModelRunner:
+def sglang_fx_make_runner(spec: ModelSpec, weights: Mapping[str, torch.Tensor], options: RunnerOptions) -> ModelRunner:
     """Build a model from its spec and HF-named weights (host torch tensors in spec.dtype,
-    from `Checkpoint.load`; the backend may alias or copy them, and must not modify them),
-    ready to run over KV pools of `layout` on options.device. Raises UnsupportedConfigError
-    for a configuration outside its capabilities and for unknown options.extra keys."""
+    from `Checkpoint.load`; the backend may alias or copy them, and must not modify them) on
+    options.device. Weights are placed now; the KV layout is not known yet (SGLang sizes its
+    pool from the memory left after loading) and arrives with the KVCache at forward time.
+    Raises UnsupportedConfigError for a configuration outside its capabilities and for
+    unknown options.extra keys."""

@@ -81,16 +81,15 @@ class Backend:
     def kv_cache(
         self, layout: KVLayout, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor] | None, device: str
     ) -> KVCache:
+        self.check(device=device, page_size=layout.page_size)
         return self._make("sglang_fx_make_kv_cache", KVCache, layout=layout, k_buffers=k_buffers, v_buffers=v_buffers, device=device)
 
     def attention(self, spec: AttentionSpec, layout: KVLayout, device: str) -> Attention:
         return self._make("sglang_fx_make_attention", Attention, spec=spec, layout=layout, device=device)
 
-    def runner(
-        self, spec: ModelSpec, weights: Mapping[str, torch.Tensor], layout: KVLayout, options: RunnerOptions
-    ) -> ModelRunner:
-        self.check(architecture=spec.architecture, dtype=spec.dtype_name, device=options.device, page_size=layout.page_size)
-        return self._make("sglang_fx_make_runner", ModelRunner, spec=spec, weights=weights, layout=layout, options=options)
+    def runner(self, spec: ModelSpec, weights: Mapping[str, torch.Tensor], options: RunnerOptions) -> ModelRunner:
+        self.check(architecture=spec.architecture, dtype=spec.dtype_name, device=options.device)
+        return self._make("sglang_fx_make_runner", ModelRunner, spec=spec, weights=weights, options=options)
 
 
 class Registry:

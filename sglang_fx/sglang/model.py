@@ -47,7 +47,6 @@ class SglangFxForCausalLM(torch.nn.Module):
         self.device = compat.construction_device()
         self.spec = load_spec(self.model_path, compat.construction_dtype())
         self.backend.check(architecture=self.spec.architecture, dtype=self.spec.dtype_name, device=self.device)
-        self.weights: dict[str, torch.Tensor] | None = None
         self.runner: ModelRunner | None = None
         self.cache: KVCache | None = None
         self._kv_identity: tuple | None = None
@@ -62,13 +61,16 @@ class SglangFxForCausalLM(torch.nn.Module):
     # ----------------------------------------------------------------------------------------
 
     def load_weights(self, weights: Any = None) -> None:
-        """Read the checkpoint through sglang_fx.checkpoint. SGLang's own weight iterator is
-        not consumed (the backend gets HF-named tensors from `Checkpoint.load`)."""
-        self.weights = Checkpoint(self.model_path).load(self.spec)
+        """Read the checkpoint through sglang_fx.checkpoint and build the backend's runner, so
+        its weights are placed before SGLang measures the memory left for the KV pool.
+        SGLang's own weight iterator is not consumed (the backend gets HF-named tensors from
+        `Checkpoint.load`)."""
+        loaded = Checkpoint(self.model_path).load(self.spec)
+        self.runner = self.backend.runner(self.spec, loaded, RunnerOptions(device=self.device))
 
     def _bind(self) -> KVCache:
-        """Build the runner and alias SGLang's KV buffers, on the first step (SGLang sizes
-        its pools after loading the model), and again only if SGLang reallocated them."""
+        """Alias SGLang's KV buffers, on the first step (SGLang sizes its pools after loading
+        the model), and again only if SGLang reallocated them."""
         pool = compat.token_to_kv_pool()
         if self.cache is not None and compat.kv_identity(pool) == self._kv_identity:
             return self.cache
@@ -91,10 +93,7 @@ class SglangFxForCausalLM(torch.nn.Module):
             dtype=k[0].dtype,
         )
         if self.runner is None:
-            if self.weights is None:
-                self.load_weights()
-            self.runner = self.backend.runner(self.spec, self.weights, layout, RunnerOptions(device=self.device))
-            self.weights = None  # the runner holds what it needs
+            self.load_weights()
         self.cache = self.backend.kv_cache(layout, k, v, self.device)
         self._kv_identity = compat.kv_identity(pool)
         return self.cache

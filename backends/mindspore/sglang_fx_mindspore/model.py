@@ -124,27 +124,22 @@ class LlamaFamily(nn.Cell):
 
 
 class MindSporeRunner:
-    """`spi.ModelRunner` over LlamaFamily. options.extra: {"mode": "jit" (default) | "pynative"}."""
+    """`spi.ModelRunner` over LlamaFamily. options.extra: {"mode": "jit" (default) | "pynative"}.
 
-    def __init__(
-        self,
-        spec: ModelSpec,
-        weights: Mapping[str, torch.Tensor],
-        layout: KVLayout,
-        options: RunnerOptions,
-        exchange: MindSporeExchange,
-    ):
+    Weights are placed at construction; the attention tier, the step Cell and its compiled graph
+    depend on the KV layout, so they are built on the first forward (and again only if a cache
+    of another layout arrives)."""
+
+    def __init__(self, spec: ModelSpec, weights: Mapping[str, torch.Tensor], options: RunnerOptions, exchange: MindSporeExchange):
         unknown = sorted(set(options.extra) - {"mode"})
         if unknown:
             raise UnsupportedConfigError(f"mindspore backend: unknown option(s) {unknown}; it takes only 'mode' ({' | '.join(MODES)})")
         mode = options.extra.get("mode", "jit")
         if mode not in MODES:
             raise UnsupportedConfigError(f"mindspore backend: mode {mode!r} is not one of {' | '.join(MODES)}")
-        self.spec, self.exchange = spec, exchange
+        self.spec, self.exchange, self.device, self.mode = spec, exchange, options.device, mode
+        self.layout: KVLayout | None = None  # the layout the step below was built for
         D = spec.head_dim
-        attn_spec = AttentionSpec(spec.num_heads, spec.num_kv_heads, D, D, D**-0.5)
-        self.attn = make_attention(attn_spec, layout, options.device, spec.dtype, exchange)
-        self.model = LlamaFamily(spec, self.attn, ms_dtype(layout.dtype))
         inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
         target = DEVICE_TARGETS[options.device.partition(":")[0]]
 
@@ -156,7 +151,14 @@ class MindSporeRunner:
         rotate_half = rotate_half_matrix(D).to(spec.dtype)
         self.weights = mutable((load(weights["model.embed_tokens.weight"]), load(weights["model.norm.weight"]),
                                 load(weights["lm_head.weight"]), load(inv_freq), load(rotate_half), layers))  # fmt: skip
-        self._step = self.model if mode == "pynative" else self._compile()
+
+    def _bind(self, layout: KVLayout) -> None:
+        D = self.spec.head_dim
+        attn_spec = AttentionSpec(self.spec.num_heads, self.spec.num_kv_heads, D, D, D**-0.5)
+        self.attn = make_attention(attn_spec, layout, self.device, self.spec.dtype, self.exchange)
+        self.model = LlamaFamily(self.spec, self.attn, ms_dtype(layout.dtype))
+        self._step = self.model if self.mode == "pynative" else self._compile()
+        self.layout = layout
 
     def _compile(self):
         i64 = ms.int64
@@ -168,6 +170,8 @@ class MindSporeRunner:
         )(ms.jit(self.model.construct))
 
     def forward(self, input_ids: torch.Tensor, meta: ForwardMetadata, cache: MindSporeKVCache) -> torch.Tensor:
+        if cache.layout != self.layout:
+            self._bind(cache.layout)
         self.attn.plan(meta)
         keys, values = self.attn.cache_views(cache)
         ex = self.exchange.from_torch

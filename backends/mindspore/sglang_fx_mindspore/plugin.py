@@ -66,7 +66,7 @@ def sglang_fx_make_attention(spec, layout, device):
 
 
 @hookimpl
-def sglang_fx_make_runner(spec, weights, layout, options):
+def sglang_fx_make_runner(spec, weights, options):
     from .model import MindSporeRunner
 
-    return MindSporeRunner(spec, weights, layout, options, sglang_fx_make_exchange(options.device))
+    return MindSporeRunner(spec, weights, options, sglang_fx_make_exchange(options.device))

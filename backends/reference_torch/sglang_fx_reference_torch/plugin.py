@@ -51,7 +51,7 @@ def sglang_fx_make_attention(spec, layout, device):
 
 
 @hookimpl
-def sglang_fx_make_runner(spec, weights, layout, options):
+def sglang_fx_make_runner(spec, weights, options):
     if options.extra:
         raise UnsupportedConfigError(f"{NAME} takes no backend options, got {sorted(options.extra)}")
     build = deepseek_v3 if spec.mla is not None else llama_family
