@@ -32,11 +32,11 @@ PROMPTS = [
     "numbers 1 2 3 4 5 6 7 8 9 10",
     "what is the answer",
 ]
-SHARED = [p + " and then some more words" for p in PROMPTS[:4]]  # prefixes cached by the first batch
+SHARED = [p + " and then some more words" for p in PROMPTS[:5]]  # prefixes cached by the first batch
 LONG = " ".join(f"word{i % 17} w{i % 5}" for i in range(60))  # > chunked_prefill_size tokens
 
 
-def run(impl: str, model: str, max_new_tokens: int, repeats: int) -> dict:
+def run(impl: str, model: str, max_new_tokens: int, repeats: int, page_size: int = 1) -> dict:
     import sglang
 
     greedy = {"temperature": 0.0, "max_new_tokens": max_new_tokens}
@@ -50,6 +50,7 @@ def run(impl: str, model: str, max_new_tokens: int, repeats: int) -> dict:
         disable_cuda_graph=True,
         max_total_tokens=8192,
         chunked_prefill_size=64,
+        page_size=page_size,
         log_level="error",
     )
     startup = time.perf_counter() - t0
@@ -94,10 +95,11 @@ def main() -> int:
     ap.add_argument("--impls", nargs="+", default=["sglang", "reference_torch"])
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--page-size", type=int, default=1, help="SGLang's KV page size in tokens (default 1)")
     ap.add_argument("--out", help="also write the JSON report here")
     args = ap.parse_args()
 
-    results = {impl: run(impl, args.model, args.max_new_tokens, args.repeats) for impl in args.impls}
+    results = {impl: run(impl, args.model, args.max_new_tokens, args.repeats, args.page_size) for impl in args.impls}
     base_name, base = args.impls[0], results[args.impls[0]]
     report = {"model": args.model, "baseline": base_name, "results": results, "comparison": {}}
     ok = True
