@@ -6,6 +6,8 @@ backend unavailable with the install command, and nothing else is called.
 
 from __future__ import annotations
 
+import os
+
 from sglang_fx import hookimpl
 from sglang_fx.capabilities import Capabilities
 from sglang_fx.spi import BackendInfo
@@ -29,6 +31,9 @@ CAPABILITIES = Capabilities(
 
 @hookimpl
 def sglang_fx_backend_info() -> BackendInfo:
+    # MindSpore's default log level prints several warnings per compiled graph to stderr; keep
+    # errors only unless the user chose a level. Read once, when mindspore is first imported.
+    os.environ.setdefault("GLOG_v", "3")
     try:
         import mindspore
     except Exception as e:  # not installed, or broken (e.g. built against NumPy 1.x under NumPy 2)
