@@ -11,7 +11,10 @@ to the first variant. Runs on shared machines vary: compare ratios from one run.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -47,6 +50,19 @@ def time_decode(session: Session, batch: int, prompt_len: int, steps: int, warmu
     return statistics.median(times)
 
 
+def measure(variant: str, path: str, args: argparse.Namespace) -> dict:
+    """One variant, in this process: load, first call, median decode step per batch size."""
+    label, backend, options = parse_variant(variant)
+    start = time.perf_counter()
+    session = Session(backend, path, dtype="float32", page_size=16, options=options)
+    load = time.perf_counter() - start
+    first = time.perf_counter()
+    session.generate([[5, 6, 7]], 2, keep_cached=False)  # first call: compiles graphs if any
+    first = time.perf_counter() - first
+    steps = [time_decode(session, b, args.prompt_len, args.steps, args.warmup) for b in args.batch]
+    return {"label": label, "load": load, "first": first, "steps": steps}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", action="append", help="LABEL=BACKEND[:KEY=VALUE,...] (repeatable)")
@@ -54,33 +70,37 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--measure", nargs=2, metavar=("VARIANT", "MODEL"), help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args()
-    batches = args.batch or [1, 8]
+    args.batch = args.batch or [1, 8]
+    if args.measure:
+        print(json.dumps(measure(*args.measure, args)))
+        return
     reg = default_registry()
-    variants = [parse_variant(v) for v in (args.variant or DEFAULT_VARIANTS)]
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = make_tiny_model("qwen3", tmp, seed=0, **MODEL)
         print(f"model: qwen3 {MODEL}, float32, page size 16; {args.steps} timed decode steps after {args.warmup} warm-up")
-        rows = []
-        for label, backend, options in variants:
+        print("each variant runs in its own process (torch's and MindSpore's thread pools interfere in one)")
+        for variant in args.variant or DEFAULT_VARIANTS:
+            label, backend, _ = parse_variant(variant)
             if backend not in reg.names() or reg.info(backend).unavailable:
                 print(f"skip {label}: backend {backend!r} unavailable here")
                 continue
-            start = time.perf_counter()
-            session = Session(backend, path, dtype="float32", page_size=16, options=options)
-            load = time.perf_counter() - start
-            first = time.perf_counter()
-            session.generate([[5, 6, 7]], 2, keep_cached=False)  # first call: compiles graphs if any
-            first = time.perf_counter() - first
-            rows.append((label, load, first, [time_decode(session, b, args.prompt_len, args.steps, args.warmup) for b in batches]))
-    base = rows[0][3] if rows else None
-    head = f"{'variant':<22}{'load s':>8}{'1st call s':>12}" + "".join(f"{f'b={b} ms/step':>16}{'ratio':>8}" for b in batches)
+            child = [sys.executable, __file__, "--measure", variant, str(path), "--steps", str(args.steps),
+                     "--warmup", str(args.warmup), "--prompt-len", str(args.prompt_len)]
+            child += [a for b in args.batch for a in ("--batch", str(b))]
+            out = subprocess.run(child, capture_output=True, text=True, check=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+    if not rows:
+        return
+    base = rows[0]["steps"]
+    head = f"{'variant':<22}{'load s':>8}{'1st call s':>12}" + "".join(f"{f'b={b} ms/step':>16}{'ratio':>8}" for b in args.batch)
     print(head + "\n" + "-" * len(head))
-    for label, load, first, steps in rows:
-        cells = "".join(f"{t * 1e3:>16.2f}{t / b0:>8.2f}" for t, b0 in zip(steps, base))
-        print(f"{label:<22}{load:>8.2f}{first:>12.2f}{cells}")
-    if rows:
-        print(f"ratio = step time / {rows[0][0]}'s step time at the same batch size (lower is faster)")
+    for r in rows:
+        cells = "".join(f"{t * 1e3:>16.2f}{t / b0:>8.2f}" for t, b0 in zip(r["steps"], base))
+        print(f"{r['label']:<22}{r['load']:>8.2f}{r['first']:>12.2f}{cells}")
+    print(f"ratio = step time / {rows[0]['label']}'s step time at the same batch size (lower is faster)")
 
 
 if __name__ == "__main__":
