@@ -30,7 +30,7 @@ from sglang_fx_mindspore.attention import (  # noqa: E402
 )
 from sglang_fx_mindspore.runtime import Tier, choose_tier  # noqa: E402
 
-ARCHS = ["qwen3", "qwen2", "llama"]
+ARCHS = ["qwen3", "qwen3_moe", "qwen2", "llama"]
 
 
 def npu_available() -> bool:
@@ -403,10 +403,32 @@ def test_float16_on_cpu_matches_the_reference_backend(tiny):
     torch.testing.assert_close(out[0], out[1], rtol=0, atol=2e-2)
 
 
-def test_jit_compiles_once_for_every_batch_shape(tiny):
+@pytest.mark.parametrize("dtype,atol", [("float32", 1e-4), ("float16", 2e-2)])
+def test_qwen3_moe_with_dense_layers_matches_the_reference_backend(tiny, dtype, atol):
+    path = tiny("qwen3_moe", num_hidden_layers=3, decoder_sparse_step=2)  # dense, MoE, dense
+    prompts = [PROMPT[:30], PROMPT[40:45]]
+    out = []
+    for name in ("mindspore", "reference_torch"):
+        s = Session(name, path, dtype=dtype, page_size=16)
+        seqs = [s.new_sequence(p)[0] for p in prompts]
+        first = s.forward(seqs, prompts, logits="all")
+        out.append(torch.cat([first, s.forward(seqs, [[3], [4]])]))
+    torch.testing.assert_close(out[0], out[1], rtol=0, atol=atol)
+
+
+def test_deepseek_v3_routing_is_refused(tiny):
+    from sglang_fx.checkpoint import load_spec
+    from sglang_fx_mindspore.model import check_moe
+
+    with pytest.raises(UnsupportedConfigError, match="only Qwen3-MoE routing"):
+        check_moe(load_spec(tiny("deepseek_v3")))
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
+def test_jit_compiles_once_for_every_batch_shape(tiny, arch):
     from mindspore.graph.api import ms_compile_cache  # MindSpore's set of compiled graph phases
 
-    s = Session("mindspore", tiny("qwen3"), page_size=16)
+    s = Session("mindspore", tiny(arch), page_size=16)
     first, _ = s.new_sequence(PROMPT[:9])
     s.forward([first], [PROMPT[:9]])  # compiles the step graph (and the KV write graph)
     s.forward([first], [[3]])

@@ -1,8 +1,10 @@
-"""Qwen3 / Qwen2 / Llama in MindSpore, written to be read (and compiled by mindspore.jit).
+"""Qwen3 / Qwen3-MoE / Qwen2 / Llama in MindSpore, written to be read (and compiled by mindspore.jit).
 
-The three share one shape: pre-norm decoder blocks of GQA attention with RoPE and a SwiGLU MLP.
-Qwen3 adds an RMSNorm on every q/k head (qk_norm); Qwen2 adds q/k/v biases.
-Shapes: T new tokens, H hidden, Hq/Hkv heads, D head dim, I intermediate, V vocab, N logits.
+They share one shape: pre-norm decoder blocks of GQA attention with RoPE and a SwiGLU MLP.
+Qwen3 adds an RMSNorm on every q/k head (qk_norm); Qwen2 adds q/k/v biases; Qwen3-MoE is Qwen3
+with the MLP of its MoE layers replaced by softmax-routed experts (`moe_mlp`).
+Shapes: T new tokens, H hidden, Hq/Hkv heads, D head dim, I intermediate, V vocab, N logits,
+E experts, k experts per token.
 
 `LlamaFamily.construct` is one whole step and runs either op by op (PyNative) or as one graph:
 `MindSporeRunner` wraps it in mindspore.jit with every per-step dimension declared dynamic, so a
@@ -53,20 +55,49 @@ def rotate_half_matrix(head_dim: int) -> torch.Tensor:
     return r
 
 
+def check_moe(spec: ModelSpec) -> None:
+    """`moe_mlp` implements Qwen3-MoE routing only; refuse the rest (DeepSeek-V3's) up front."""
+    m = spec.moe
+    if m is None:
+        return
+    if m.scoring != "softmax" or m.num_shared_experts or spec.mla is not None:
+        raise UnsupportedConfigError(
+            f"mindspore backend: only Qwen3-MoE routing (softmax scores, no shared experts, GQA) is "
+            f"supported, not scoring={m.scoring!r} with {m.num_shared_experts} shared expert(s)"
+            + (" and latent attention" if spec.mla is not None else "")
+        )
+
+
+def mlp_weights(w: Mapping[str, torch.Tensor], m: str, spec: ModelSpec, moe: bool) -> list[torch.Tensor]:
+    """A dense MLP: fused gate/up projection [2 I, H], down_proj [H, I].
+
+    An MoE MLP (E experts of width I): the router [E, H] in float32 (routing runs in float32);
+    every expert's gate and up rows, expert after expert, as one [E * 2 I, H] projection; and
+    every expert's down_proj side by side as one [H, E * I] (column e * I + j is expert e's
+    column j), so that `moe_mlp` evaluates all experts with two plain matmuls."""
+    if not moe:
+        return [torch.cat([w[m + "gate_proj.weight"], w[m + "up_proj.weight"]]), w[m + "down_proj.weight"]]
+    experts = [f"{m}experts.{e}." for e in range(spec.moe.num_experts)]
+    return [
+        w[m + "gate.weight"].float(),
+        torch.cat([w[p + n] for p in experts for n in ("gate_proj.weight", "up_proj.weight")]),
+        torch.cat([w[p + "down_proj.weight"] for p in experts], 1),
+    ]
+
+
 def layer_weights(w: Mapping[str, torch.Tensor], i: int, spec: ModelSpec) -> list[torch.Tensor]:
     """Layer i's tensors in the order `LlamaFamily.construct` unpacks them: input norm, fused
-    q/k/v projection [(Hq + 2 Hkv) * D, H], o_proj, post-attention norm, fused gate/up
-    projection [2 I, H], down_proj; then the fused q/k/v bias (attention_bias); then the q and k
-    head norms as one [Hq + Hkv, D] weight (qk_norm). Fusing copies those weights once and saves
-    kernel launches on every step."""
+    q/k/v projection [(Hq + 2 Hkv) * D, H], o_proj, post-attention norm, the MLP's weights
+    (`mlp_weights`: two for a dense MLP, three for an MoE layer); then the fused q/k/v bias
+    (attention_bias); then the q and k head norms as one [Hq + Hkv, D] weight (qk_norm). Fusing
+    copies those weights once and saves kernel launches on every step."""
     a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
     out = [
         w[f"model.layers.{i}.input_layernorm.weight"],
         torch.cat([w[a + f"{n}_proj.weight"] for n in "qkv"]),
         w[a + "o_proj.weight"],
         w[f"model.layers.{i}.post_attention_layernorm.weight"],
-        torch.cat([w[m + "gate_proj.weight"], w[m + "up_proj.weight"]]),
-        w[m + "down_proj.weight"],
+        *mlp_weights(w, m, spec, spec.is_moe_layer(i)),
     ]
     if spec.attention_bias:
         out.append(torch.cat([w[a + f"{n}_proj.bias"] for n in "qkv"]))
@@ -74,6 +105,35 @@ def layer_weights(w: Mapping[str, torch.Tensor], i: int, spec: ModelSpec) -> lis
         q, k = w[a + "q_norm.weight"], w[a + "k_norm.weight"]
         out.append(torch.cat([q.expand(spec.num_heads, -1), k.expand(spec.num_kv_heads, -1)]))
     return out
+
+
+def moe_mlp(x: Tensor, router: Tensor, gate_up: Tensor, down: Tensor, E: int, I: int, top_k: int,
+            norm_topk_prob: bool, scaling: float) -> Tensor:
+    """Softmax-routed SwiGLU experts, as the reference's MoE: x [T, H] -> [T, H].
+
+    Routing in float32: softmax over the router logits, the top_k experts, renormalised to sum
+    to 1 when norm_topk_prob, times `scaling`; as a dense [T, E] matrix with zeros for the
+    experts a token did not choose (one-hot of the top-k ids, weighted and summed).
+
+    Dense compute: every token goes through all E experts ([T, E * 2 I] then [T, E * I] ->
+    [T, H] in two matmuls), with the unchosen experts' outputs weighted by zero. That costs E/k
+    times the FLOPs of routed compute (4x for the tiny 8-expert top-2 model) but has no
+    data-dependent shapes, so it compiles once under dynamic T and launches a handful of kernels;
+    fine for small models, not for real MoE sizes (those want a grouped/sorted expert kernel).
+    The routing weight multiplies each expert's activation before down_proj rather than its
+    output after it: the same sum, differing only in rounding."""
+    probs = ops.softmax(linear(cast(x, ms.float32), router), -1)  # [T, E] float32
+    top, ids = ops.topk(probs, top_k)  # [T, k]
+    if norm_topk_prob:
+        top = top / top.sum(-1, keepdims=True)
+    if scaling != 1.0:
+        top = top * scaling
+    one = Tensor(1.0, ms.float32)
+    zero = Tensor(0.0, ms.float32)
+    route = (ops.one_hot(ids, E, one, zero) * top.reshape(-1, top_k, 1)).sum(1)  # [T, E]
+    gate, up = ops.split(linear(x, gate_up).reshape(-1, E, 2 * I), (I, I), -1)  # [T, E, I] x2
+    act = ops.silu(gate) * up * cast(route, x.dtype).reshape(-1, E, 1)
+    return linear(act.reshape(-1, E * I), down)  # [T, H]
 
 
 class LlamaFamily(nn.Cell):
@@ -91,6 +151,12 @@ class LlamaFamily(nn.Cell):
         self.num_layers, self.eps, self.intermediate = spec.num_layers, spec.rms_norm_eps, spec.intermediate_size
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.qk_norm, self.attention_bias = spec.qk_norm, spec.attention_bias
+        self.moe_layers = tuple(spec.is_moe_layer(i) for i in range(spec.num_layers))
+        moe = spec.moe
+        self.num_experts, self.moe_intermediate = (moe.num_experts, moe.intermediate_size) if moe else (0, 0)
+        self.top_k = moe.top_k if moe else 0
+        self.norm_topk_prob = moe.norm_topk_prob if moe else False
+        self.routed_scaling = float(moe.routed_scaling_factor) if moe else 1.0
 
     def construct(self, weights, keys, values, input_ids, positions, logits_indices, attn_inputs, attn_variant):
         embed, norm, lm_head, inv_freq, rotate_half, layers = weights
@@ -103,8 +169,9 @@ class LlamaFamily(nn.Cell):
         for i in range(self.num_layers):
             L = layers[i]
             qkv = linear(rms_norm(x, L[0], eps), L[1])  # [T, (Hq + 2 Hkv) * D]
+            moe = self.moe_layers[i]
             if self.attention_bias:
-                qkv = qkv + L[6]
+                qkv = qkv + L[7 if moe else 6]
             qk, v = ops.split(qkv.reshape(-1, Hq + 2 * Hkv, D), (Hq + Hkv, Hkv), 1)  # [T, Hq+Hkv, D], [T, Hkv, D]
             if self.qk_norm:
                 qk = rms_norm(qk, L[-1], eps)
@@ -114,8 +181,13 @@ class LlamaFamily(nn.Cell):
             new_k.append(k)
             new_v.append(v)
             x = x + linear(a.reshape(-1, Hq * D), L[2])
-            gate, up = ops.split(linear(rms_norm(x, L[3], eps), L[4]), (I, I), -1)  # [T, I] x2
-            x = x + linear(ops.silu(gate) * up, L[5])
+            h = rms_norm(x, L[3], eps)
+            if moe:
+                x = x + moe_mlp(h, L[4], L[5], L[6], self.num_experts, self.moe_intermediate, self.top_k,
+                                self.norm_topk_prob, self.routed_scaling)  # fmt: skip
+            else:
+                gate, up = ops.split(linear(h, L[4]), (I, I), -1)  # [T, I] x2
+                x = x + linear(ops.silu(gate) * up, L[5])
         x = rms_norm(ops.gather(x, logits_indices, 0), norm, eps)  # [N, H]
         logits = cast(linear(x, lm_head), ms.float32)  # [N, V]
         if self.return_kv:
@@ -137,6 +209,7 @@ class MindSporeRunner:
         mode = options.extra.get("mode", "jit")
         if mode not in MODES:
             raise UnsupportedConfigError(f"mindspore backend: mode {mode!r} is not one of {' | '.join(MODES)}")
+        check_moe(spec)
         self.spec, self.exchange, self.device, self.mode = spec, exchange, options.device, mode
         self.layout: KVLayout | None = None  # the layout the step below was built for
         D = spec.head_dim

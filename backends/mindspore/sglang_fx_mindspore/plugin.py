@@ -23,7 +23,7 @@ CAPABILITIES = Capabilities(
         "cuda": frozenset({"float32", "float16"}),
         "npu": frozenset({"float32", "float16", "bfloat16"}),
     },
-    architectures=frozenset({"Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM"}),
+    architectures=frozenset({"Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM"}),
     page_sizes=None,
     features=frozenset({"prefix_cache", "jit", "all_token_logits"}),
 )
