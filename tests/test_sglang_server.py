@@ -63,9 +63,9 @@ FAILING = {
     "device_missing": ("qwen3", "npu_only_test", "sglang_fx.sglang.launch_server", [
         "sglang-fx backend 'npu_only_test' cannot serve this",
         "device 'cpu' is not supported; supported devices: npu"]),
-    "architecture_unsupported": ("qwen3_moe", "mindspore", "sglang.launch_server", [
+    "architecture_unsupported": ("deepseek_v3", "mindspore", "sglang.launch_server", [
         "sglang-fx backend 'mindspore' cannot serve this",
-        "architecture 'Qwen3MoeForCausalLM' is not supported; supported: "]),
+        "architecture 'DeepseekV3ForCausalLM' is not supported; supported: "]),
 }  # fmt: skip
 
 
@@ -80,12 +80,12 @@ def _mindspore_available() -> bool:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, str]:
-    """Tiny checkpoints: "qwen3" (float32, served) and "qwen3_moe" (an architecture the
+    """Tiny checkpoints: "qwen3" (float32, served) and "deepseek_v3" (an architecture the
     mindspore backend does not declare)."""
     from sglang_fx.tiny import make_tiny_model
 
     root = tmp_path_factory.mktemp("tiny")
-    return {arch: str(make_tiny_model(arch, root / arch)) for arch in ("qwen3", "qwen3_moe")}
+    return {arch: str(make_tiny_model(arch, root / arch)) for arch in ("qwen3", "deepseek_v3")}
 
 
 @pytest.fixture(scope="module")
