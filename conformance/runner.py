@@ -7,6 +7,7 @@ passes fails the run ("unexpected pass"), so the list cannot go stale.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
@@ -39,7 +40,7 @@ def judge(case: Case, ctx: Context) -> CaseResult:
     except Exception as e:  # a crashing case is a failing case, with its reason
         out = Outcome(False, None, None, f"{type(e).__name__}: {e}")
         status = "error"
-        if ctx_debug():
+        if os.environ.get("SGLANG_FX_DEBUG"):
             traceback.print_exc()
     gap = ctx.backend.info.known_gaps.get(case.name)
     if gap is not None:
@@ -50,12 +51,6 @@ def judge(case: Case, ctx: Context) -> CaseResult:
     else:
         passed, detail = out.passed, out.detail
     return CaseResult(case.name, passed, status, out.max_abs_diff, out.token_agreement, detail, time.perf_counter() - start)
-
-
-def ctx_debug() -> bool:
-    import os
-
-    return bool(os.environ.get("SGLANG_FX_DEBUG"))
 
 
 @dataclass(frozen=True)

@@ -132,10 +132,10 @@ class PagedKVPool:
     def length(self, seq_id: object) -> int:
         return self._seqs[seq_id].length
 
-    def slots(self, seq_id: object) -> list[int]:
-        """KV slot of every token of the sequence, in order."""
+    def slots(self, seq_id: object, start: int = 0) -> list[int]:
+        """KV slot of every token of the sequence from token `start` on, in order."""
         seq, p = self._seqs[seq_id], self.layout.page_size
-        return [seq.pages[j // p] * p + j % p for j in range(seq.length)]
+        return [seq.pages[j // p] * p + j % p for j in range(start, seq.length)]
 
     def reserve(self, seq_id: object, num_tokens: int) -> list[int]:
         """Give the next num_tokens tokens of the sequence (created if new) their slots.
@@ -159,7 +159,7 @@ class PagedKVPool:
             seq.pages += [pages.pop() for _ in range(need[seq_id])]
             start = seq.length
             seq.length += n
-            out[seq_id] = self.slots(seq_id)[start:]
+            out[seq_id] = self.slots(seq_id, start)
         return out
 
     def fork(self, new_id: object, src_id: object, num_tokens: int) -> int:
