@@ -19,17 +19,19 @@ PYTHON = sys.executable
 
 #: A test-only backend: the reference_torch hooks under another name, declaring `devices`.
 DEVICE_BACKEND = '''
-"""Test-only sglang-fx backend: the reference_torch hooks under another name/capabilities."""
+"""Test-only sglang-fx backend: the reference_torch hooks under another name, on other devices
+and (when ARCHITECTURES is not None) for fewer architectures."""
 import dataclasses
 from sglang_fx import hookimpl
 from sglang_fx_reference_torch import plugin as ref
 
-NAME, DEVICES = {name!r}, {devices!r}
+NAME, DEVICES, ARCHITECTURES = {name!r}, {devices!r}, {architectures!r}
 
 @hookimpl
 def sglang_fx_backend_info():
     info = ref.sglang_fx_backend_info()
-    caps = dataclasses.replace(info.capabilities, dtypes={{d: ref.FLOATS for d in DEVICES}})
+    caps = dataclasses.replace(info.capabilities, dtypes={{d: ref.FLOATS for d in DEVICES}},
+                               architectures=frozenset(ARCHITECTURES or info.capabilities.architectures))
     return dataclasses.replace(info, name=NAME, capabilities=caps)
 
 sglang_fx_make_exchange = ref.sglang_fx_make_exchange

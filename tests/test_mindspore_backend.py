@@ -30,7 +30,7 @@ from sglang_fx_mindspore.attention import (  # noqa: E402
 )
 from sglang_fx_mindspore.runtime import Tier, choose_tier  # noqa: E402
 
-ARCHS = ["qwen3", "qwen3_moe", "qwen2", "llama"]
+ARCHS = ["qwen3", "qwen3_moe", "qwen2", "llama", "deepseek_v3"]
 
 
 def npu_available() -> bool:
@@ -240,6 +240,12 @@ def test_ascend_inputs_block_tables_follow_req_to_token():
     assert a.block_tables[0, 2] == 0  # sequence 0 has 2 pages; the rest is padding
 
 
+def test_ascend_inputs_for_latent_attention_never_use_flash_attention():
+    meta = step_metadata(16, [0, 0], [5, 20])
+    assert ascend_inputs(meta, torch.float16, flash=False).variant == PAGED_EXTEND
+    assert ascend_inputs(step_metadata(16, [32, 16], [1, 1]), torch.float16, flash=False).variant == DECODE
+
+
 def test_ascend_inputs_prefix_hit_uses_a_lookahead_mask():
     meta = step_metadata(16, [32, 0], [3, 2])
     a = ascend_inputs(meta, torch.float16)
@@ -251,6 +257,7 @@ def test_ascend_inputs_prefix_hit_uses_a_lookahead_mask():
 
 
 ASCEND_SHAPE_CHECK = """
+import sys
 import mindspore as ms, torch
 from sglang_fx.kv_pool import KVLayout, PagedKVPool
 from sglang_fx.metadata import ForwardMetadata
@@ -262,36 +269,39 @@ from sglang_fx_mindspore.kv_cache import MindSporeKVCache
 ms.set_device("CPU")
 ms.runtime.launch_blocking()  # report each kernel's error at its own call
 ex = MindSporeExchange()
-layout = KVLayout(1, 8, 16, (2, 128), (2, 128), torch.float16)
-pool = PagedKVPool(layout)
-cache = MindSporeKVCache(layout, pool.k_buffers, pool.v_buffers, ex)
-attn = AscendPagedAttention(AttentionSpec(4, 2, 128, 128, 128**-0.5), layout, "cpu", ex)
-for prefix, new in [([0, 0], [5, 20]), ([32, 16], [1, 1]), ([32, 0], [3, 2])]:
-    slots = [[b * 64 + j for j in range(p + n)] for b, (p, n) in enumerate(zip(prefix, new))]
-    attn.plan(ForwardMetadata.from_lists(token_slots=slots, prefix_lens=prefix, page_size=16))
-    q, k, v = (ex.from_torch(torch.randn(sum(new), h, 128, dtype=torch.float16)) for h in (4, 2, 2))
-    pages = (cache.key_pages[0], cache.value_pages[0])
-    for call in (lambda: attn.store(k, v, *pages, attn.inputs), lambda: attn.attend(q, k, v, *pages, attn.inputs, attn.variant)):
-        try:
-            call().asnumpy()
-        except RuntimeError as e:
-            print(str(e).splitlines()[0])
+GQA = (AttentionSpec(4, 2, 128, 128, 128**-0.5), KVLayout(1, 8, 16, (2, 128), (2, 128), torch.float16))
+MLA = (AttentionSpec(4, 1, 576, 512, 192**-0.5), KVLayout(1, 8, 16, (1, 576), None, torch.float16))  # DeepSeek-V3's dims
+for spec, layout in (GQA, MLA):
+    pool = PagedKVPool(layout)
+    cache = MindSporeKVCache(layout, pool.k_buffers, pool.v_buffers, ex)
+    attn = AscendPagedAttention(spec, layout, "cpu", ex)
+    for prefix, new in [([0, 0], [5, 20]), ([32, 16], [1, 1]), ([32, 0], [3, 2])]:
+        slots = [[b * 64 + j for j in range(p + n)] for b, (p, n) in enumerate(zip(prefix, new))]
+        attn.plan(ForwardMetadata.from_lists(token_slots=slots, prefix_lens=prefix, page_size=16))
+        q, k = (ex.from_torch(torch.randn(sum(new), h, spec.head_dim, dtype=torch.float16)) for h in (4, spec.num_kv_heads))
+        v = None if layout.v_shape is None else ex.from_torch(torch.randn(sum(new), 2, 128, dtype=torch.float16))
+        pages = (cache.key_pages[0], None if cache.value_pages is None else cache.value_pages[0])
+        for call in (lambda: attn.store(k, v, *pages, attn.inputs), lambda: attn.attend(q, k, v, *pages, attn.inputs, attn.variant)):
+            try:
+                call().asnumpy()
+            except RuntimeError as e:
+                print(str(e).splitlines()[0])
 
 # The whole jit step with the Ascend tier: parsed and type-inferred, then refused at kernel selection.
-import sys
 from sglang_fx.generate import Session
 from sglang_fx_mindspore import attention, runtime
 attention.choose_tier = lambda device, layout, dtype: runtime.Tier.ASCEND
-s = Session("mindspore", sys.argv[1], dtype="float16", page_size=16)
-first = s.new_sequence(list(range(3, 40)))[0]
-for step in ("prefill", "decode", "prefix hit"):  # FLASH, DECODE, PAGED_EXTEND
-    seqs, tokens = [first], [list(range(3, 40))] if step == "prefill" else [[7]]
-    if step == "prefix hit":
-        seqs, tokens = [s.new_sequence(list(range(3, 40)) + [9, 9])[0]], [[9, 9, 9]]
-    try:
-        s.forward(seqs, tokens)
-    except RuntimeError as e:
-        print(s.runner.attn.variant, next(line for line in str(e).splitlines() if "Unsupported op" in line).split(",")[0])
+for path in sys.argv[1:]:
+    s = Session("mindspore", path, dtype="float16", page_size=16)
+    first = s.new_sequence(list(range(3, 40)))[0]
+    for step in ("prefill", "decode", "prefix hit"):
+        seqs, tokens = [first], [list(range(3, 40))] if step == "prefill" else [[7]]
+        if step == "prefix hit":
+            seqs, tokens = [s.new_sequence(list(range(3, 40)) + [9, 9])[0]], [[9, 9, 9]]
+        try:
+            s.forward(seqs, tokens)
+        except RuntimeError as e:
+            print(s.runner.attn.variant, next(line for line in str(e).splitlines() if "Unsupported op" in line).split(",")[0])
 """
 
 
@@ -299,16 +309,21 @@ for step in ("prefill", "decode", "prefix hit"):  # FLASH, DECODE, PAGED_EXTEND
 def test_ascend_kernels_accept_their_arguments(tmp_path, tiny):
     """MindSpore checks a primitive's argument shapes and dtypes (its infer function) before it
     looks for a kernel, so on CPU a well-formed call fails only for want of the Ascend kernel:
-    each kernel alone in PyNative, and the whole Ascend-tier step graph under jit (run in a
-    subprocess: it needs MindSpore's process-wide blocking launch)."""
+    each kernel alone in PyNative, for grouped-query and for latent attention, and the whole
+    Ascend-tier step graph of both kinds of model under jit (run in a subprocess: it needs
+    MindSpore's process-wide blocking launch). Latent attention never takes the FLASH path."""
     import subprocess
 
     script = tmp_path / "check.py"
     script.write_text(ASCEND_SHAPE_CHECK)
-    proc = subprocess.run([sys.executable, str(script), str(tiny("qwen3"))], capture_output=True, text=True, timeout=300)
-    kernels = ["ReshapeAndCache", "FlashAttentionScore", "ReshapeAndCache", "PagedAttention", "ReshapeAndCache", "PagedAttention"]
-    graphs = [f"{variant} Unsupported op [ReshapeAndCache] on CPU" for variant in (FLASH, DECODE, PAGED_EXTEND)]
-    assert proc.stdout.splitlines() == [f"The kernel {name} unregistered." for name in kernels] + graphs, proc.stderr[-3000:]
+    models = [str(tiny("qwen3")), str(tiny("deepseek_v3"))]
+    proc = subprocess.run([sys.executable, str(script), *models], capture_output=True, text=True, timeout=600)
+    gqa = ["ReshapeAndCache", "FlashAttentionScore"] + ["ReshapeAndCache", "PagedAttention"] * 2
+    mla = ["ReshapeAndCache", "PagedAttention"] * 3
+    graphs = [(FLASH, DECODE, PAGED_EXTEND), (PAGED_EXTEND, DECODE, PAGED_EXTEND)]
+    expected = [f"The kernel {name} unregistered." for name in gqa + mla]
+    expected += [f"{variant} Unsupported op [ReshapeAndCache] on CPU" for variants in graphs for variant in variants]
+    assert proc.stdout.splitlines() == expected, proc.stderr[-3000:]
 
 
 @needs_npu
@@ -403,9 +418,16 @@ def test_float16_on_cpu_matches_the_reference_backend(tiny):
     torch.testing.assert_close(out[0], out[1], rtol=0, atol=2e-2)
 
 
+MOE_WITH_DENSE_LAYERS = {
+    "qwen3_moe": dict(num_hidden_layers=3, decoder_sparse_step=2),  # dense, MoE, dense
+    "deepseek_v3": dict(num_hidden_layers=3, first_k_dense_replace=1),  # dense, MoE, MoE
+}
+
+
 @pytest.mark.parametrize("dtype,atol", [("float32", 1e-4), ("float16", 2e-2)])
-def test_qwen3_moe_with_dense_layers_matches_the_reference_backend(tiny, dtype, atol):
-    path = tiny("qwen3_moe", num_hidden_layers=3, decoder_sparse_step=2)  # dense, MoE, dense
+@pytest.mark.parametrize("arch", MOE_WITH_DENSE_LAYERS)
+def test_moe_with_dense_layers_matches_the_reference_backend(tiny, arch, dtype, atol):
+    path = tiny(arch, **MOE_WITH_DENSE_LAYERS[arch])
     prompts = [PROMPT[:30], PROMPT[40:45]]
     out = []
     for name in ("mindspore", "reference_torch"):
@@ -416,15 +438,26 @@ def test_qwen3_moe_with_dense_layers_matches_the_reference_backend(tiny, dtype, 
     torch.testing.assert_close(out[0], out[1], rtol=0, atol=atol)
 
 
-def test_deepseek_v3_routing_is_refused(tiny):
+def test_every_architecture_declared_has_a_model():
+    from sglang_fx_mindspore.model import ARCHITECTURES
+
+    assert set(ARCHITECTURES) == plugin.CAPABILITIES.architectures
+
+
+def test_an_architecture_without_a_model_is_refused(tiny):
+    import dataclasses
+
     from sglang_fx.checkpoint import load_spec
-    from sglang_fx_mindspore.model import check_moe
+    from sglang_fx.spi import RunnerOptions
+    from sglang_fx_mindspore.exchange import MindSporeExchange
+    from sglang_fx_mindspore.model import MindSporeRunner
 
-    with pytest.raises(UnsupportedConfigError, match="only Qwen3-MoE routing"):
-        check_moe(load_spec(tiny("deepseek_v3")))
+    spec = dataclasses.replace(load_spec(tiny("qwen3")), architecture="MistralForCausalLM")
+    with pytest.raises(UnsupportedConfigError, match="architecture 'MistralForCausalLM' is not supported; it runs Qwen3ForCausalLM"):
+        MindSporeRunner(spec, {}, RunnerOptions("cpu"), MindSporeExchange())
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe", "deepseek_v3"])
 def test_jit_compiles_once_for_every_batch_shape(tiny, arch):
     from mindspore.graph.api import ms_compile_cache  # MindSpore's set of compiled graph phases
 

@@ -31,7 +31,7 @@ def env(tmp_path_factory) -> dict:
         pytest.skip("the reference_torch backend is not installed")
     backends = {}
     if "mindspore" not in installed_backends():
-        backends["mindspore"] = DEVICE_BACKEND.format(name="mindspore", devices=("cpu", "cuda", "npu"))
+        backends["mindspore"] = DEVICE_BACKEND.format(name="mindspore", devices=("cpu", "cuda", "npu"), architectures=None)
     return entry_points_env(tmp_path_factory.mktemp("sglang_fx_entry_points"), backends)
 
 

@@ -63,8 +63,8 @@ FAILING = {
     "device_missing": ("qwen3", "npu_only_test", "sglang_fx.sglang.launch_server", [
         "sglang-fx backend 'npu_only_test' cannot serve this",
         "device 'cpu' is not supported; supported devices: npu"]),
-    "architecture_unsupported": ("deepseek_v3", "mindspore", "sglang.launch_server", [
-        "sglang-fx backend 'mindspore' cannot serve this",
+    "architecture_unsupported": ("deepseek_v3", "qwen3_only_test", "sglang.launch_server", [
+        "sglang-fx backend 'qwen3_only_test' cannot serve this",
         "architecture 'DeepseekV3ForCausalLM' is not supported; supported: "]),
 }  # fmt: skip
 
@@ -81,7 +81,7 @@ def _mindspore_available() -> bool:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, str]:
     """Tiny checkpoints: "qwen3" (float32, served) and "deepseek_v3" (an architecture the
-    mindspore backend does not declare)."""
+    qwen3_only_test backend does not declare)."""
     from sglang_fx.tiny import make_tiny_model
 
     root = tmp_path_factory.mktemp("tiny")
@@ -100,7 +100,8 @@ def servers(tmp_path_factory, models):
     eps = root / "entry_points"
     eps.mkdir()
     env = entry_points_env(eps, {
-        "npu_only_test": DEVICE_BACKEND.format(name="npu_only_test", devices=("npu",)),
+        "npu_only_test": DEVICE_BACKEND.format(name="npu_only_test", devices=("npu",), architectures=None),
+        "qwen3_only_test": DEVICE_BACKEND.format(name="qwen3_only_test", devices=("cpu",), architectures=("Qwen3ForCausalLM",)),
         "unavailable_test": UNAVAILABLE_BACKEND.format(name="unavailable_test"),
     })  # fmt: skip
     started: dict[str, Server] = {}

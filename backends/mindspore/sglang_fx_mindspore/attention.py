@@ -6,7 +6,8 @@ them to MindSpore once per step. `run(q, k, v, k_cache, v_cache, inputs, variant
 first writes the new K/V when the tier's `writes_kv` says so (else its caller stores them). It is
 graph-callable, so the model's jit graph inlines it; `forward` (the SPI entry) calls it with the
 planned inputs. `variant` is a Python int that picks a kernel path: a compile-time constant in a
-jit graph. `cache_views(cache)` gives the per-layer KV tuples `run` takes.
+jit graph. `cache_views(cache)` gives the per-layer KV tuples `run` takes. Latent attention (a
+layout without V, `spi.Attention`'s v=None) reads its values as the first Dv key channels.
 
 Shapes: T new tokens, B sequences, E = max new tokens of a sequence, L = max sequence length,
 Hq/Hkv heads, G = Hq // Hkv, D/Dv head dims, S pool slots, P page size.
@@ -121,7 +122,7 @@ class PortablePagedAttention(nn.Cell):
         self.slots = self.exchange.from_torch(meta.out_cache_loc)
         self.inputs = mutable(tuple(self.exchange.from_torch(t) for t in tensors))
 
-    def forward(self, layer: int, q: Tensor, k: Tensor, v: Tensor, cache: MindSporeKVCache) -> Tensor:
+    def forward(self, layer: int, q: Tensor, k: Tensor, v: Tensor | None, cache: MindSporeKVCache) -> Tensor:
         cache.write(layer, self.slots, k, v)
         return self.run(q, k, v, cache.k(layer), cache.v(layer), self.inputs, self.variant)
 
@@ -130,7 +131,10 @@ class PortablePagedAttention(nn.Cell):
         D, Dv = self.head_dim, self.v_head_dim
         qp = cast(ops.gather(q.reshape(-1, D), q_index, 0), ms.float32)  # [B, Hkv, R, D]
         keys = _sequence_rows(k_cache, k, kv_slots, new_pos)  # [B, Hkv, L, D]
-        vals = _sequence_rows(v_cache, v, kv_slots, new_pos)  # [B, Hkv, L, Dv]
+        if v_cache is None:  # latent attention: the values are the keys' first Dv channels
+            vals = keys[..., :Dv]
+        else:
+            vals = _sequence_rows(v_cache, v, kv_slots, new_pos)  # [B, Hkv, L, Dv]
         probs = ops.softmax(_bmm_t(qp, keys) * self.scale + bias, -1)  # [B, Hkv, R, L]
         out = _bmm(probs, vals).reshape(-1, Dv)  # [B * Hkv * R, Dv]
         return cast(ops.gather(out, out_index, 0), q.dtype)  # [T, Hq, Dv]
@@ -206,9 +210,11 @@ def flash_causal_mask(device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.ones(FLASH_MASK_SIZE, FLASH_MASK_SIZE, dtype=torch.uint8, device=device).triu_(1)
 
 
-def ascend_inputs(meta: ForwardMetadata, dtype: torch.dtype) -> AscendInputs:
+def ascend_inputs(meta: ForwardMetadata, dtype: torch.dtype, flash: bool = True) -> AscendInputs:
+    """flash=False: never the FLASH variant (latent attention, whose values are part of the keys,
+    runs every prefill through paged_attention after reshape_and_cache)."""
     dev = meta.positions.device
-    if not any(meta.prefix_lens_cpu):
+    if flash and not any(meta.prefix_lens_cpu):
         variant, mask = FLASH, None
     elif all(e == 1 for e in meta.extend_lens_cpu):
         variant, mask = DECODE, None
@@ -227,7 +233,9 @@ def ascend_inputs(meta: ForwardMetadata, dtype: torch.dtype) -> AscendInputs:
 
 class AscendPagedAttention(nn.Cell):
     """Ascend's fused kernels over the pool viewed as pages: [num_pages, P, Hkv, D]. run()
-    writes the new K/V itself (reshape_and_cache), before paged_attention reads them."""
+    writes the new K/V itself (reshape_and_cache), before paged_attention reads them. Latent
+    attention (no V pool) caches keys only and passes the key pages as paged_attention's values,
+    of which it reads the first Dv channels (mla_v_dim)."""
 
     writes_kv = True
 
@@ -235,9 +243,11 @@ class AscendPagedAttention(nn.Cell):
         super().__init__()
         self.num_heads, self.scale, self.dtype = spec.num_heads, spec.scale, layout.dtype
         self.kv_width = spec.num_kv_heads * spec.head_dim  # reshape_and_cache takes k, v as [T, Hkv * D]
+        self.latent = layout.v_shape is None
         self.exchange = exchange
         self.reshape_and_cache = ops.auto_generate.ReshapeAndCache()
-        self.paged_attention = ops.auto_generate.PagedAttention(spec.num_heads, spec.scale, spec.num_kv_heads)
+        mla_v_dim = spec.v_head_dim if self.latent else 0
+        self.paged_attention = ops.auto_generate.PagedAttention(spec.num_heads, spec.scale, spec.num_kv_heads, mla_v_dim=mla_v_dim)
         self.causal_mask = exchange.from_torch(flash_causal_mask(device))
         i32, mask_dtype = ms.int32, ms_dtype(layout.dtype)
         self.dynamic_inputs = (
@@ -256,19 +266,21 @@ class AscendPagedAttention(nn.Cell):
         return cache.key_pages, cache.value_pages
 
     def plan(self, meta: ForwardMetadata) -> None:
-        a = ascend_inputs(meta, self.dtype)
+        a = ascend_inputs(meta, self.dtype, flash=not self.latent)
         self.inputs = mutable(tuple(self.exchange.from_torch(t) for t in a.tensors()))
         self.variant = a.variant
 
-    def forward(self, layer: int, q: Tensor, k: Tensor, v: Tensor, cache: MindSporeKVCache) -> Tensor:
-        return self.run(q, k, v, cache.key_pages[layer], cache.value_pages[layer], self.inputs, self.variant)
+    def forward(self, layer: int, q: Tensor, k: Tensor, v: Tensor | None, cache: MindSporeKVCache) -> Tensor:
+        v_pages = None if cache.value_pages is None else cache.value_pages[layer]
+        return self.run(q, k, v, cache.key_pages[layer], v_pages, self.inputs, self.variant)
 
     def run(self, q, k, v, k_pages, v_pages, inputs, variant):
         q = ops.depend(q, self.store(k, v, k_pages, v_pages, inputs))  # the kernels read what store wrote
         return self.attend(q, k, v, k_pages, v_pages, inputs, variant)
 
     def store(self, k, v, k_pages, v_pages, inputs):
-        return self.reshape_and_cache(k.reshape(-1, self.kv_width), v.reshape(-1, self.kv_width), k_pages, v_pages, inputs[0])
+        v = None if v is None else v.reshape(-1, self.kv_width)
+        return self.reshape_and_cache(k.reshape(-1, self.kv_width), v, k_pages, v_pages, inputs[0])
 
     def attend(self, q, k, v, k_pages, v_pages, inputs, variant):
         _, tables, context_lens, q_seq_lens, actual_seq_qlen, mask = inputs
@@ -277,6 +289,8 @@ class AscendPagedAttention(nn.Cell):
                 q, k, v, self.num_heads, attn_mask=self.causal_mask, actual_seq_qlen=actual_seq_qlen,
                 actual_seq_kvlen=actual_seq_qlen, scalar_value=self.scale, next_tokens=0, input_layout="TND", sparse_mode=3,
             )
+        if v_pages is None:  # latent attention: paged_attention reads the values from the key pages
+            v_pages = k_pages
         if variant == DECODE:
             return self.paged_attention(q, k_pages, v_pages, tables, context_lens)
         return self.paged_attention(q, k_pages, v_pages, tables, context_lens, None, None, mask, q_seq_lens)

@@ -1,14 +1,6 @@
-"""Qwen3 / Qwen3-MoE / Qwen2 / Llama in MindSpore, written to be read (and compiled by mindspore.jit).
-
-They share one shape: pre-norm decoder blocks of GQA attention with RoPE and a SwiGLU MLP.
-Qwen3 adds an RMSNorm on every q/k head (qk_norm); Qwen2 adds q/k/v biases; Qwen3-MoE is Qwen3
-with the MLP of its MoE layers replaced by softmax-routed experts (`moe_mlp`).
-Shapes: T new tokens, H hidden, Hq/Hkv heads, D head dim, I intermediate, V vocab, N logits,
-E experts, k experts per token.
-
-`LlamaFamily.construct` is one whole step and runs either op by op (PyNative) or as one graph:
-`MindSporeRunner` wraps it in mindspore.jit with every per-step dimension declared dynamic, so a
-new batch size or length reuses the compiled graph.
+"""The MindSpore `spi.ModelRunner`: places an architecture's weights once, then runs each step
+as one call of its Decoder Cell, op by op (PyNative) or as one compiled graph: mindspore.jit
+with every per-step dimension declared dynamic, so a new batch size or length reuses the graph.
 """
 
 from __future__ import annotations
@@ -17,186 +9,37 @@ from collections.abc import Mapping
 
 import mindspore as ms
 import torch
-from mindspore import Tensor, enable_dynamic, mutable, nn, ops
+from mindspore import Tensor, enable_dynamic, mutable
 
 from sglang_fx.checkpoint import ModelSpec
 from sglang_fx.errors import UnsupportedConfigError
 from sglang_fx.kv_pool import KVLayout
 from sglang_fx.metadata import ForwardMetadata
-from sglang_fx.spi import AttentionSpec, RunnerOptions
+from sglang_fx.spi import RunnerOptions
 
 from .attention import make_attention
+from .decoder import Decoder
+from .deepseek_v3 import DeepseekV3
 from .exchange import MindSporeExchange
-from .kernels import cast
 from .kv_cache import MindSporeKVCache
+from .llama import LlamaFamily
 from .runtime import DEVICE_TARGETS, ms_dtype
 
 MODES = ("jit", "pynative")
-_matmul_t = ops.MatMul(transpose_b=True)  # x @ w.T, without materialising w.T
 
-
-def linear(x: Tensor, w: Tensor) -> Tensor:
-    return _matmul_t(x, w)
-
-
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    x32 = cast(x, ms.float32)
-    x32 = x32 * ops.rsqrt(ops.mean(x32 * x32, -1, True) + eps)
-    return weight * cast(x32, x.dtype)
-
-
-def rotate_half_matrix(head_dim: int) -> torch.Tensor:
-    """[D, D] R with x @ R == cat(-x[..., D/2:], x[..., :D/2]): RoPE's rotate_half as one
-    matmul (exact: one +-1 per column) instead of four slice/negate/concat kernels."""
-    half = head_dim // 2
-    r = torch.zeros(head_dim, head_dim)
-    r[torch.arange(half) + half, torch.arange(half)] = -1.0
-    r[torch.arange(half), torch.arange(half) + half] = 1.0
-    return r
-
-
-def check_moe(spec: ModelSpec) -> None:
-    """`moe_mlp` implements Qwen3-MoE routing only; refuse the rest (DeepSeek-V3's) up front."""
-    m = spec.moe
-    if m is None:
-        return
-    if m.scoring != "softmax" or m.num_shared_experts or spec.mla is not None:
-        raise UnsupportedConfigError(
-            f"mindspore backend: only Qwen3-MoE routing (softmax scores, no shared experts, GQA) is "
-            f"supported, not scoring={m.scoring!r} with {m.num_shared_experts} shared expert(s)"
-            + (" and latent attention" if spec.mla is not None else "")
-        )
-
-
-def mlp_weights(w: Mapping[str, torch.Tensor], m: str, spec: ModelSpec, moe: bool) -> list[torch.Tensor]:
-    """A dense MLP: fused gate/up projection [2 I, H], down_proj [H, I].
-
-    An MoE MLP (E experts of width I): the router [E, H] in float32 (routing runs in float32);
-    every expert's gate and up rows, expert after expert, as one [E * 2 I, H] projection; and
-    every expert's down_proj side by side as one [H, E * I] (column e * I + j is expert e's
-    column j), so that `moe_mlp` evaluates all experts with two plain matmuls."""
-    if not moe:
-        return [torch.cat([w[m + "gate_proj.weight"], w[m + "up_proj.weight"]]), w[m + "down_proj.weight"]]
-    experts = [f"{m}experts.{e}." for e in range(spec.moe.num_experts)]
-    return [
-        w[m + "gate.weight"].float(),
-        torch.cat([w[p + n] for p in experts for n in ("gate_proj.weight", "up_proj.weight")]),
-        torch.cat([w[p + "down_proj.weight"] for p in experts], 1),
-    ]
-
-
-def layer_weights(w: Mapping[str, torch.Tensor], i: int, spec: ModelSpec) -> list[torch.Tensor]:
-    """Layer i's tensors in the order `LlamaFamily.construct` unpacks them: input norm, fused
-    q/k/v projection [(Hq + 2 Hkv) * D, H], o_proj, post-attention norm, the MLP's weights
-    (`mlp_weights`: two for a dense MLP, three for an MoE layer); then the fused q/k/v bias
-    (attention_bias); then the q and k head norms as one [Hq + Hkv, D] weight (qk_norm). Fusing
-    copies those weights once and saves kernel launches on every step."""
-    a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
-    out = [
-        w[f"model.layers.{i}.input_layernorm.weight"],
-        torch.cat([w[a + f"{n}_proj.weight"] for n in "qkv"]),
-        w[a + "o_proj.weight"],
-        w[f"model.layers.{i}.post_attention_layernorm.weight"],
-        *mlp_weights(w, m, spec, spec.is_moe_layer(i)),
-    ]
-    if spec.attention_bias:
-        out.append(torch.cat([w[a + f"{n}_proj.bias"] for n in "qkv"]))
-    if spec.qk_norm:
-        q, k = w[a + "q_norm.weight"], w[a + "k_norm.weight"]
-        out.append(torch.cat([q.expand(spec.num_heads, -1), k.expand(spec.num_kv_heads, -1)]))
-    return out
-
-
-def moe_mlp(x: Tensor, router: Tensor, gate_up: Tensor, down: Tensor, E: int, I: int, top_k: int,
-            norm_topk_prob: bool, scaling: float) -> Tensor:
-    """Softmax-routed SwiGLU experts, as the reference's MoE: x [T, H] -> [T, H].
-
-    Routing in float32: softmax over the router logits, the top_k experts, renormalised to sum
-    to 1 when norm_topk_prob, times `scaling`; as a dense [T, E] matrix with zeros for the
-    experts a token did not choose (one-hot of the top-k ids, weighted and summed).
-
-    Dense compute: every token goes through all E experts ([T, E * 2 I] then [T, E * I] ->
-    [T, H] in two matmuls), with the unchosen experts' outputs weighted by zero. That costs E/k
-    times the FLOPs of routed compute (4x for the tiny 8-expert top-2 model) but has no
-    data-dependent shapes, so it compiles once under dynamic T and launches a handful of kernels;
-    fine for small models, not for real MoE sizes (those want a grouped/sorted expert kernel).
-    The routing weight multiplies each expert's activation before down_proj rather than its
-    output after it: the same sum, differing only in rounding."""
-    probs = ops.softmax(linear(cast(x, ms.float32), router), -1)  # [T, E] float32
-    top, ids = ops.topk(probs, top_k)  # [T, k]
-    if norm_topk_prob:
-        top = top / top.sum(-1, keepdims=True)
-    if scaling != 1.0:
-        top = top * scaling
-    one = Tensor(1.0, ms.float32)
-    zero = Tensor(0.0, ms.float32)
-    route = (ops.one_hot(ids, E, one, zero) * top.reshape(-1, top_k, 1)).sum(1)  # [T, E]
-    gate, up = ops.split(linear(x, gate_up).reshape(-1, E, 2 * I), (I, I), -1)  # [T, E, I] x2
-    act = ops.silu(gate) * up * cast(route, x.dtype).reshape(-1, E, 1)
-    return linear(act.reshape(-1, E * I), down)  # [T, H]
-
-
-class LlamaFamily(nn.Cell):
-    """The decoder. Weights, KV buffers and step tensors come in as arguments (mutable tuples of
-    MindSpore tensors aliasing host memory), so the compiled graph holds no data of its own.
-
-    construct returns logits [N, V] float32, or, when the attention leaves K/V writes to its
-    caller (not attn.writes_kv), (logits, k, v) with this step's k and v [num_layers, T, Hkv, D]
-    in the KV dtype, for MindSporeKVCache.write_layers."""
-
-    def __init__(self, spec: ModelSpec, attention: nn.Cell, kv_dtype):
-        super().__init__()
-        self.attn, self.kv_dtype = attention, kv_dtype
-        self.return_kv = not attention.writes_kv
-        self.num_layers, self.eps, self.intermediate = spec.num_layers, spec.rms_norm_eps, spec.intermediate_size
-        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        self.qk_norm, self.attention_bias = spec.qk_norm, spec.attention_bias
-        self.moe_layers = tuple(spec.is_moe_layer(i) for i in range(spec.num_layers))
-        moe = spec.moe
-        self.num_experts, self.moe_intermediate = (moe.num_experts, moe.intermediate_size) if moe else (0, 0)
-        self.top_k = moe.top_k if moe else 0
-        self.norm_topk_prob = moe.norm_topk_prob if moe else False
-        self.routed_scaling = float(moe.routed_scaling_factor) if moe else 1.0
-
-    def construct(self, weights, keys, values, input_ids, positions, logits_indices, attn_inputs, attn_variant):
-        embed, norm, lm_head, inv_freq, rotate_half, layers = weights
-        Hq, Hkv, D, I, eps = self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate, self.eps
-        freqs = positions.astype(ms.float32).reshape(-1, 1) * inv_freq.reshape(1, -1)  # [T, D/2]
-        emb = ops.cat((freqs, freqs), -1).reshape(-1, 1, D)  # [T, 1, D], broadcast over heads
-        cos, sin = cast(ops.cos(emb), embed.dtype), cast(ops.sin(emb), embed.dtype)
-        x = ops.gather(embed, input_ids, 0)  # [T, H]
-        new_k, new_v = [], []
-        for i in range(self.num_layers):
-            L = layers[i]
-            qkv = linear(rms_norm(x, L[0], eps), L[1])  # [T, (Hq + 2 Hkv) * D]
-            moe = self.moe_layers[i]
-            if self.attention_bias:
-                qkv = qkv + L[7 if moe else 6]
-            qk, v = ops.split(qkv.reshape(-1, Hq + 2 * Hkv, D), (Hq + Hkv, Hkv), 1)  # [T, Hq+Hkv, D], [T, Hkv, D]
-            if self.qk_norm:
-                qk = rms_norm(qk, L[-1], eps)
-            qk = qk * cos + ops.matmul(qk, rotate_half) * sin  # RoPE on q and k heads at once
-            q, k = ops.split(qk, (Hq, Hkv), 1)
-            a = self.attn.run(q, k, v, keys[i], values[i], attn_inputs, attn_variant)  # [T, Hq, D]
-            new_k.append(k)
-            new_v.append(v)
-            x = x + linear(a.reshape(-1, Hq * D), L[2])
-            h = rms_norm(x, L[3], eps)
-            if moe:
-                x = x + moe_mlp(h, L[4], L[5], L[6], self.num_experts, self.moe_intermediate, self.top_k,
-                                self.norm_topk_prob, self.routed_scaling)  # fmt: skip
-            else:
-                gate, up = ops.split(linear(h, L[4]), (I, I), -1)  # [T, I] x2
-                x = x + linear(ops.silu(gate) * up, L[5])
-        x = rms_norm(ops.gather(x, logits_indices, 0), norm, eps)  # [N, H]
-        logits = cast(linear(x, lm_head), ms.float32)  # [N, V]
-        if self.return_kv:
-            return logits, cast(ops.stack(new_k), self.kv_dtype), cast(ops.stack(new_v), self.kv_dtype)
-        return logits
+#: HF architecture -> its Decoder; the plugin's Capabilities.architectures lists the same names.
+ARCHITECTURES: dict[str, type[Decoder]] = {
+    "Qwen3ForCausalLM": LlamaFamily,
+    "Qwen3MoeForCausalLM": LlamaFamily,
+    "Qwen2ForCausalLM": LlamaFamily,
+    "LlamaForCausalLM": LlamaFamily,
+    "DeepseekV3ForCausalLM": DeepseekV3,
+}
 
 
 class MindSporeRunner:
-    """`spi.ModelRunner` over LlamaFamily. options.extra: {"mode": "jit" (default) | "pynative"}.
+    """`spi.ModelRunner` over the architecture's Decoder (ARCHITECTURES). options.extra:
+    {"mode": "jit" (default) | "pynative"}.
 
     Weights are placed at construction; the attention tier, the step Cell and its compiled graph
     depend on the KV layout, so they are built on the first forward (and again only if a cache
@@ -209,27 +52,27 @@ class MindSporeRunner:
         mode = options.extra.get("mode", "jit")
         if mode not in MODES:
             raise UnsupportedConfigError(f"mindspore backend: mode {mode!r} is not one of {' | '.join(MODES)}")
-        check_moe(spec)
+        if spec.architecture not in ARCHITECTURES:
+            raise UnsupportedConfigError(
+                f"mindspore backend: architecture {spec.architecture!r} is not supported; it runs {', '.join(ARCHITECTURES)}"
+            )
         self.spec, self.exchange, self.device, self.mode = spec, exchange, options.device, mode
+        self.decoder = ARCHITECTURES[spec.architecture]
         self.layout: KVLayout | None = None  # the layout the step below was built for
-        D = spec.head_dim
-        inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
         target = DEVICE_TARGETS[options.device.partition(":")[0]]
 
-        def load(t: torch.Tensor) -> Tensor:  # aliases host memory on CPU, copies to a device
+        def load(t):  # nested tuples of torch tensors -> MindSpore; aliases host memory on CPU, copies to a device
+            if isinstance(t, tuple):
+                return tuple(load(x) for x in t)
             x = exchange.from_torch(t)
             return x if target == "CPU" else x.move_to(target)
 
-        layers = tuple(tuple(load(t) for t in layer_weights(weights, i, spec)) for i in range(spec.num_layers))
-        rotate_half = rotate_half_matrix(D).to(spec.dtype)
-        self.weights = mutable((load(weights["model.embed_tokens.weight"]), load(weights["model.norm.weight"]),
-                                load(weights["lm_head.weight"]), load(inv_freq), load(rotate_half), layers))  # fmt: skip
+        self.weights = mutable(load(self.decoder.weights(weights, spec)))
 
     def _bind(self, layout: KVLayout) -> None:
-        D = self.spec.head_dim
-        attn_spec = AttentionSpec(self.spec.num_heads, self.spec.num_kv_heads, D, D, D**-0.5)
+        attn_spec = self.decoder.attention_spec(self.spec)
         self.attn = make_attention(attn_spec, layout, self.device, self.spec.dtype, self.exchange)
-        self.model = LlamaFamily(self.spec, self.attn, ms_dtype(layout.dtype))
+        self.model = self.decoder(self.spec, self.attn, ms_dtype(layout.dtype), has_values=layout.v_shape is not None)
         self._step = self.model if self.mode == "pynative" else self._compile()
         self.layout = layout
 
@@ -251,6 +94,6 @@ class MindSporeRunner:
         out = self._step(self.weights, keys, values, ex(input_ids), ex(meta.positions), ex(meta.logits_indices),
                          self.attn.inputs, self.attn.variant)  # fmt: skip
         if self.model.return_kv:
-            out, k, v = out
-            cache.write_layers(ex(meta.out_cache_loc), k, v)
+            out, *kv = out
+            cache.write_layers(ex(meta.out_cache_loc), *kv)
         return self.exchange.to_torch(out)

@@ -23,7 +23,9 @@ CAPABILITIES = Capabilities(
         "cuda": frozenset({"float32", "float16"}),
         "npu": frozenset({"float32", "float16", "bfloat16"}),
     },
-    architectures=frozenset({"Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM"}),
+    # The keys of model.ARCHITECTURES (not imported here: that imports MindSpore).
+    architectures=frozenset({"Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM",
+                             "DeepseekV3ForCausalLM"}),
     page_sizes=None,
     features=frozenset({"prefix_cache", "jit", "all_token_logits"}),
 )

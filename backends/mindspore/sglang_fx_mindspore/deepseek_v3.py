@@ -1,0 +1,70 @@
+"""DeepSeek-V3 in MindSpore: multi-head latent attention (MLA) on the Decoder, whose MoE layers
+route by grouped sigmoid scores through routed + shared experts (`layers.route`), after
+first_k_dense_replace dense layers.
+
+MLA caches one latent per token: c = RMSNorm(kv_a(x)[:r]) and the rotated shared key k_rope.
+Attention runs in the absorbed form over that latent, as the reference and SGLang do: q_nope
+enters latent space through kv_b's key part (W_uk), the scores are [q_nope W_uk, q_rope] .
+[c, k_rope] (one KV head of r + dr channels), and the output latent (the values are the first r
+channels) is lifted to v_head_dim by kv_b's value part (W_uv).
+Shapes: T new tokens, n heads, r kv_lora_rank, dr rope dims, dn nope dims, dv value dims.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from mindspore import ops
+
+from sglang_fx.checkpoint import ModelSpec
+from sglang_fx.spi import AttentionSpec
+
+from .decoder import Decoder
+from .layers import linear, rms_norm, rope
+
+_bmm = ops.BatchMatMul()
+
+
+class DeepseekV3(Decoder):
+    @staticmethod
+    def attention_spec(spec: ModelSpec) -> AttentionSpec:
+        m = spec.mla
+        return AttentionSpec(spec.num_heads, 1, m.kv_lora_rank + m.qk_rope_head_dim, m.kv_lora_rank, m.qk_head_dim**-0.5)
+
+    @staticmethod
+    def rope_dims(spec: ModelSpec) -> tuple[int, bool]:
+        return spec.mla.qk_rope_head_dim, spec.mla.rope_interleave
+
+    @staticmethod
+    def attention_weights(w: Mapping[str, torch.Tensor], prefix: str, spec: ModelSpec) -> tuple[torch.Tensor, ...]:
+        """(q_a_proj, or q_proj without q_lora_rank, and kv_a_proj_with_mqa as one projection of
+        x; kv_a_layernorm; W_uk [n, dn, r]; W_uv transposed, [n, r, dv]; o_proj); then q_b_proj
+        and q_a_layernorm when the model has q_lora_rank."""
+        m, n = spec.mla, spec.num_heads
+        lora = m.q_lora_rank is not None
+        kv_b = w[prefix + "kv_b_proj.weight"].view(n, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
+        out = (
+            torch.cat([w[prefix + ("q_a_proj.weight" if lora else "q_proj.weight")], w[prefix + "kv_a_proj_with_mqa.weight"]]),
+            w[prefix + "kv_a_layernorm.weight"],
+            kv_b[:, : m.qk_nope_head_dim].contiguous(),
+            kv_b[:, m.qk_nope_head_dim :].transpose(1, 2).contiguous(),
+            w[prefix + "o_proj.weight"],
+        )
+        return out + (w[prefix + "q_b_proj.weight"], w[prefix + "q_a_layernorm.weight"]) if lora else out
+
+    def block(self, w, x, rope_w, k_cache, v_cache, attn_inputs, attn_variant):
+        m, n, eps = self.spec.mla, self.spec.num_heads, self.eps
+        qkv_a, kv_a_norm, w_uk, w_uv_t, o_proj = w[:5]
+        r, dr, dn = m.kv_lora_rank, m.qk_rope_head_dim, m.qk_nope_head_dim
+        q, kv = ops.split(linear(x, qkv_a), (qkv_a.shape[0] - r - dr, r + dr), -1)
+        if m.q_lora_rank is not None:
+            q = linear(rms_norm(q, w[6], eps), w[5])
+        q_nope, q_rope = ops.split(q.reshape(-1, n, dn + dr), (dn, dr), -1)  # [T, n, dn], [T, n, dr]
+        c, k_rope = ops.split(kv, (r, dr), -1)  # [T, r], [T, dr]
+        q_rope, k_rope = rope(q_rope, *rope_w, self.interleaved), rope(k_rope.reshape(-1, 1, dr), *rope_w, self.interleaved)
+        q_lat = _bmm(q_nope.transpose(1, 0, 2), w_uk).transpose(1, 0, 2)  # [T, n, r]
+        latent = ops.cat((rms_norm(c, kv_a_norm, eps).reshape(-1, 1, r), k_rope), -1)  # [T, 1, r + dr]: what the cache keeps
+        o = self.attn.run(ops.cat((q_lat, q_rope), -1), latent, None, k_cache, None, attn_inputs, attn_variant)  # [T, n, r]
+        o = _bmm(o.transpose(1, 0, 2), w_uv_t).transpose(1, 0, 2)  # [T, n, dv]
+        return linear(o.reshape(-1, n * m.v_head_dim), o_proj), latent, None

@@ -1,0 +1,150 @@
+"""Graph-callable building blocks the MindSpore models share: projections, RMSNorm, RoPE, the
+SwiGLU MLP and routed experts. Every function is plain MindSpore ops, so mindspore.jit inlines it
+into the model's graph. Shapes: T tokens, H hidden, I intermediate, E experts, k experts per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import mindspore as ms
+import torch
+from mindspore import Tensor, ops
+
+from sglang_fx.checkpoint import MoESpec
+
+from .kernels import cast
+
+_matmul_t = ops.MatMul(transpose_b=True)  # x @ w.T, without materialising w.T
+
+
+def linear(x: Tensor, w: Tensor) -> Tensor:
+    return _matmul_t(x, w)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    x32 = cast(x, ms.float32)
+    x32 = x32 * ops.rsqrt(ops.mean(x32 * x32, -1, True) + eps)
+    return weight * cast(x32, x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE as matmuls with constant +-1/0 matrices: exact, and fewer kernels than slicing
+# ---------------------------------------------------------------------------------------------
+
+
+def rope_matrices(dim: int, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """[dim, dim] P and R for `rope`. R applies rotate_half: x @ R == cat(-x[d/2:], x[:d/2]).
+    interleaved=False (Llama, Qwen): P is the identity. interleaved=True (DeepSeek): P
+    de-interleaves the pairs (x0, x1), (x2, x3)... into evens then odds, as the reference does,
+    and R is P's result rotated (x @ R == rotate_half(x @ P)). Both are exact: one +-1 per column."""
+    half = dim // 2
+    r = torch.zeros(dim, dim)
+    r[torch.arange(half) + half, torch.arange(half)] = -1.0
+    r[torch.arange(half), torch.arange(half) + half] = 1.0
+    p = torch.eye(dim)
+    if interleaved:
+        p = p[:, torch.cat([torch.arange(0, dim, 2), torch.arange(1, dim, 2)])]
+    return p, p @ r
+
+
+def rope_angles(positions: Tensor, inv_freq: Tensor, dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin [T, 1, dim] in dtype (the two halves repeat the dim/2 frequencies), broadcast
+    over heads. positions [T] int; inv_freq [dim/2] float32."""
+    freqs = positions.astype(ms.float32).reshape(-1, 1) * inv_freq.reshape(1, -1)  # [T, dim/2]
+    emb = ops.cat((freqs, freqs), -1).reshape(freqs.shape[0], 1, -1)
+    return cast(ops.cos(emb), dtype), cast(ops.sin(emb), dtype)
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor, p: Tensor, r: Tensor, interleaved: bool) -> Tensor:
+    """x [T, heads, dim] rotated; p, r from `rope_matrices` (p is skipped when not interleaved)."""
+    if interleaved:
+        return ops.matmul(x, p) * cos + ops.matmul(x, r) * sin
+    return x * cos + ops.matmul(x, r) * sin
+
+
+# ---------------------------------------------------------------------------------------------
+# MLPs: dense SwiGLU, and routed experts
+# ---------------------------------------------------------------------------------------------
+
+
+def mlp_weights(w: Mapping[str, torch.Tensor], prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A SwiGLU MLP's fused gate/up projection [2 I, H] and down_proj [H, I]."""
+    return torch.cat([w[prefix + "gate_proj.weight"], w[prefix + "up_proj.weight"]]), w[prefix + "down_proj.weight"]
+
+
+def mlp(x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+    """SwiGLU: x [T, H] -> [T, H]."""
+    gate, up = ops.split(linear(x, gate_up), gate_up.shape[0] // 2, -1)  # [T, I] x2
+    return linear(ops.silu(gate) * up, down)
+
+
+def moe_weights(w: Mapping[str, torch.Tensor], prefix: str, spec: MoESpec) -> tuple[torch.Tensor, ...]:
+    """An MoE layer's tensors in the order `moe` unpacks them: the router [E, H] in float32 (routing
+    runs in float32); the score-correction bias [E] float32 (zeros when the model has none);
+    every expert's gate and up rows, expert after expert, as one [E * 2 I, H] projection; every
+    expert's down_proj side by side as one [H, E * I] (column e * I + j is expert e's column j);
+    then the shared experts' gate/up and down (`mlp_weights`) if the model has them."""
+    experts = [f"{prefix}experts.{e}." for e in range(spec.num_experts)]
+    bias = w[prefix + "gate.e_score_correction_bias"] if spec.score_correction_bias else torch.zeros(spec.num_experts)
+    out = (
+        w[prefix + "gate.weight"].float(),
+        bias.float(),
+        torch.cat([w[p + n] for p in experts for n in ("gate_proj.weight", "up_proj.weight")]),
+        torch.cat([w[p + "down_proj.weight"] for p in experts], 1),
+    )
+    return out + mlp_weights(w, prefix + "shared_experts.") if spec.num_shared_experts else out
+
+
+def route(logits: Tensor, bias: Tensor, spec: MoESpec) -> Tensor:
+    """The routing weights of every token as a dense [T, E] float32 matrix: the weight of each
+    of its top_k experts, zero for the others. logits [T, E] float32 router outputs.
+
+    softmax scoring (Qwen3-MoE): the top_k softmax probabilities. sigmoid scoring (DeepSeek-V3):
+    experts are chosen by sigmoid score + bias, among the topk_groups groups whose two best
+    biased scores sum highest; their weights are the unbiased sigmoid scores. Then, as in the
+    reference, renormalised to sum to 1 when norm_topk_prob, times routed_scaling_factor."""
+    E, k = spec.num_experts, spec.top_k
+    if spec.scoring == "softmax":
+        scores = ops.softmax(logits, -1)
+        weights, ids = ops.topk(scores, k)  # [T, k]
+    else:
+        scores = ops.sigmoid(logits)
+        choice = scores + bias
+        per_group = choice.reshape(-1, spec.num_groups, E // spec.num_groups)  # [T, G, E/G]
+        group_score = ops.topk(per_group, 2)[0].sum(-1)  # [T, G]
+        best = ops.topk(group_score, spec.topk_groups)[1]  # [T, g]
+        hidden = _one_hot(best, spec.num_groups).sum(1) == 0  # [T, G]: groups not chosen
+        choice = ops.masked_fill(per_group, hidden.reshape(-1, spec.num_groups, 1), float("-inf"))
+        ids = ops.topk(choice.reshape(-1, E), k)[1]  # [T, k]
+        weights = ops.gather_elements(scores, 1, ids)
+    if spec.norm_topk_prob:
+        weights = weights / weights.sum(-1, keepdims=True)
+    if spec.routed_scaling_factor != 1.0:
+        weights = weights * spec.routed_scaling_factor
+    return (_one_hot(ids, E) * weights.reshape(-1, k, 1)).sum(1)  # [T, E]
+
+
+def _one_hot(ids: Tensor, n: int) -> Tensor:
+    """[..., n] float32: 1 at ids, 0 elsewhere."""
+    return ops.one_hot(ids, n, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
+
+
+def moe(x: Tensor, weights: tuple, spec: MoESpec) -> Tensor:
+    """Routed SwiGLU experts (+ shared experts): x [T, H] -> [T, H]; weights from `moe_weights`.
+
+    Dense compute: every token goes through all E experts ([T, E * 2 I] then [T, E * I] ->
+    [T, H] in two matmuls), the unchosen experts' activations weighted by zero. That costs E/k
+    times the FLOPs of routed compute (4x for the tiny 8-expert top-2 models) but has no
+    data-dependent shapes, so it compiles once under dynamic T and launches a handful of kernels;
+    fine for small models, not for real MoE sizes (those want a grouped/sorted expert kernel).
+    The routing weight multiplies each expert's activation before down_proj rather than its
+    output after it: the same sum, differing only in rounding."""
+    router, bias, gate_up, down = weights[:4]
+    E, I = spec.num_experts, spec.intermediate_size
+    weight = cast(route(linear(cast(x, ms.float32), router), bias, spec), x.dtype)  # [T, E]
+    gate, up = ops.split(linear(x, gate_up).reshape(-1, E, 2 * I), (I, I), -1)  # [T, E, I] x2
+    out = linear((ops.silu(gate) * up * weight.reshape(-1, E, 1)).reshape(-1, E * I), down)  # [T, H]
+    if len(weights) > 4:
+        out = out + mlp(x, weights[4], weights[5])
+    return out

@@ -1,0 +1,52 @@
+"""Qwen3 / Qwen3-MoE / Qwen2 / Llama in MindSpore: grouped-query attention with RoPE on the
+Decoder. Qwen3 adds an RMSNorm on every q/k head (qk_norm); Qwen2 adds q/k/v biases; Qwen3-MoE's
+MoE layers are the Decoder's routed experts. Shapes: T new tokens, Hq/Hkv heads, D head dim."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from mindspore import ops
+
+from sglang_fx.checkpoint import ModelSpec
+from sglang_fx.spi import AttentionSpec
+
+from .decoder import Decoder
+from .layers import linear, rms_norm, rope
+
+
+class LlamaFamily(Decoder):
+    @staticmethod
+    def attention_spec(spec: ModelSpec) -> AttentionSpec:
+        D = spec.head_dim
+        return AttentionSpec(spec.num_heads, spec.num_kv_heads, D, D, D**-0.5)
+
+    @staticmethod
+    def rope_dims(spec: ModelSpec) -> tuple[int, bool]:
+        return spec.head_dim, False
+
+    @staticmethod
+    def attention_weights(w: Mapping[str, torch.Tensor], prefix: str, spec: ModelSpec) -> tuple[torch.Tensor, ...]:
+        """The fused q/k/v projection [(Hq + 2 Hkv) * D, H], o_proj; then the fused q/k/v bias
+        (attention_bias); then the q and k head norms as one [Hq + Hkv, D] weight (qk_norm)."""
+        out = [torch.cat([w[prefix + f"{n}_proj.weight"] for n in "qkv"]), w[prefix + "o_proj.weight"]]
+        if spec.attention_bias:
+            out.append(torch.cat([w[prefix + f"{n}_proj.bias"] for n in "qkv"]))
+        if spec.qk_norm:
+            q, k = w[prefix + "q_norm.weight"], w[prefix + "k_norm.weight"]
+            out.append(torch.cat([q.expand(spec.num_heads, -1), k.expand(spec.num_kv_heads, -1)]))
+        return tuple(out)
+
+    def block(self, w, x, rope_w, k_cache, v_cache, attn_inputs, attn_variant):
+        s = self.spec
+        Hq, Hkv, D = s.num_heads, s.num_kv_heads, s.head_dim
+        qkv = linear(x, w[0])  # [T, (Hq + 2 Hkv) * D]
+        if s.attention_bias:
+            qkv = qkv + w[2]
+        qk, v = ops.split(qkv.reshape(-1, Hq + 2 * Hkv, D), (Hq + Hkv, Hkv), 1)  # [T, Hq+Hkv, D], [T, Hkv, D]
+        if s.qk_norm:
+            qk = rms_norm(qk, w[-1], self.eps)
+        q, k = ops.split(rope(qk, *rope_w, self.interleaved), (Hq, Hkv), 1)  # RoPE on q and k heads at once
+        a = self.attn.run(q, k, v, k_cache, v_cache, attn_inputs, attn_variant)  # [T, Hq, D]
+        return linear(a.reshape(-1, Hq * D), w[1]), k, v
