@@ -49,24 +49,15 @@ def _mindspore_state() -> str:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> str:
+def models(tmp_path_factory) -> dict[str, str]:
     from sglang_fx.tiny import make_tiny_model
 
-    return str(make_tiny_model("qwen3", tmp_path_factory.mktemp("tiny") / "qwen3"))
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: str(make_tiny_model(arch, root / arch)) for arch in ("qwen3", "deepseek_v3")}
 
 
-@pytest.mark.parametrize("page_size", [1, 16])
-def test_engine_backends_match_native_greedy(env, model, tmp_path, page_size):
-    """Native Qwen3 runs; reference_torch and mindspore give the same greedy tokens on a batch
-    of 8, on radix-cache hits and across chunked prefill, and the same input/output logprobs;
-    random sampling (SGLang's sampler updates the logits in place) completes. SGLang's KV pool
-    in pages of 1 token, and of 16 (page-aligned radix matches, pages shared by the backend)."""
-    impls = ["sglang", "reference_torch"]
-    state = _mindspore_state()
-    if state in ("real", "stand-in"):
-        impls.append("mindspore")
-    else:
-        print(f"mindspore is installed but unavailable here ({state}); comparing reference_torch only")
+def compare(env: dict, model: str, impls: list[str], page_size: int, tmp_path) -> tuple[dict, str]:
+    """Run examples/sglang_compare.py: (its report, comparing impls[1:] with impls[0]; a log)."""
     report_path = tmp_path / "report.json"
     proc = subprocess.run(
         [PYTHON, str(ROOT / "examples" / "sglang_compare.py"), "--model", model, "--impls", *impls,
@@ -76,10 +67,6 @@ def test_engine_backends_match_native_greedy(env, model, tmp_path, page_size):
     log = f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     assert report_path.exists(), log
     report = json.loads(report_path.read_text())
-    native = report["results"]["sglang"]
-    assert len(native["batch"]) == 8 and all(len(t) == 24 for t in native["batch"])
-    assert max(native["cached_tokens"]) >= page_size, ("the shared-prefix prompts should hit the radix cache", log)
-    assert native["sampled_lens"] == [8] * 4
     for impl in impls[1:]:
         cmp = report["comparison"][impl]
         assert all(cmp["tokens_identical"].values()), (impl, cmp, log)
@@ -87,3 +74,35 @@ def test_engine_backends_match_native_greedy(env, model, tmp_path, page_size):
         assert cmp["max_abs_output_logprob_diff"] < 1e-4, (impl, cmp, log)
     print(json.dumps({k: v["timings"] for k, v in report["results"].items()}), json.dumps(report["comparison"]))
     assert report["ok"] and proc.returncode == 0, log
+    return report, log
+
+
+def with_mindspore(impls: list[str]) -> list[str]:
+    state = _mindspore_state()
+    if state in ("real", "stand-in"):
+        return [*impls, "mindspore"]
+    print(f"mindspore is installed but unavailable here ({state}); comparing {impls} only")
+    return impls
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_engine_backends_match_native_greedy(env, models, tmp_path, page_size):
+    """Native Qwen3 runs; reference_torch and mindspore give the same greedy tokens on a batch
+    of 8, on radix-cache hits and across chunked prefill, and the same input/output logprobs;
+    random sampling (SGLang's sampler updates the logits in place) completes. SGLang's KV pool
+    in pages of 1 token, and of 16 (page-aligned radix matches, pages shared by the backend)."""
+    report, log = compare(env, models["qwen3"], with_mindspore(["sglang", "reference_torch"]), page_size, tmp_path)
+    native = report["results"]["sglang"]
+    assert len(native["batch"]) == 8 and all(len(t) == 24 for t in native["batch"])
+    assert max(native["cached_tokens"]) >= page_size, ("the shared-prefix prompts should hit the radix cache", log)
+    assert native["sampled_lens"] == [8] * 4
+
+
+def test_engine_serves_deepseek_v3_from_sglangs_latent_kv_pool(env, models, tmp_path):
+    """DeepSeek-V3 makes SGLang allocate its MLA pool (one [slots, 1, kv_lora_rank + rope]
+    latent buffer per layer, no V). The backends alias it and agree token for token, radix
+    hits included. (reference_torch is the baseline: SGLang 0.5.23's own DeepSeek-V3 does not
+    run on the CPU.)"""
+    report, log = compare(env, models["deepseek_v3"], with_mindspore(["reference_torch"]), 1, tmp_path)
+    base = report["results"]["reference_torch"]
+    assert len(base["batch"]) == 8 and max(base["cached_tokens"]) > 0, log

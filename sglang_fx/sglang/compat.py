@@ -6,7 +6,9 @@ file of sglang-fx to change. Line numbers below are those of 0.5.23.
 - Where the KV pools live: `srt/model_executor/forward_context.py` getters
   (`get_token_to_kv_pool()`, `get_req_to_token_pool()`), valid inside a forward. The token
   pool (`srt/mem_cache/memory_pool.py::MHATokenToKVPool`) holds `k_buffer` / `v_buffer`: one
-  [num_slots, num_kv_heads, head_dim] tensor per layer ("nhd" layout), slot 0 reserved.
+  [num_slots, num_kv_heads, head_dim] tensor per layer ("nhd" layout), slot 0 reserved; for
+  MLA models `MLATokenToKVPool.kv_buffer` holds one [num_slots, 1, kv_lora_rank + rope] latent
+  tensor per layer.
 - How a model is resolved: `srt/model_loader/utils.py::get_model_architecture` (a
   HookRegistry target), which sets `_resolved_model_arch` / `_resolved_model_impl`.
 - Server-argument validation: `srt/arg_groups/validation_hook.py::check_server_args`
@@ -164,8 +166,10 @@ def req_to_token() -> torch.Tensor:
 
 
 def kv_buffers(pool: Any) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, int]:
-    """(K buffers, V buffers, page size) of SGLang's token-to-KV pool, one [num_slots,
-    num_kv_heads, head_dim] tensor per layer, as SGLang allocated them (aliased, not copied).
+    """(K buffers, V buffers, page size) of SGLang's token-to-KV pool, one [num_slots, *shape]
+    tensor per layer, as SGLang allocated them (aliased, not copied): an MHA pool's k_buffer and
+    v_buffer ([num_slots, num_kv_heads, head_dim]); an MLA pool's kv_buffer ([num_slots, 1,
+    kv_lora_rank + qk_rope_head_dim], line 4864) as K, with no V.
     Raises UnsupportedConfigError for pool layouts the SPI's KVLayout cannot describe."""
     from ..errors import UnsupportedConfigError
 
@@ -177,17 +181,25 @@ def kv_buffers(pool: Any) -> tuple[list[torch.Tensor], list[torch.Tensor] | None
         problems.append(f"quantized KV cache ({pool.dtype} stored as {pool.store_dtype}); use --kv-cache-dtype auto")
     if getattr(pool, "start_layer", 0):
         problems.append("pipeline parallelism (the pool starts at a layer other than 0)")
-    k = getattr(pool, "k_buffer", None)
+    k, v = _buffers(pool)
     if k is None:
-        problems.append(f"KV pool type {type(pool).__name__} (only MHA pools with k_buffer/v_buffer)")
+        problems.append(f"KV pool type {type(pool).__name__} (only MHA pools with k_buffer/v_buffer, MLA pools with kv_buffer)")
     if problems:
         raise UnsupportedConfigError("sglang-fx cannot use SGLang's KV pool here: " + "; ".join(problems))
-    return list(k), list(pool.v_buffer), int(pool.page_size)
+    return list(k), None if v is None else list(v), int(pool.page_size)
+
+
+def _buffers(pool: Any) -> tuple[Any, Any]:
+    k = getattr(pool, "k_buffer", None)
+    if k is not None:
+        return k, pool.v_buffer
+    return getattr(pool, "kv_buffer", None), None
 
 
 def kv_identity(pool: Any) -> tuple[int, int, int]:
     """Changes when SGLang replaces its pool or reallocates its buffers (a cheap per-step check)."""
-    return id(pool), pool.k_buffer[0].data_ptr(), pool.v_buffer[0].data_ptr()
+    k, v = _buffers(pool)
+    return id(pool), k[0].data_ptr(), 0 if v is None else v[0].data_ptr()
 
 
 def backend_logits_processor(hf_config: Any):

@@ -19,7 +19,7 @@ import torch
 
 from ..checkpoint import Checkpoint, load_spec
 from ..errors import UnsupportedConfigError
-from ..kv_pool import KVLayout
+from ..kv_pool import layout_for
 from ..metadata import ForwardMetadata, ForwardMode
 from ..registry import Backend, load_backend
 from ..spi import KVCache, ModelRunner, RunnerOptions
@@ -75,23 +75,16 @@ class SglangFxForCausalLM(torch.nn.Module):
         if self.cache is not None and compat.kv_identity(pool) == self._kv_identity:
             return self.cache
         k, v, page_size = compat.kv_buffers(pool)
-        s = self.spec
-        if len(k) != s.num_layers or tuple(k[0].shape[1:]) != (s.num_kv_heads, s.head_dim):
-            raise UnsupportedConfigError(
-                f"SGLang's KV pool has {len(k)} layers of {tuple(k[0].shape[1:])} per token, the model "
-                f"needs {s.num_layers} of {(s.num_kv_heads, s.head_dim)}"
-            )
         num_slots = k[0].shape[0]
         if num_slots % page_size:
             raise UnsupportedConfigError(f"SGLang's KV pool has {num_slots} slots, not whole pages of {page_size}")
-        layout = KVLayout(
-            num_layers=len(k),
-            num_pages=num_slots // page_size,
-            page_size=page_size,
-            k_shape=tuple(k[0].shape[1:]),
-            v_shape=tuple(v[0].shape[1:]),
-            dtype=k[0].dtype,
-        )
+        layout = layout_for(self.spec, num_pages=num_slots // page_size, page_size=page_size, dtype=k[0].dtype)
+        found = (len(k), tuple(k[0].shape[1:]), None if v is None else tuple(v[0].shape[1:]))
+        if found != (layout.num_layers, layout.k_shape, layout.v_shape):
+            raise UnsupportedConfigError(
+                f"SGLang's KV pool has {found[0]} layers of K {found[1]} and V {found[2]} per token, the model "
+                f"needs {layout.num_layers} of K {layout.k_shape} and V {layout.v_shape}"
+            )
         if self.runner is None:
             self.load_weights()
         self.cache = self.backend.kv_cache(layout, k, v, self.device)
