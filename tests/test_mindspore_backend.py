@@ -438,6 +438,24 @@ def test_moe_with_dense_layers_matches_the_reference_backend(tiny, arch, dtype, 
     torch.testing.assert_close(out[0], out[1], rtol=0, atol=atol)
 
 
+@pytest.mark.parametrize("arch", MOE_WITH_DENSE_LAYERS)
+def test_moe_gathered_and_dense_expert_compute_agree(tiny, ex, arch):
+    """The two ways `layers.moe` computes (each token's k experts gathered; every expert, weighted
+    by zero where unchosen) give the same outputs, shared experts included."""
+    from sglang_fx.checkpoint import Checkpoint, load_spec
+    from sglang_fx_mindspore.layers import gathers_experts, moe, moe_weights
+
+    spec = load_spec(tiny(arch))
+    m = spec.moe
+    weights = tuple(ex.from_torch(t) for t in moe_weights(Checkpoint(tiny(arch)).load(spec), "model.layers.1.mlp.", m))
+    assert gathers_experts(1, m) and not gathers_experts(m.num_experts // m.top_k, m)
+    for tokens in (1, 3, 40):
+        x = ex.from_torch(torch.randn(tokens, spec.hidden_size, generator=torch.Generator().manual_seed(tokens)))
+        gathered, dense = (ex.to_torch(moe(x, weights, m, gather)) for gather in (True, False))
+        torch.testing.assert_close(gathered, dense, rtol=0, atol=1e-5)
+        assert dense.abs().max() > 1e-2  # not trivially zero
+
+
 def test_every_architecture_declared_has_a_model():
     from sglang_fx_mindspore.model import ARCHITECTURES
 

@@ -78,7 +78,9 @@ class Decoder(nn.Cell):
                            w[pre + "post_attention_layernorm.weight"], mlp_w))  # fmt: skip
         return (w["model.embed_tokens.weight"], w["model.norm.weight"], w["lm_head.weight"], (inv_freq, p, r), tuple(layers))
 
-    def construct(self, weights, keys, values, input_ids, positions, logits_indices, attn_inputs, attn_variant):
+    def construct(self, weights, keys, values, input_ids, positions, logits_indices, attn_inputs, attn_variant, gather_experts):
+        """gather_experts: how MoE layers compute (`layers.gathers_experts`); like attn_variant, a
+        Python constant that picks a path of the graph."""
         embed, norm, lm_head, (inv_freq, p, r), layers = weights
         cos, sin = rope_angles(positions, inv_freq, embed.dtype)
         x = ops.gather(embed, input_ids, 0)  # [T, H]
@@ -91,7 +93,7 @@ class Decoder(nn.Cell):
             new_v.append(v)
             x = x + a
             h = rms_norm(x, ln2, self.eps)
-            x = x + (moe(h, mlp_w, self.spec.moe) if self.moe_layers[i] else mlp(h, *mlp_w))
+            x = x + (moe(h, mlp_w, self.spec.moe, gather_experts) if self.moe_layers[i] else mlp(h, *mlp_w))
         x = rms_norm(ops.gather(x, logits_indices, 0), norm, self.eps)  # [N, H]
         logits = cast(linear(x, lm_head), ms.float32)  # [N, V]
         if not self.return_kv:

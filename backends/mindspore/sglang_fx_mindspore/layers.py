@@ -82,23 +82,32 @@ def mlp(x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
 def moe_weights(w: Mapping[str, torch.Tensor], prefix: str, spec: MoESpec) -> tuple[torch.Tensor, ...]:
     """An MoE layer's tensors in the order `moe` unpacks them: the router [E, H] in float32 (routing
     runs in float32); the score-correction bias [E] float32 (zeros when the model has none);
-    every expert's gate and up rows, expert after expert, as one [E * 2 I, H] projection; every
-    expert's down_proj side by side as one [H, E * I] (column e * I + j is expert e's column j);
-    then the shared experts' gate/up and down (`mlp_weights`) if the model has them."""
+    every expert's gate and up rows, expert after expert, as one [E * 2 I, H]; every expert's
+    down_proj transposed, expert after expert, as one [E * I, H]; then the shared experts'
+    gate/up and down (`mlp_weights`) if the model has them. Expert e's blocks are rows
+    [e * 2 I, (e + 1) * 2 I) and [e * I, (e + 1) * I): reshaped to [E, ., H] they are what the
+    gathered path indexes, and as they are, what the dense path multiplies by."""
     experts = [f"{prefix}experts.{e}." for e in range(spec.num_experts)]
     bias = w[prefix + "gate.e_score_correction_bias"] if spec.score_correction_bias else torch.zeros(spec.num_experts)
     out = (
         w[prefix + "gate.weight"].float(),
         bias.float(),
         torch.cat([w[p + n] for p in experts for n in ("gate_proj.weight", "up_proj.weight")]),
-        torch.cat([w[p + "down_proj.weight"] for p in experts], 1),
+        torch.cat([w[p + "down_proj.weight"].T for p in experts]),
     )
     return out + mlp_weights(w, prefix + "shared_experts.") if spec.num_shared_experts else out
 
 
-def route(logits: Tensor, bias: Tensor, spec: MoESpec) -> Tensor:
-    """The routing weights of every token as a dense [T, E] float32 matrix: the weight of each
-    of its top_k experts, zero for the others. logits [T, E] float32 router outputs.
+def gathers_experts(num_tokens: int, spec: MoESpec) -> bool:
+    """Whether `moe` should gather each token's k experts (True) or run every expert densely:
+    gathering moves T * k experts' weights, the dense path reads all E, so gather while
+    T * k < E (decode and small batches; a jit-graph constant, so at most two graphs)."""
+    return num_tokens * spec.top_k < spec.num_experts
+
+
+def route(logits: Tensor, bias: Tensor, spec: MoESpec) -> tuple[Tensor, Tensor]:
+    """Each token's experts and their weights: (weights [T, k] float32, ids [T, k] int32).
+    logits [T, E] float32 router outputs.
 
     softmax scoring (Qwen3-MoE): the top_k softmax probabilities. sigmoid scoring (DeepSeek-V3):
     experts are chosen by sigmoid score + bias, among the topk_groups groups whose two best
@@ -110,8 +119,7 @@ def route(logits: Tensor, bias: Tensor, spec: MoESpec) -> Tensor:
         weights, ids = ops.topk(scores, k)  # [T, k]
     else:
         scores = ops.sigmoid(logits)
-        choice = scores + bias
-        per_group = choice.reshape(-1, spec.num_groups, E // spec.num_groups)  # [T, G, E/G]
+        per_group = (scores + bias).reshape(-1, spec.num_groups, E // spec.num_groups)  # [T, G, E/G]
         group_score = ops.topk(per_group, 2)[0].sum(-1)  # [T, G]
         best = ops.topk(group_score, spec.topk_groups)[1]  # [T, g]
         hidden = _one_hot(best, spec.num_groups).sum(1) == 0  # [T, G]: groups not chosen
@@ -122,7 +130,7 @@ def route(logits: Tensor, bias: Tensor, spec: MoESpec) -> Tensor:
         weights = weights / weights.sum(-1, keepdims=True)
     if spec.routed_scaling_factor != 1.0:
         weights = weights * spec.routed_scaling_factor
-    return (_one_hot(ids, E) * weights.reshape(-1, k, 1)).sum(1)  # [T, E]
+    return weights, ids.astype(ms.int32)
 
 
 def _one_hot(ids: Tensor, n: int) -> Tensor:
@@ -130,21 +138,38 @@ def _one_hot(ids: Tensor, n: int) -> Tensor:
     return ops.one_hot(ids, n, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
 
 
-def moe(x: Tensor, weights: tuple, spec: MoESpec) -> Tensor:
-    """Routed SwiGLU experts (+ shared experts): x [T, H] -> [T, H]; weights from `moe_weights`.
+_bmm, _bmm_t = ops.BatchMatMul(), ops.BatchMatMul(transpose_b=True)
 
-    Dense compute: every token goes through all E experts ([T, E * 2 I] then [T, E * I] ->
-    [T, H] in two matmuls), the unchosen experts' activations weighted by zero. That costs E/k
-    times the FLOPs of routed compute (4x for the tiny 8-expert top-2 models) but has no
-    data-dependent shapes, so it compiles once under dynamic T and launches a handful of kernels;
-    fine for small models, not for real MoE sizes (those want a grouped/sorted expert kernel).
-    The routing weight multiplies each expert's activation before down_proj rather than its
-    output after it: the same sum, differing only in rounding."""
+
+def moe(x: Tensor, weights: tuple, spec: MoESpec, gather: bool) -> Tensor:
+    """Routed SwiGLU experts (+ shared experts): x [T, H] -> [T, H]; weights from `moe_weights`;
+    gather from `gathers_experts`. Neither path has data-dependent shapes, so each compiles once
+    under dynamic T.
+
+    gather: each token's k experts' weights are gathered ([T, k * 2 I, H] and [T, k * I, H]) and
+    applied by two batched matmuls over the T tokens: the routed work, and the weights of T * k
+    experts moved. Dense: every token goes through all E experts ([T, E * 2 I], then
+    [T, E * I] -> [T, H], two plain matmuls) with the unchosen experts' activations weighted by
+    zero: E/k times the routed FLOPs, but one read of each expert for any T.
+    Both weight each expert's activation before down_proj rather than its output after it: the
+    same sum, differing only in rounding. Grouped-matmul kernels (Ascend) would serve large T
+    better than either; MindSpore has none on CPU."""
     router, bias, gate_up, down = weights[:4]
-    E, I = spec.num_experts, spec.intermediate_size
-    weight = cast(route(linear(cast(x, ms.float32), router), bias, spec), x.dtype)  # [T, E]
-    gate, up = ops.split(linear(x, gate_up).reshape(-1, E, 2 * I), (I, I), -1)  # [T, E, I] x2
-    out = linear((ops.silu(gate) * up * weight.reshape(-1, E, 1)).reshape(-1, E * I), down)  # [T, H]
+    E, I, k = spec.num_experts, spec.intermediate_size, spec.top_k
+    H = gate_up.shape[1]
+    top, ids = route(linear(cast(x, ms.float32), router), bias, spec)  # [T, k] x2
+    if gather:
+        ids = ids.reshape(-1)  # [T * k]
+        w1 = ops.gather(gate_up.reshape(E, 2 * I, H), ids, 0).reshape(-1, k * 2 * I, H)  # [T, k * 2 I, H]
+        gate, up = ops.split(_bmm_t(x.reshape(-1, 1, H), w1).reshape(-1, k, 2 * I), (I, I), -1)  # [T, k, I] x2
+        act = ops.silu(gate) * up * cast(top, x.dtype).reshape(-1, k, 1)
+        w2 = ops.gather(down.reshape(E, I, H), ids, 0).reshape(-1, k * I, H)  # [T, k * I, H]
+        out = _bmm(act.reshape(-1, 1, k * I), w2).reshape(-1, H)  # [T, H]
+    else:
+        weight = (_one_hot(ids, E) * top.reshape(-1, k, 1)).sum(1)  # [T, E] float32, zero off the top k
+        gate, up = ops.split(linear(x, gate_up).reshape(-1, E, 2 * I), (I, I), -1)  # [T, E, I] x2
+        act = ops.silu(gate) * up * cast(weight, x.dtype).reshape(-1, E, 1)
+        out = ops.matmul(act.reshape(-1, E * I), down)  # [T, H]
     if len(weights) > 4:
         out = out + mlp(x, weights[4], weights[5])
     return out

@@ -22,6 +22,7 @@ from .decoder import Decoder
 from .deepseek_v3 import DeepseekV3
 from .exchange import MindSporeExchange
 from .kv_cache import MindSporeKVCache
+from .layers import gathers_experts
 from .llama import LlamaFamily
 from .runtime import DEVICE_TARGETS, ms_dtype
 
@@ -91,8 +92,9 @@ class MindSporeRunner:
         self.attn.plan(meta)
         keys, values = self.attn.cache_views(cache)
         ex = self.exchange.from_torch
+        gather_experts = self.spec.moe is not None and gathers_experts(meta.num_tokens, self.spec.moe)
         out = self._step(self.weights, keys, values, ex(input_ids), ex(meta.positions), ex(meta.logits_indices),
-                         self.attn.inputs, self.attn.variant)  # fmt: skip
+                         self.attn.inputs, self.attn.variant, gather_experts)  # fmt: skip
         if self.model.return_kv:
             out, *kv = out
             cache.write_layers(ex(meta.out_cache_loc), *kv)
