@@ -386,6 +386,21 @@ def test_logits_match_transformers_with_prefix_hits(hf, arch, page_size):
     assert worst < 1e-4, f"{arch} page {page_size}: max abs logit diff {worst:.3g}"
 
 
+def test_deepseek_without_q_lora_and_with_plain_rope_matches_transformers(tiny):
+    """The DeepSeek variants the tiny preset does not take: a plain q_proj (q_lora_rank None,
+    as DeepSeek-V2-Lite) and RoPE over the two halves (rope_interleave False)."""
+    import transformers
+
+    path = tiny("deepseek_v3", q_lora_rank=None, rope_interleave=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    s = Session("mindspore", path, page_size=16)
+    seq = s.new_sequence(PROMPT[:40])[0]
+    got = s.forward([seq], [PROMPT[:40]], logits="all")
+    with torch.no_grad():
+        want = model(torch.tensor([PROMPT[:40]])).logits[0]
+    assert (got - want).abs().max().item() < 1e-4
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_32_steps_match_transformers(hf, arch):
     path, model = hf(arch)
