@@ -57,12 +57,13 @@ class DeepseekV3(Decoder):
         m, n, eps = self.spec.mla, self.spec.num_heads, self.eps
         qkv_a, kv_a_norm, w_uk, w_uv_t, o_proj = w[:5]
         r, dr, dn = m.kv_lora_rank, m.qk_rope_head_dim, m.qk_nope_head_dim
-        q, kv = ops.split(linear(x, qkv_a), (qkv_a.shape[0] - r - dr, r + dr), -1)
+        qkv = linear(x, qkv_a)
+        q, c, k_rope = qkv[:, : -r - dr], qkv[:, -r - dr : -dr], qkv[:, -dr:]  # [T, q_lora or n (dn + dr)], [T, r], [T, dr]
         if m.q_lora_rank is not None:
             q = linear(rms_norm(q, w[6], eps), w[5])
-        q_nope, q_rope = ops.split(q.reshape(-1, n, dn + dr), (dn, dr), -1)  # [T, n, dn], [T, n, dr]
-        c, k_rope = ops.split(kv, (r, dr), -1)  # [T, r], [T, dr]
-        q_rope, k_rope = rope(q_rope, *rope_w, self.interleaved), rope(k_rope.reshape(-1, 1, dr), *rope_w, self.interleaved)
+        q = q.reshape(-1, n, dn + dr)
+        q_nope, q_rope = q[..., :dn], rope(q[..., dn:], n, *rope_w, self.interleaved)  # [T, n, dn], [T, n, dr]
+        k_rope = rope(k_rope.reshape(-1, 1, dr), 1, *rope_w, self.interleaved)  # [T, 1, dr]
         q_lat = _bmm(q_nope.transpose(1, 0, 2), w_uk).transpose(1, 0, 2)  # [T, n, r]
         latent = ops.cat((rms_norm(c, kv_a_norm, eps).reshape(-1, 1, r), k_rope), -1)  # [T, 1, r + dr]: what the cache keeps
         o = self.attn.run(ops.cat((q_lat, q_rope), -1), latent, None, k_cache, None, attn_inputs, attn_variant)  # [T, n, r]

@@ -1,6 +1,10 @@
 """Graph-callable building blocks the MindSpore models share: projections, RMSNorm, RoPE, the
 SwiGLU MLP and routed experts. Every function is plain MindSpore ops, so mindspore.jit inlines it
 into the model's graph. Shapes: T tokens, H hidden, I intermediate, E experts, k experts per token.
+
+Written for few kernel launches under dynamic shapes: constant slices rather than ops.split
+(which computes its sizes at run time with Shape/ShapeCalc host kernels around each slice), and
+2-D MatMul rather than ops.matmul on 3-D tensors (broadcasts, a transpose and a BatchMatMul).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from sglang_fx.checkpoint import MoESpec
 
 from .kernels import cast
 
-_matmul_t = ops.MatMul(transpose_b=True)  # x @ w.T, without materialising w.T
+_matmul, _matmul_t = ops.MatMul(), ops.MatMul(transpose_b=True)  # x @ w, and x @ w.T without materialising w.T
 
 
 def linear(x: Tensor, w: Tensor) -> Tensor:
@@ -56,11 +60,14 @@ def rope_angles(positions: Tensor, inv_freq: Tensor, dtype) -> tuple[Tensor, Ten
     return cast(ops.cos(emb), dtype), cast(ops.sin(emb), dtype)
 
 
-def rope(x: Tensor, cos: Tensor, sin: Tensor, p: Tensor, r: Tensor, interleaved: bool) -> Tensor:
+def rope(x: Tensor, heads: int, cos: Tensor, sin: Tensor, p: Tensor, r: Tensor, interleaved: bool) -> Tensor:
     """x [T, heads, dim] rotated; p, r from `rope_matrices` (p is skipped when not interleaved)."""
-    if interleaved:
-        return ops.matmul(x, p) * cos + ops.matmul(x, r) * sin
-    return x * cos + ops.matmul(x, r) * sin
+    dim = r.shape[0]
+
+    def times(m):
+        return _matmul(x.reshape(-1, dim), m).reshape(-1, heads, dim)
+
+    return (times(p) if interleaved else x) * cos + times(r) * sin
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,8 +82,9 @@ def mlp_weights(w: Mapping[str, torch.Tensor], prefix: str) -> tuple[torch.Tenso
 
 def mlp(x: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
     """SwiGLU: x [T, H] -> [T, H]."""
-    gate, up = ops.split(linear(x, gate_up), gate_up.shape[0] // 2, -1)  # [T, I] x2
-    return linear(ops.silu(gate) * up, down)
+    I = gate_up.shape[0] // 2
+    gate_up = linear(x, gate_up)
+    return linear(ops.silu(gate_up[:, :I]) * gate_up[:, I:], down)  # [T, I] x2 -> [T, H]
 
 
 def moe_weights(w: Mapping[str, torch.Tensor], prefix: str, spec: MoESpec) -> tuple[torch.Tensor, ...]:
@@ -161,15 +169,15 @@ def moe(x: Tensor, weights: tuple, spec: MoESpec, gather: bool) -> Tensor:
     if gather:
         ids = ids.reshape(-1)  # [T * k]
         w1 = ops.gather(gate_up.reshape(E, 2 * I, H), ids, 0).reshape(-1, k * 2 * I, H)  # [T, k * 2 I, H]
-        gate, up = ops.split(_bmm_t(x.reshape(-1, 1, H), w1).reshape(-1, k, 2 * I), (I, I), -1)  # [T, k, I] x2
-        act = ops.silu(gate) * up * cast(top, x.dtype).reshape(-1, k, 1)
+        gate_up = _bmm_t(x.reshape(-1, 1, H), w1).reshape(-1, k, 2 * I)  # [T, k, 2 I]
+        act = ops.silu(gate_up[..., :I]) * gate_up[..., I:] * cast(top, x.dtype).reshape(-1, k, 1)
         w2 = ops.gather(down.reshape(E, I, H), ids, 0).reshape(-1, k * I, H)  # [T, k * I, H]
         out = _bmm(act.reshape(-1, 1, k * I), w2).reshape(-1, H)  # [T, H]
     else:
         weight = (_one_hot(ids, E) * top.reshape(-1, k, 1)).sum(1)  # [T, E] float32, zero off the top k
-        gate, up = ops.split(linear(x, gate_up).reshape(-1, E, 2 * I), (I, I), -1)  # [T, E, I] x2
-        act = ops.silu(gate) * up * cast(weight, x.dtype).reshape(-1, E, 1)
-        out = ops.matmul(act.reshape(-1, E * I), down)  # [T, H]
+        gate_up = linear(x, gate_up).reshape(-1, E, 2 * I)  # [T, E, 2 I]
+        act = ops.silu(gate_up[..., :I]) * gate_up[..., I:] * cast(weight, x.dtype).reshape(-1, E, 1)
+        out = _matmul(act.reshape(-1, E * I), down)  # [T, H]
     if len(weights) > 4:
         out = out + mlp(x, weights[4], weights[5])
     return out

@@ -7,8 +7,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from mindspore import ops
-
 from sglang_fx.checkpoint import ModelSpec
 from sglang_fx.spi import AttentionSpec
 
@@ -44,9 +42,11 @@ class LlamaFamily(Decoder):
         qkv = linear(x, w[0])  # [T, (Hq + 2 Hkv) * D]
         if s.attention_bias:
             qkv = qkv + w[2]
-        qk, v = ops.split(qkv.reshape(-1, Hq + 2 * Hkv, D), (Hq + Hkv, Hkv), 1)  # [T, Hq+Hkv, D], [T, Hkv, D]
+        qkv = qkv.reshape(-1, Hq + 2 * Hkv, D)
+        qk, v = qkv[:, : Hq + Hkv], qkv[:, Hq + Hkv :]  # [T, Hq + Hkv, D], [T, Hkv, D]
         if s.qk_norm:
             qk = rms_norm(qk, w[-1], self.eps)
-        q, k = ops.split(rope(qk, *rope_w, self.interleaved), (Hq, Hkv), 1)  # RoPE on q and k heads at once
+        qk = rope(qk, Hq + Hkv, *rope_w, self.interleaved)  # RoPE on q and k heads at once
+        q, k = qk[:, :Hq], qk[:, Hq:]
         a = self.attn.run(q, k, v, k_cache, v_cache, attn_inputs, attn_variant)  # [T, Hq, D]
         return linear(a.reshape(-1, Hq * D), w[1]), k, v
