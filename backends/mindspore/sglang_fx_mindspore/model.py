@@ -33,6 +33,7 @@ from .runtime import DEVICE_TARGETS, ms_dtype
 
 MODES = ("jit", "pynative")
 _matmul_t = ops.MatMul(transpose_b=True)  # x @ w.T, without materialising w.T
+_matmul = ops.MatMul()  # 2-D x @ w: one kernel (ops.matmul on 3-D x adds broadcasts and a transpose)
 
 
 def linear(x: Tensor, w: Tensor) -> Tensor:
@@ -172,11 +173,13 @@ class LlamaFamily(nn.Cell):
             moe = self.moe_layers[i]
             if self.attention_bias:
                 qkv = qkv + L[7 if moe else 6]
-            qk, v = ops.split(qkv.reshape(-1, Hq + 2 * Hkv, D), (Hq + Hkv, Hkv), 1)  # [T, Hq+Hkv, D], [T, Hkv, D]
+            qkv = qkv.reshape(-1, Hq + 2 * Hkv, D)
+            qk, v = qkv[:, : Hq + Hkv], qkv[:, Hq + Hkv :]  # [T, Hq+Hkv, D], [T, Hkv, D]
             if self.qk_norm:
                 qk = rms_norm(qk, L[-1], eps)
-            qk = qk * cos + ops.matmul(qk, rotate_half) * sin  # RoPE on q and k heads at once
-            q, k = ops.split(qk, (Hq, Hkv), 1)
+            rotated = _matmul(qk.reshape(-1, D), rotate_half).reshape(-1, Hq + Hkv, D)  # rotate_half(qk)
+            qk = qk * cos + rotated * sin  # RoPE on q and k heads at once
+            q, k = qk[:, :Hq], qk[:, Hq:]
             a = self.attn.run(q, k, v, keys[i], values[i], attn_inputs, attn_variant)  # [T, Hq, D]
             new_k.append(k)
             new_v.append(v)
@@ -186,7 +189,8 @@ class LlamaFamily(nn.Cell):
                 x = x + moe_mlp(h, L[4], L[5], L[6], self.num_experts, self.moe_intermediate, self.top_k,
                                 self.norm_topk_prob, self.routed_scaling)  # fmt: skip
             else:
-                gate, up = ops.split(linear(h, L[4]), (I, I), -1)  # [T, I] x2
+                gate_up = linear(h, L[4])
+                gate, up = gate_up[:, :I], gate_up[:, I:]  # [T, I] x2
                 x = x + linear(ops.silu(gate) * up, L[5])
         x = rms_norm(ops.gather(x, logits_indices, 0), norm, eps)  # [N, H]
         logits = cast(linear(x, lm_head), ms.float32)  # [N, V]
