@@ -141,14 +141,22 @@ class LlamaFamily(nn.Cell):
     """The decoder. Weights, KV buffers and step tensors come in as arguments (mutable tuples of
     MindSpore tensors aliasing host memory), so the compiled graph holds no data of its own.
 
-    construct returns logits [N, V] float32, or, when the attention leaves K/V writes to its
-    caller (not attn.writes_kv), (logits, k, v) with this step's k and v [num_layers, T, Hkv, D]
-    in the KV dtype, for MindSporeKVCache.write_layers."""
+    When the attention leaves K/V writes to its caller (not attn.writes_kv), the step stores them
+    itself if `store_kv` (compiled graphs): after layer i's attention, it scatters k and v into
+    kv_store's layer-i buffers [S, Hkv, D] at `slots` [T] int64. kv_store holds the pool views
+    `MindSporeKVCache.keys`/`values`, distinct MindSpore tensors from the row views the attention
+    reads (`cache_views`) though they alias the same memory, so MindSpore writes them in place
+    (a graph that reads and writes one input tensor copies it whole); ops.depend orders each
+    write after the attention of its layer, the only reader of that buffer. Without store_kv
+    (PyNative, where scatter_update returns new storage), construct returns
+    (logits, k, v) with this step's k and v [num_layers, T, Hkv, D] in the KV dtype, for
+    MindSporeKVCache.write_layers; otherwise logits [N, V] float32."""
 
-    def __init__(self, spec: ModelSpec, attention: nn.Cell, kv_dtype):
+    def __init__(self, spec: ModelSpec, attention: nn.Cell, kv_dtype, store_kv: bool):
         super().__init__()
         self.attn, self.kv_dtype = attention, kv_dtype
-        self.return_kv = not attention.writes_kv
+        self.store_kv = store_kv and not attention.writes_kv
+        self.return_kv = not attention.writes_kv and not self.store_kv
         self.num_layers, self.eps, self.intermediate = spec.num_layers, spec.rms_norm_eps, spec.intermediate_size
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.qk_norm, self.attention_bias = spec.qk_norm, spec.attention_bias
@@ -159,7 +167,7 @@ class LlamaFamily(nn.Cell):
         self.norm_topk_prob = moe.norm_topk_prob if moe else False
         self.routed_scaling = float(moe.routed_scaling_factor) if moe else 1.0
 
-    def construct(self, weights, keys, values, input_ids, positions, logits_indices, attn_inputs, attn_variant):
+    def construct(self, weights, keys, values, kv_store, input_ids, positions, logits_indices, slots, attn_inputs, attn_variant):
         embed, norm, lm_head, inv_freq, rotate_half, layers = weights
         Hq, Hkv, D, I, eps = self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate, self.eps
         freqs = positions.astype(ms.float32).reshape(-1, 1) * inv_freq.reshape(1, -1)  # [T, D/2]
@@ -181,8 +189,13 @@ class LlamaFamily(nn.Cell):
             qk = qk * cos + rotated * sin  # RoPE on q and k heads at once
             q, k = qk[:, :Hq], qk[:, Hq:]
             a = self.attn.run(q, k, v, keys[i], values[i], attn_inputs, attn_variant)  # [T, Hq, D]
-            new_k.append(k)
-            new_v.append(v)
+            if self.store_kv:
+                after = ops.depend(slots, a)  # write once this layer's attention has read the pool
+                ops.scatter_update(kv_store[0][i], after, cast(k, self.kv_dtype))
+                ops.scatter_update(kv_store[1][i], after, cast(v, self.kv_dtype))
+            else:
+                new_k.append(k)
+                new_v.append(v)
             x = x + linear(a.reshape(-1, Hq * D), L[2])
             h = rms_norm(x, L[3], eps)
             if moe:
@@ -233,7 +246,7 @@ class MindSporeRunner:
         D = self.spec.head_dim
         attn_spec = AttentionSpec(self.spec.num_heads, self.spec.num_kv_heads, D, D, D**-0.5)
         self.attn = make_attention(attn_spec, layout, self.device, self.spec.dtype, self.exchange)
-        self.model = LlamaFamily(self.spec, self.attn, ms_dtype(layout.dtype))
+        self.model = LlamaFamily(self.spec, self.attn, ms_dtype(layout.dtype), store_kv=self.mode == "jit")
         self._step = self.model if self.mode == "pynative" else self._compile()
         self.layout = layout
 
@@ -243,6 +256,7 @@ class MindSporeRunner:
             input_ids=Tensor(shape=[None], dtype=i64),
             positions=Tensor(shape=[None], dtype=i64),
             logits_indices=Tensor(shape=[None], dtype=i64),
+            slots=Tensor(shape=[None], dtype=i64),
             attn_inputs=self.attn.dynamic_inputs,
         )(ms.jit(self.model.construct))
 
@@ -251,10 +265,12 @@ class MindSporeRunner:
             self._bind(cache.layout)
         self.attn.plan(meta)
         keys, values = self.attn.cache_views(cache)
+        kv_store = mutable((cache.keys, cache.values)) if self.model.store_kv else ()
         ex = self.exchange.from_torch
-        out = self._step(self.weights, keys, values, ex(input_ids), ex(meta.positions), ex(meta.logits_indices),
-                         self.attn.inputs, self.attn.variant)  # fmt: skip
+        slots = ex(meta.out_cache_loc)
+        out = self._step(self.weights, keys, values, kv_store, ex(input_ids), ex(meta.positions), ex(meta.logits_indices),
+                         slots, self.attn.inputs, self.attn.variant)  # fmt: skip
         if self.model.return_kv:
             out, k, v = out
-            cache.write_layers(ex(meta.out_cache_loc), k, v)
+            cache.write_layers(slots, k, v)
         return self.exchange.to_torch(out)
