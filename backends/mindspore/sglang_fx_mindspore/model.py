@@ -40,10 +40,19 @@ def linear(x: Tensor, w: Tensor) -> Tensor:
     return _matmul_t(x, w)
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """RMSNorm over the last axis, in float32; weight None: the weight was folded into the
+    projection that follows (`fold_norm`)."""
     x32 = cast(x, ms.float32)
     x32 = x32 * ops.rsqrt(ops.mean(x32 * x32, -1, True) + eps)
-    return weight * cast(x32, x.dtype)
+    return cast(x32, x.dtype) if weight is None else weight * cast(x32, x.dtype)
+
+
+def fold_norm(norm_weight: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """w [N, H] with the RMSNorm weight [H] that precedes it folded in: linear(x * g, w) ==
+    linear(x, w * g). Computed in float32. Saves a weight-broadcast Mul per norm and step, one
+    of MindSpore's slowest CPU kernels for its size."""
+    return (w.float() * norm_weight.float()).to(w.dtype)
 
 
 def rotate_half_matrix(head_dim: int) -> torch.Tensor:
@@ -69,36 +78,36 @@ def check_moe(spec: ModelSpec) -> None:
         )
 
 
-def mlp_weights(w: Mapping[str, torch.Tensor], m: str, spec: ModelSpec, moe: bool) -> list[torch.Tensor]:
-    """A dense MLP: fused gate/up projection [2 I, H], down_proj [H, I].
+def mlp_weights(w: Mapping[str, torch.Tensor], m: str, spec: ModelSpec, moe: bool, norm: torch.Tensor) -> list[torch.Tensor]:
+    """A dense MLP: fused gate/up projection [2 I, H], down_proj [H, I]. The RMSNorm weight
+    `norm` before the MLP is folded into the projections that read its output (`fold_norm`).
 
     An MoE MLP (E experts of width I): the router [E, H] in float32 (routing runs in float32);
     every expert's gate and up rows, expert after expert, as one [E * 2 I, H] projection; and
     every expert's down_proj side by side as one [H, E * I] (column e * I + j is expert e's
     column j), so that `moe_mlp` evaluates all experts with two plain matmuls."""
     if not moe:
-        return [torch.cat([w[m + "gate_proj.weight"], w[m + "up_proj.weight"]]), w[m + "down_proj.weight"]]
+        return [fold_norm(norm, torch.cat([w[m + "gate_proj.weight"], w[m + "up_proj.weight"]])), w[m + "down_proj.weight"]]
     experts = [f"{m}experts.{e}." for e in range(spec.moe.num_experts)]
     return [
-        w[m + "gate.weight"].float(),
-        torch.cat([w[p + n] for p in experts for n in ("gate_proj.weight", "up_proj.weight")]),
+        fold_norm(norm, w[m + "gate.weight"].float()),
+        fold_norm(norm, torch.cat([w[p + n] for p in experts for n in ("gate_proj.weight", "up_proj.weight")])),
         torch.cat([w[p + "down_proj.weight"] for p in experts], 1),
     ]
 
 
 def layer_weights(w: Mapping[str, torch.Tensor], i: int, spec: ModelSpec) -> list[torch.Tensor]:
-    """Layer i's tensors in the order `LlamaFamily.construct` unpacks them: input norm, fused
-    q/k/v projection [(Hq + 2 Hkv) * D, H], o_proj, post-attention norm, the MLP's weights
-    (`mlp_weights`: two for a dense MLP, three for an MoE layer); then the fused q/k/v bias
-    (attention_bias); then the q and k head norms as one [Hq + Hkv, D] weight (qk_norm). Fusing
-    copies those weights once and saves kernel launches on every step."""
+    """Layer i's tensors in the order `LlamaFamily.construct` unpacks them: fused q/k/v
+    projection [(Hq + 2 Hkv) * D, H] with the input norm's weight folded in, o_proj, the MLP's
+    weights (`mlp_weights`: two for a dense MLP, three for an MoE layer) with the
+    post-attention norm's weight folded in; then the fused q/k/v bias (attention_bias); then
+    the q and k head norms as one [Hq + Hkv, D] weight (qk_norm). Fusing copies those weights
+    once and saves kernel launches on every step."""
     a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
     out = [
-        w[f"model.layers.{i}.input_layernorm.weight"],
-        torch.cat([w[a + f"{n}_proj.weight"] for n in "qkv"]),
+        fold_norm(w[f"model.layers.{i}.input_layernorm.weight"], torch.cat([w[a + f"{n}_proj.weight"] for n in "qkv"])),
         w[a + "o_proj.weight"],
-        w[f"model.layers.{i}.post_attention_layernorm.weight"],
-        *mlp_weights(w, m, spec, spec.is_moe_layer(i)),
+        *mlp_weights(w, m, spec, spec.is_moe_layer(i), w[f"model.layers.{i}.post_attention_layernorm.weight"]),
     ]
     if spec.attention_bias:
         out.append(torch.cat([w[a + f"{n}_proj.bias"] for n in "qkv"]))
@@ -168,19 +177,22 @@ class LlamaFamily(nn.Cell):
         self.routed_scaling = float(moe.routed_scaling_factor) if moe else 1.0
 
     def construct(self, weights, keys, values, kv_store, input_ids, positions, logits_indices, slots, attn_inputs, attn_variant):
-        embed, norm, lm_head, inv_freq, rotate_half, layers = weights
+        embed, lm_head, inv_freq, rotate_half, layers = weights
         Hq, Hkv, D, I, eps = self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate, self.eps
         freqs = positions.astype(ms.float32).reshape(-1, 1) * inv_freq.reshape(1, -1)  # [T, D/2]
-        emb = ops.cat((freqs, freqs), -1).reshape(-1, 1, D)  # [T, 1, D], broadcast over heads
+        emb = ops.cat((freqs, freqs), -1).reshape(-1, 1, D)  # [T, 1, D]
+        # [T, Hq + Hkv, D]: broadcast over the q and k heads once per step, so that every layer's
+        # RoPE multiplies tensors of one shape (MindSpore's CPU broadcasting Mul is several times slower)
+        emb = ops.broadcast_to(emb, (-1, Hq + Hkv, D))
         cos, sin = cast(ops.cos(emb), embed.dtype), cast(ops.sin(emb), embed.dtype)
         x = ops.gather(embed, input_ids, 0)  # [T, H]
         new_k, new_v = [], []
         for i in range(self.num_layers):
             L = layers[i]
-            qkv = linear(rms_norm(x, L[0], eps), L[1])  # [T, (Hq + 2 Hkv) * D]
+            qkv = linear(rms_norm(x, None, eps), L[0])  # [T, (Hq + 2 Hkv) * D]
             moe = self.moe_layers[i]
             if self.attention_bias:
-                qkv = qkv + L[7 if moe else 6]
+                qkv = qkv + L[5 if moe else 4]
             qkv = qkv.reshape(-1, Hq + 2 * Hkv, D)
             qk, v = qkv[:, : Hq + Hkv], qkv[:, Hq + Hkv :]  # [T, Hq+Hkv, D], [T, Hkv, D]
             if self.qk_norm:
@@ -196,16 +208,16 @@ class LlamaFamily(nn.Cell):
             else:
                 new_k.append(k)
                 new_v.append(v)
-            x = x + linear(a.reshape(-1, Hq * D), L[2])
-            h = rms_norm(x, L[3], eps)
+            x = x + linear(a.reshape(-1, Hq * D), L[1])
+            h = rms_norm(x, None, eps)
             if moe:
-                x = x + moe_mlp(h, L[4], L[5], L[6], self.num_experts, self.moe_intermediate, self.top_k,
+                x = x + moe_mlp(h, L[2], L[3], L[4], self.num_experts, self.moe_intermediate, self.top_k,
                                 self.norm_topk_prob, self.routed_scaling)  # fmt: skip
             else:
-                gate_up = linear(h, L[4])
+                gate_up = linear(h, L[2])
                 gate, up = gate_up[:, :I], gate_up[:, I:]  # [T, I] x2
-                x = x + linear(ops.silu(gate) * up, L[5])
-        x = rms_norm(ops.gather(x, logits_indices, 0), norm, eps)  # [N, H]
+                x = x + linear(ops.silu(gate) * up, L[3])
+        x = rms_norm(ops.gather(x, logits_indices, 0), None, eps)  # [N, H]
         logits = cast(linear(x, lm_head), ms.float32)  # [N, V]
         if self.return_kv:
             return logits, cast(ops.stack(new_k), self.kv_dtype), cast(ops.stack(new_v), self.kv_dtype)
@@ -239,8 +251,8 @@ class MindSporeRunner:
 
         layers = tuple(tuple(load(t) for t in layer_weights(weights, i, spec)) for i in range(spec.num_layers))
         rotate_half = rotate_half_matrix(D).to(spec.dtype)
-        self.weights = mutable((load(weights["model.embed_tokens.weight"]), load(weights["model.norm.weight"]),
-                                load(weights["lm_head.weight"]), load(inv_freq), load(rotate_half), layers))  # fmt: skip
+        lm_head = fold_norm(weights["model.norm.weight"], weights["lm_head.weight"])  # final norm folded in
+        self.weights = mutable((load(weights["model.embed_tokens.weight"]), load(lm_head), load(inv_freq), load(rotate_half), layers))
 
     def _bind(self, layout: KVLayout) -> None:
         D = self.spec.head_dim
