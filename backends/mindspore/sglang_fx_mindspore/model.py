@@ -141,7 +141,8 @@ def moe_mlp(x: Tensor, router: Tensor, gate_up: Tensor, down: Tensor, E: int, I:
     one = Tensor(1.0, ms.float32)
     zero = Tensor(0.0, ms.float32)
     route = (ops.one_hot(ids, E, one, zero) * top.reshape(-1, top_k, 1)).sum(1)  # [T, E]
-    gate, up = ops.split(linear(x, gate_up).reshape(-1, E, 2 * I), (I, I), -1)  # [T, E, I] x2
+    gate_up = linear(x, gate_up).reshape(-1, E, 2 * I)
+    gate, up = gate_up[..., :I], gate_up[..., I:]  # [T, E, I] x2
     act = ops.silu(gate) * up * cast(route, x.dtype).reshape(-1, E, 1)
     return linear(act.reshape(-1, E * I), down)  # [T, H]
 
