@@ -38,83 +38,74 @@ _bmm, _bmm_t = ops.BatchMatMul(), ops.BatchMatMul(transpose_b=True)
 
 # Which portable kernel path a step runs (plain ints: jit-graph constants, one graph each).
 GENERAL = 0  # any mix of prefills, prefix hits and decodes
-ONE_TOKEN = 1  # every sequence has exactly one new token (decode): queries, new keys and outputs
-#                are plain reshapes, so the graph skips three gathers
+ONE_TOKEN = 1  # every sequence has exactly one new token (decode): queries and outputs are plain
+#                reshapes, so the graph skips two gathers
 
 
 @dataclass(frozen=True)
 class PortableInputs:
     """The portable tier's step tensors (torch, on the step's device), in the shapes the graph
-    uses them, so that it needs no dynamic transposes or scatters. Each sequence's keys are its
-    C = max(prefix_lens) cached ones, gathered from the pool, followed by its E new ones, taken
-    straight from this step's k/v (so a step never reads what it writes): [B, Hkv, C + E, D].
-    Queries are padded per sequence to E rows, and each KV head's G query heads are stacked with
-    them (R = E * G rows per KV head).
+    uses them, so that it needs no dynamic transposes. Each sequence's keys, this step's
+    included (they are stored before attention reads them), are gathered from the pool straight
+    into [B, Hkv, L, D]. Queries are padded per sequence to E rows, and each KV head's G query
+    heads are stacked with them (R = E * G rows per KV head).
 
     variant     GENERAL or ONE_TOKEN.
     q_index     [B, Hkv, R] int32. Row of q.reshape(T * Hq, D) for (sequence, KV head, e * G + g).
-    kv_index    [B, Hkv, C] int32. Row of the pool viewed as [S * Hkv, D] holding cached token j
-                of sequence b, KV head h (slot * Hkv + h), for j < prefix_b; else 0 (masked).
-    new_index   [B, Hkv, E] int32. Row of k.reshape(T * Hkv, D) of new token e of sequence b,
-                KV head h, for e < extend_b; else 0 (masked).
-    bias        [B, 1, R, C + E] float32. 0 where query row r may see key column c, -inf elsewhere.
+    kv_index    [B, Hkv, L] int32. Row of the pool viewed as [S * Hkv, D] holding token j of
+                sequence b, KV head h (slot * Hkv + h), for j < seq_len_b; else 0 (masked).
+    bias        [B, 1, R, L] float32. 0 where query row r may see key j, -inf elsewhere.
     out_index   [T, Hq] int32. Row of the attention output [B * Hkv * R, Dv] for (token, head).
-    ONE_TOKEN steps (T == B, E == 1, R == G) use neither q_index, new_index nor out_index: they
-    are the identity there. Indices are int32 because MindSpore's CPU Gather casts int64 indices
-    with an extra kernel.
+    ONE_TOKEN steps (T == B, E == 1, R == G) use neither q_index nor out_index: they are the
+    identity there. Indices are int32 because MindSpore's CPU Gather casts int64 indices with an
+    extra kernel.
     """
 
     variant: int
     q_index: torch.Tensor
     kv_index: torch.Tensor
-    new_index: torch.Tensor
     bias: torch.Tensor
     out_index: torch.Tensor
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.q_index, self.kv_index, self.new_index, self.bias, self.out_index)
+        return (self.q_index, self.kv_index, self.bias, self.out_index)
 
 
 def portable_inputs(meta: ForwardMetadata, num_heads: int, num_kv_heads: int) -> PortableInputs:
     dev, Hq, Hkv, G = meta.positions.device, num_heads, num_kv_heads, num_heads // num_kv_heads
-    # C >= 1 even without cached tokens: one masked column keeps every gather non-empty.
-    B, E, C, T = meta.batch_size, max(meta.extend_lens_cpu), max(*meta.prefix_lens_cpu, 1), meta.num_tokens
-    ext, prefix = meta.extend_lens.long(), meta.prefix_lens.long()
+    B, E, L, T = meta.batch_size, max(meta.extend_lens_cpu), max(meta.seq_lens_cpu), meta.num_tokens
+    ext, prefix, seq_lens = meta.extend_lens.long(), meta.prefix_lens.long(), meta.seq_lens.long()
     starts = ext.cumsum(0) - ext  # [B] first row of each sequence
     e = torch.arange(E, device=dev)
     q_rows = torch.where(e[None, :] < ext[:, None], starts[:, None] + e[None, :], 0)  # [B, E], padding -> 0
     head = torch.arange(Hq, device=dev).view(Hkv, 1, G)  # [Hkv, 1, G]
     q_index = (q_rows[:, None, :, None] * Hq + head).reshape(B, Hkv, E * G)
-    kv_head = torch.arange(Hkv, device=dev)[None, :, None]  # [1, Hkv, 1]
-    new_index = q_rows[:, None, :] * Hkv + kv_head  # [B, Hkv, E]
-    j = torch.arange(C, device=dev)[None, :]
-    slots = torch.where(j < prefix[:, None], meta.req_to_token[:, :C].long(), 0)  # [B, C]
-    kv_index = slots[:, None, :] * Hkv + kv_head  # [B, Hkv, C]
+    j = torch.arange(L, device=dev)[None, :]
+    slots = torch.where(j < seq_lens[:, None], meta.req_to_token[:, :L].long(), 0)  # [B, L]
+    kv_index = slots[:, None, :] * Hkv + torch.arange(Hkv, device=dev)[None, :, None]  # [B, Hkv, L]
     seq = torch.repeat_interleave(torch.arange(B, device=dev), ext, output_size=T)  # [T]
     e_of_row = torch.arange(T, device=dev) - starts[seq]
     h = torch.arange(Hq, device=dev)
     out_index = ((seq[:, None] * Hkv + h // G) * E + e_of_row[:, None]) * G + h % G  # [T, Hq]
-    # Query row e of sequence b sees cached keys j < prefix_b and new keys e' <= e; padding rows
-    # (e >= extend_b) see a superset, so that no row is all -inf.
-    cached = (j < prefix[:, None])[:, None, :].expand(B, E, C)  # [B, E, C]
-    new = (e[None, :, None] >= e[None, None, :]) & (e < ext[:, None])[:, None, :]  # [B, E, E]
-    visible = torch.cat([cached, new], 2).repeat_interleave(G, dim=1)  # [B, R, C + E]
+    query_pos = prefix[:, None] + e[None, :]  # [B, E]; padding rows see a superset
+    visible = (j[:, None, :] <= query_pos[:, :, None]).repeat_interleave(G, dim=1)  # [B, R, L]
     bias = torch.zeros(visible.shape, dtype=torch.float32, device=dev).masked_fill_(~visible, float("-inf"))
     i32 = torch.int32
     variant = ONE_TOKEN if E == 1 else GENERAL
-    return PortableInputs(variant, q_index.to(i32), kv_index.to(i32), new_index.to(i32), bias[:, None], out_index.to(i32))
+    return PortableInputs(variant, q_index.to(i32), kv_index.to(i32), bias[:, None], out_index.to(i32))
 
 
 class PortablePagedAttention(nn.Cell):
-    """Pads the step to [B, Hkv, E * G] queries x [B, Hkv, C + E] keys, so one batched matmul
-    covers ragged sequences, cached prefixes and decode alike, for any page size, and
-    grouped-query heads without repeating K/V. Scores and softmax in float32. Every tensor is
-    gathered straight into the layout the matmuls want (rows of the pool viewed as [S * Hkv, D]),
-    so a step launches no transpose and no scatter.
+    """Pads the step to [B, Hkv, E * G] queries x [B, Hkv, L] keys, so one batched matmul covers
+    ragged sequences, cached prefixes and decode alike, for any page size, and grouped-query
+    heads without repeating K/V. Scores and softmax in float32. Keys and values are gathered
+    straight into the layout the matmuls want (rows of the pool viewed as [S * Hkv, D]), so a
+    step launches no transpose, scatter or concatenation.
 
-    run() only reads the pool (writes_kv is False): MindSpore copies a whole buffer that one
-    graph both reads and writes, so the caller stores the new K/V separately
-    (MindSporeKVCache.write / write_layers)."""
+    run() reads this step's K/V from the pool, like every other key: its caller stores them
+    first (writes_kv is False: MindSpore copies a whole buffer that one graph both reads and
+    writes as one tensor, so the writes go through other views of the pool:
+    MindSporeKVCache.write, or the model graph's in-place scatter into `cache.keys`/`values`)."""
 
     writes_kv = False
 
@@ -126,9 +117,8 @@ class PortablePagedAttention(nn.Cell):
         self.exchange = exchange
         self.dynamic_inputs = (
             Tensor(shape=[None, Hkv, None], dtype=i32),  # q_index [B, Hkv, R]
-            Tensor(shape=[None, Hkv, None], dtype=i32),  # kv_index [B, Hkv, C]
-            Tensor(shape=[None, Hkv, None], dtype=i32),  # new_index [B, Hkv, E]
-            Tensor(shape=[None, 1, None, None], dtype=ms.float32),  # bias [B, 1, R, C + E]
+            Tensor(shape=[None, Hkv, None], dtype=i32),  # kv_index [B, Hkv, L]
+            Tensor(shape=[None, 1, None, None], dtype=ms.float32),  # bias [B, 1, R, L]
             Tensor(shape=[None, Hq], dtype=i32),  # out_index [T, Hq]
         )
         self.slots: Tensor | None = None  # [T] int64, the step's out_cache_loc
@@ -151,39 +141,25 @@ class PortablePagedAttention(nn.Cell):
         return self.run(q, k, v, cache.key_rows[layer], v_rows, self.inputs, self.variant)
 
     def run(self, q, k, v, k_rows, v_rows, inputs, variant):
-        """q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, Dv] or None (latent attention: the values are
-        the keys' first Dv channels), k_rows/v_rows: the pool as [S * Hkv, D/Dv] (`cache_views`;
-        v_rows None likewise) -> [T, Hq, Dv] in q's dtype."""
-        q_index, kv_index, new_index, bias, out_index = inputs
+        """q [T, Hq, D]; k_rows/v_rows: the pool as [S * Hkv, D/Dv] (`cache_views`), holding this
+        step's k/v already; v_rows None: latent attention, whose values are the keys' first Dv
+        channels -> [T, Hq, Dv] in q's dtype. k and v are not read (the pool has them)."""
+        q_index, kv_index, bias, out_index = inputs
         Hkv, D, Dv = self.num_kv_heads, self.head_dim, self.v_head_dim
         if variant == ONE_TOKEN:
             qp = q.reshape(-1, Hkv, self.num_heads // Hkv, D)  # [B, Hkv, G, D]
         else:
             qp = ops.gather(q.reshape(-1, D), q_index, 0)  # [B, Hkv, R, D]
-        keys = _sequence_rows(k_rows, k, kv_index, new_index, variant)  # [B, Hkv, C + E, D]
+        keys = cast(ops.gather(k_rows, kv_index, 0), ms.float32)  # [B, Hkv, L, D]
         if v_rows is None:
             vals = keys[..., :Dv]
         else:
-            vals = _sequence_rows(v_rows, v, kv_index, new_index, variant)  # [B, Hkv, C + E, Dv]
-        probs = ops.softmax(_bmm_t(cast(qp, ms.float32), keys) * self.scale + bias, -1)  # [B, Hkv, R, C + E]
+            vals = cast(ops.gather(v_rows, kv_index, 0), ms.float32)  # [B, Hkv, L, Dv]
+        probs = ops.softmax(_bmm_t(cast(qp, ms.float32), keys) * self.scale + bias, -1)  # [B, Hkv, R, L]
         out = _bmm(probs, vals)  # [B, Hkv, R, Dv]
         if variant == ONE_TOKEN:
             return cast(out.reshape(-1, self.num_heads, Dv), q.dtype)  # [B, Hq, Dv]
         return cast(ops.gather(out.reshape(-1, Dv), out_index, 0), q.dtype)  # [T, Hq, Dv]
-
-
-def _sequence_rows(pool_rows, new, kv_index, new_index, variant):
-    """[B, Hkv, C + E, D] float32: sequence b's cached keys (or values) gathered from the pool's
-    rows [S * Hkv, D], then its new ones from `new` [T, Hkv, D], rounded to the pool's dtype as
-    if written and read back."""
-    D = pool_rows.shape[-1]
-    cached = ops.gather(pool_rows, kv_index, 0)  # [B, Hkv, C, D]
-    new = cast(new, pool_rows.dtype)
-    if variant == ONE_TOKEN:
-        new = new.reshape(-1, new.shape[1], 1, D)  # [B, Hkv, 1, D]
-    else:
-        new = ops.gather(new.reshape(-1, D), new_index, 0)  # [B, Hkv, E, D]
-    return cast(ops.cat((cached, new), 2), ms.float32)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from sglang_fx.spi import AttentionSpec, RunnerOptions
 
 from .attention import make_attention
 from .exchange import MindSporeExchange
-from .kernels import cast
+from .kernels import cast, rows_writer
 from .kv_cache import MindSporeKVCache
 from .runtime import DEVICE_TARGETS, ms_dtype
 
@@ -151,22 +151,15 @@ class LlamaFamily(nn.Cell):
     """The decoder. Weights, KV buffers and step tensors come in as arguments (mutable tuples of
     MindSpore tensors aliasing host memory), so the compiled graph holds no data of its own.
 
-    When the attention leaves K/V writes to its caller (not attn.writes_kv), the step stores them
-    itself if `store_kv` (compiled graphs): after layer i's attention, it scatters k and v into
-    kv_store's layer-i buffers [S, Hkv, D] at `slots` [T] int64. kv_store holds the pool views
-    `MindSporeKVCache.keys`/`values`, distinct MindSpore tensors from the row views the attention
-    reads (`cache_views`) though they alias the same memory, so MindSpore writes them in place
-    (a graph that reads and writes one input tensor copies it whole); ops.depend orders each
-    write after the attention of its layer, the only reader of that buffer. Without store_kv
-    (PyNative, where scatter_update returns new storage), construct returns
-    (logits, k, v) with this step's k and v [num_layers, T, Hkv, D] in the KV dtype, for
-    MindSporeKVCache.write_layers; otherwise logits [N, V] float32."""
+    construct returns logits [N, V] float32. When the attention leaves K/V writes to its caller
+    (not attn.writes_kv), the step stores layer i's k and v into kv_store's layer-i buffers
+    [S, Hkv, D] at `slots` [T] int64 before that layer's attention reads the pool (`store`)."""
 
-    def __init__(self, spec: ModelSpec, attention: nn.Cell, kv_dtype, store_kv: bool):
+    def __init__(self, spec: ModelSpec, attention: nn.Cell, kv_dtype, in_graph: bool):
         super().__init__()
         self.attn, self.kv_dtype = attention, kv_dtype
-        self.store_kv = store_kv and not attention.writes_kv
-        self.return_kv = not attention.writes_kv and not self.store_kv
+        self.stores_kv = not attention.writes_kv
+        self.in_graph = in_graph
         self.num_layers, self.eps, self.intermediate = spec.num_layers, spec.rms_norm_eps, spec.intermediate_size
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.qk_norm, self.attention_bias = spec.qk_norm, spec.attention_bias
@@ -187,7 +180,6 @@ class LlamaFamily(nn.Cell):
         emb = ops.broadcast_to(emb, (-1, Hq + Hkv, D))
         cos, sin = cast(ops.cos(emb), embed.dtype), cast(ops.sin(emb), embed.dtype)
         x = ops.gather(embed, input_ids, 0)  # [T, H]
-        new_k, new_v = [], []
         for i in range(self.num_layers):
             L = layers[i]
             qkv = linear(rms_norm(x, None, eps), L[0])  # [T, (Hq + 2 Hkv) * D]
@@ -201,14 +193,10 @@ class LlamaFamily(nn.Cell):
             rotated = _matmul(qk.reshape(-1, D), rotate_half).reshape(-1, Hq + Hkv, D)  # rotate_half(qk)
             qk = qk * cos + rotated * sin  # RoPE on q and k heads at once
             q, k = qk[:, :Hq], qk[:, Hq:]
-            a = self.attn.run(q, k, v, keys[i], values[i], attn_inputs, attn_variant)  # [T, Hq, D]
-            if self.store_kv:
-                after = ops.depend(slots, a)  # write once this layer's attention has read the pool
-                ops.scatter_update(kv_store[0][i], after, cast(k, self.kv_dtype))
-                ops.scatter_update(kv_store[1][i], after, cast(v, self.kv_dtype))
-            else:
-                new_k.append(k)
-                new_v.append(v)
+            k_pool, v_pool = keys[i], values[i]
+            if self.stores_kv:
+                k_pool, v_pool = self.store(kv_store, i, slots, k, v, k_pool, v_pool)
+            a = self.attn.run(q, k, v, k_pool, v_pool, attn_inputs, attn_variant)  # [T, Hq, D]
             x = x + linear(a.reshape(-1, Hq * D), L[1])
             h = rms_norm(x, None, eps)
             if moe:
@@ -219,10 +207,27 @@ class LlamaFamily(nn.Cell):
                 gate, up = gate_up[:, :I], gate_up[:, I:]  # [T, I] x2
                 x = x + linear(ops.silu(gate) * up, L[3])
         x = rms_norm(ops.gather(x, logits_indices, 0), None, eps)  # [N, H]
-        logits = cast(linear(x, lm_head), ms.float32)  # [N, V]
-        if self.return_kv:
-            return logits, cast(ops.stack(new_k), self.kv_dtype), cast(ops.stack(new_v), self.kv_dtype)
-        return logits
+        return cast(linear(x, lm_head), ms.float32)  # [N, V]
+
+    def store(self, kv_store, i, slots, k, v, k_pool, v_pool):
+        """Write layer i's k, v [T, Hkv, D] into kv_store[0][i], kv_store[1][i] at `slots`, and
+        return the attention's views of the pool (k_pool, v_pool) ordered after the writes.
+
+        kv_store holds `MindSporeKVCache.keys`/`values`: MindSpore tensors distinct from the
+        views the attention reads (`cache_views`), though over the same memory, so a compiled
+        graph (in_graph) scatters into them in place (a graph that reads and writes one input
+        tensor copies it whole); ops.depend makes the reads wait for the writes. PyNative's
+        scatter_update returns new storage, so there each write runs the in-place `rows_writer`
+        graph."""
+        k, v = cast(k, self.kv_dtype), cast(v, self.kv_dtype)
+        if self.in_graph:
+            k_pool = ops.depend(k_pool, ops.scatter_update(kv_store[0][i], slots, k))
+            v_pool = ops.depend(v_pool, ops.scatter_update(kv_store[1][i], slots, v))
+        else:
+            write = rows_writer(self.kv_dtype)
+            write(mutable((kv_store[0][i],)), slots, k.expand_dims(0))
+            write(mutable((kv_store[1][i],)), slots, v.expand_dims(0))
+        return k_pool, v_pool
 
 
 class MindSporeRunner:
@@ -259,7 +264,7 @@ class MindSporeRunner:
         D = self.spec.head_dim
         attn_spec = AttentionSpec(self.spec.num_heads, self.spec.num_kv_heads, D, D, D**-0.5)
         self.attn = make_attention(attn_spec, layout, self.device, self.spec.dtype, self.exchange)
-        self.model = LlamaFamily(self.spec, self.attn, ms_dtype(layout.dtype), store_kv=self.mode == "jit")
+        self.model = LlamaFamily(self.spec, self.attn, ms_dtype(layout.dtype), in_graph=self.mode == "jit")
         self._step = self.model if self.mode == "pynative" else self._compile()
         self.layout = layout
 
@@ -278,12 +283,8 @@ class MindSporeRunner:
             self._bind(cache.layout)
         self.attn.plan(meta)
         keys, values = self.attn.cache_views(cache)
-        kv_store = mutable((cache.keys, cache.values)) if self.model.store_kv else ()
+        kv_store = mutable((cache.keys, cache.values)) if self.model.stores_kv else ()
         ex = self.exchange.from_torch
-        slots = ex(meta.out_cache_loc)
         out = self._step(self.weights, keys, values, kv_store, ex(input_ids), ex(meta.positions), ex(meta.logits_indices),
-                         slots, self.attn.inputs, self.attn.variant)  # fmt: skip
-        if self.model.return_kv:
-            out, k, v = out
-            cache.write_layers(slots, k, v)
+                         ex(meta.out_cache_loc), self.attn.inputs, self.attn.variant)  # fmt: skip
         return self.exchange.to_torch(out)
