@@ -79,7 +79,8 @@ def check_moe(spec: ModelSpec) -> None:
 
 
 def mlp_weights(w: Mapping[str, torch.Tensor], m: str, spec: ModelSpec, moe: bool, norm: torch.Tensor) -> list[torch.Tensor]:
-    """A dense MLP: fused gate/up projection [2 I, H], down_proj [H, I]. The RMSNorm weight
+    """A dense MLP: gate_proj and up_proj [I, H] (two matmuls cost what one fused one does, and
+    spare the slices that would split its output), down_proj [H, I]. The RMSNorm weight
     `norm` before the MLP is folded into the projections that read its output (`fold_norm`).
 
     An MoE MLP (E experts of width I): the router [E, H] in float32 (routing runs in float32);
@@ -87,7 +88,7 @@ def mlp_weights(w: Mapping[str, torch.Tensor], m: str, spec: ModelSpec, moe: boo
     every expert's down_proj side by side as one [H, E * I] (column e * I + j is expert e's
     column j), so that `moe_mlp` evaluates all experts with two plain matmuls."""
     if not moe:
-        return [fold_norm(norm, torch.cat([w[m + "gate_proj.weight"], w[m + "up_proj.weight"]])), w[m + "down_proj.weight"]]
+        return [fold_norm(norm, w[m + "gate_proj.weight"]), fold_norm(norm, w[m + "up_proj.weight"]), w[m + "down_proj.weight"]]
     experts = [f"{m}experts.{e}." for e in range(spec.moe.num_experts)]
     return [
         fold_norm(norm, w[m + "gate.weight"].float()),
@@ -99,7 +100,7 @@ def mlp_weights(w: Mapping[str, torch.Tensor], m: str, spec: ModelSpec, moe: boo
 def layer_weights(w: Mapping[str, torch.Tensor], i: int, spec: ModelSpec) -> list[torch.Tensor]:
     """Layer i's tensors in the order `LlamaFamily.construct` unpacks them: fused q/k/v
     projection [(Hq + 2 Hkv) * D, H] with the input norm's weight folded in, o_proj, the MLP's
-    weights (`mlp_weights`: two for a dense MLP, three for an MoE layer) with the
+    weights (`mlp_weights`: three, dense or MoE) with the
     post-attention norm's weight folded in; then the fused q/k/v bias (attention_bias); then
     the q and k head norms as one [Hq + Hkv, D] weight (qk_norm). Fusing copies those weights
     once and saves kernel launches on every step."""
@@ -160,7 +161,7 @@ class LlamaFamily(nn.Cell):
         self.attn, self.kv_dtype = attention, kv_dtype
         self.stores_kv = not attention.writes_kv
         self.in_graph = in_graph
-        self.num_layers, self.eps, self.intermediate = spec.num_layers, spec.rms_norm_eps, spec.intermediate_size
+        self.num_layers, self.eps = spec.num_layers, spec.rms_norm_eps
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.qk_norm, self.attention_bias = spec.qk_norm, spec.attention_bias
         self.moe_layers = tuple(spec.is_moe_layer(i) for i in range(spec.num_layers))
@@ -172,7 +173,7 @@ class LlamaFamily(nn.Cell):
 
     def construct(self, weights, keys, values, kv_store, input_ids, positions, logits_indices, slots, attn_inputs, attn_variant):
         embed, lm_head, inv_freq, rotate_half, layers = weights
-        Hq, Hkv, D, I, eps = self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate, self.eps
+        Hq, Hkv, D, eps = self.num_heads, self.num_kv_heads, self.head_dim, self.eps
         freqs = positions.astype(ms.float32).reshape(-1, 1) * inv_freq.reshape(1, -1)  # [T, D/2]
         emb = ops.cat((freqs, freqs), -1).reshape(-1, 1, D)  # [T, 1, D]
         # [T, Hq + Hkv, D]: broadcast over the q and k heads once per step, so that every layer's
@@ -185,7 +186,7 @@ class LlamaFamily(nn.Cell):
             qkv = linear(rms_norm(x, None, eps), L[0])  # [T, (Hq + 2 Hkv) * D]
             moe = self.moe_layers[i]
             if self.attention_bias:
-                qkv = qkv + L[5 if moe else 4]
+                qkv = qkv + L[5]
             qkv = qkv.reshape(-1, Hq + 2 * Hkv, D)
             qk, v = qkv[:, : Hq + Hkv], qkv[:, Hq + Hkv :]  # [T, Hq+Hkv, D], [T, Hkv, D]
             if self.qk_norm:
@@ -203,9 +204,7 @@ class LlamaFamily(nn.Cell):
                 x = x + moe_mlp(h, L[2], L[3], L[4], self.num_experts, self.moe_intermediate, self.top_k,
                                 self.norm_topk_prob, self.routed_scaling)  # fmt: skip
             else:
-                gate_up = linear(h, L[2])
-                gate, up = gate_up[:, :I], gate_up[:, I:]  # [T, I] x2
-                x = x + linear(ops.silu(gate) * up, L[3])
+                x = x + linear(ops.silu(linear(h, L[2])) * linear(h, L[3]), L[4])  # SwiGLU, [T, I] inside
         x = rms_norm(ops.gather(x, logits_indices, 0), None, eps)  # [N, H]
         return cast(linear(x, lm_head), ms.float32)  # [N, V]
 
