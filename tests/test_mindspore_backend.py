@@ -492,15 +492,21 @@ def test_an_architecture_without_a_model_is_refused(tiny):
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe", "deepseek_v3"])
 def test_jit_compiles_once_for_every_batch_shape(tiny, arch):
+    """The step compiles one graph per path it can take, never per shape: a prefill (general
+    attention) and a decode (one-token attention), and for MoE models a decode small enough to
+    gather experts (batch 1) and one that runs them densely (batch 4). After those, new batch
+    sizes, lengths and prefix hits reuse the graphs."""
     from mindspore.graph.api import ms_compile_cache  # MindSpore's set of compiled graph phases
 
     s = Session("mindspore", tiny(arch), page_size=16)
-    first, _ = s.new_sequence(PROMPT[:9])
-    s.forward([first], [PROMPT[:9]])  # compiles the step graph (and the KV write graph)
-    s.forward([first], [[3]])
+    warm = [s.new_sequence(PROMPT[40 + i : 49 + i])[0] for i in range(4)]
+    s.forward(warm, [PROMPT[40 + i : 49 + i] for i in range(4)])
+    s.forward(warm[:1], [[3]])
+    s.forward(warm, [[3]] * 4)
     compiled = len(ms_compile_cache)
-    seqs = [s.new_sequence(PROMPT[i : i + 5 + 3 * i])[0] for i in range(4)]
-    s.forward(seqs, [PROMPT[i : i + 5 + 3 * i] for i in range(4)])  # new batch size, lengths, prefix hit
+    seqs = [s.new_sequence(PROMPT[i : i + 5 + 3 * i])[0] for i in range(3)]
+    s.forward(seqs, [PROMPT[i : i + 5 + 3 * i] for i in range(3)])  # new batch size, lengths, prefix hit
     for step in range(3):
-        s.forward([first, *seqs], [[step]] * 5)
+        s.forward([*warm, *seqs], [[step]] * 7)
+        s.forward(seqs[:2], [[step]] * 2)
     assert len(ms_compile_cache) == compiled

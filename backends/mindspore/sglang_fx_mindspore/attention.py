@@ -37,61 +37,76 @@ from .runtime import Tier, choose_tier, ms_dtype
 
 _bmm, _bmm_t = ops.BatchMatMul(), ops.BatchMatMul(transpose_b=True)
 
+# Which portable kernel path a step runs (plain ints: jit-graph constants, one graph each).
+GENERAL = 0  # any mix of prefills, prefix hits and decodes
+ONE_TOKEN = 1  # every sequence has exactly one new token (decode): queries and outputs are plain
+#                reshapes, so the graph skips two gathers
+
 
 @dataclass(frozen=True)
 class PortableInputs:
     """The portable tier's step tensors (torch, on the step's device), in the shapes the graph
-    uses them, so that it needs no dynamic reshapes or transposes of queries and outputs. Queries
-    are padded per sequence to E rows, and each KV head's G query heads are stacked with them
-    (R = E * G rows per KV head). Keys j < prefix_b come from the pool; this step's keys come
-    straight from k/v, so a step never reads what it writes.
+    uses them, so that it needs no dynamic transposes. Each sequence's keys, this step's
+    included (they are stored before attention reads them), are gathered from the pool straight
+    into [B, Hkv, L, D]. Queries are padded per sequence to E rows, and each KV head's G query
+    heads are stacked with them (R = E * G rows per KV head).
 
-    q_index   [B, Hkv, R] int32. Row of q.reshape(T * Hq, D) for (sequence, KV head, e * G + g).
-    kv_slots  [B, L] int32. Pool slot of cached token j of sequence b (j < prefix_b), else 0.
-    new_pos   [T, 2] int32. (b, j) of each new token: where its k/v go among the gathered keys.
-    bias      [B, 1, R, L] float32. 0 where query row r may see key j, -inf elsewhere.
-    out_index [T, Hq] int32. Row of the attention output [B * Hkv * R, Dv] for (token, head).
-    Indices are int32 because MindSpore's CPU Gather casts int64 indices with an extra kernel.
+    variant     GENERAL or ONE_TOKEN.
+    q_index     [B, Hkv, R] int32. Row of q.reshape(T * Hq, D) for (sequence, KV head, e * G + g).
+    kv_index    [B, Hkv, L] int32. Row of the pool viewed as [S * Hkv, D] holding token j of
+                sequence b, KV head h (slot * Hkv + h), for j < seq_len_b; else 0 (masked).
+    bias        [B, 1, R, L] float32. 0 where query row r may see key j, -inf elsewhere.
+    out_index   [T, Hq] int32. Row of the attention output [B * Hkv * R, Dv] for (token, head).
+    ONE_TOKEN steps (T == B, E == 1, R == G) use neither q_index nor out_index: they are the
+    identity there. Indices are int32 because MindSpore's CPU Gather casts int64 indices with an
+    extra kernel.
     """
 
+    variant: int
     q_index: torch.Tensor
-    kv_slots: torch.Tensor
-    new_pos: torch.Tensor
+    kv_index: torch.Tensor
     bias: torch.Tensor
     out_index: torch.Tensor
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.q_index, self.kv_index, self.bias, self.out_index)
+
 
 def portable_inputs(meta: ForwardMetadata, num_heads: int, num_kv_heads: int) -> PortableInputs:
-    dev, G = meta.positions.device, num_heads // num_kv_heads
+    dev, Hq, Hkv, G = meta.positions.device, num_heads, num_kv_heads, num_heads // num_kv_heads
     B, E, L, T = meta.batch_size, max(meta.extend_lens_cpu), max(meta.seq_lens_cpu), meta.num_tokens
-    ext, prefix = meta.extend_lens.long(), meta.prefix_lens.long()
+    ext, prefix, seq_lens = meta.extend_lens.long(), meta.prefix_lens.long(), meta.seq_lens.long()
     starts = ext.cumsum(0) - ext  # [B] first row of each sequence
     e = torch.arange(E, device=dev)
-    q_rows = torch.where(e[None, :] < ext[:, None], starts[:, None] + e[None, :], 0)  # [B, E]
-    head = torch.arange(num_heads, device=dev).view(num_kv_heads, 1, G)  # [Hkv, 1, G]
-    q_index = (q_rows[:, None, :, None] * num_heads + head).reshape(B, num_kv_heads, E * G)
+    q_rows = torch.where(e[None, :] < ext[:, None], starts[:, None] + e[None, :], 0)  # [B, E], padding -> 0
+    head = torch.arange(Hq, device=dev).view(Hkv, 1, G)  # [Hkv, 1, G]
+    q_index = (q_rows[:, None, :, None] * Hq + head).reshape(B, Hkv, E * G)
+    j = torch.arange(L, device=dev)[None, :]
+    slots = torch.where(j < seq_lens[:, None], meta.req_to_token[:, :L].long(), 0)  # [B, L]
+    kv_index = slots[:, None, :] * Hkv + torch.arange(Hkv, device=dev)[None, :, None]  # [B, Hkv, L]
     seq = torch.repeat_interleave(torch.arange(B, device=dev), ext, output_size=T)  # [T]
     e_of_row = torch.arange(T, device=dev) - starts[seq]
-    h = torch.arange(num_heads, device=dev)
-    out_index = ((seq[:, None] * num_kv_heads + h // G) * E + e_of_row[:, None]) * G + h % G  # [T, Hq]
-    new_pos = torch.stack([seq, prefix[seq] + e_of_row], 1)
-    j = torch.arange(L, device=dev)[None, :]
-    kv_slots = torch.where(j < prefix[:, None], meta.req_to_token[:, :L].long(), 0)
+    h = torch.arange(Hq, device=dev)
+    out_index = ((seq[:, None] * Hkv + h // G) * E + e_of_row[:, None]) * G + h % G  # [T, Hq]
     query_pos = prefix[:, None] + e[None, :]  # [B, E]; padding rows see a superset
     visible = (j[:, None, :] <= query_pos[:, :, None]).repeat_interleave(G, dim=1)  # [B, R, L]
     bias = torch.zeros(visible.shape, dtype=torch.float32, device=dev).masked_fill_(~visible, float("-inf"))
     i32 = torch.int32
-    return PortableInputs(q_index.to(i32), kv_slots.to(i32), new_pos.to(i32), bias[:, None], out_index.to(i32))
+    variant = ONE_TOKEN if E == 1 else GENERAL
+    return PortableInputs(variant, q_index.to(i32), kv_index.to(i32), bias[:, None], out_index.to(i32))
 
 
 class PortablePagedAttention(nn.Cell):
     """Pads the step to [B, Hkv, E * G] queries x [B, Hkv, L] keys, so one batched matmul covers
     ragged sequences, cached prefixes and decode alike, for any page size, and grouped-query
-    heads without repeating K/V. Scores and softmax in float32.
+    heads without repeating K/V. Scores and softmax in float32. Keys and values are gathered
+    straight into the layout the matmuls want (rows of the pool viewed as [S * Hkv, D]), so a
+    step launches no transpose, scatter or concatenation.
 
-    run() only reads the pool (writes_kv is False): MindSpore copies a whole buffer that one
-    graph both reads and writes, so the caller stores the new K/V separately
-    (MindSporeKVCache.write / write_layers)."""
+    run() reads this step's K/V from the pool, like every other key: its caller stores them
+    first (writes_kv is False: MindSpore copies a whole buffer that one graph both reads and
+    writes as one tensor, so the writes go through other views of the pool:
+    MindSporeKVCache.write, or the model graph's in-place scatter into `cache.keys`/`values`)."""
 
     writes_kv = False
 
@@ -103,48 +118,49 @@ class PortablePagedAttention(nn.Cell):
         self.exchange = exchange
         self.dynamic_inputs = (
             Tensor(shape=[None, Hkv, None], dtype=i32),  # q_index [B, Hkv, R]
-            Tensor(shape=[None, None], dtype=i32),  # kv_slots [B, L]
-            Tensor(shape=[None, 2], dtype=i32),  # new_pos [T, 2]
+            Tensor(shape=[None, Hkv, None], dtype=i32),  # kv_index [B, Hkv, L]
             Tensor(shape=[None, 1, None, None], dtype=ms.float32),  # bias [B, 1, R, L]
             Tensor(shape=[None, Hq], dtype=i32),  # out_index [T, Hq]
         )
         self.slots: Tensor | None = None  # [T] int64, the step's out_cache_loc
         self.inputs: tuple = ()
-        self.variant = 0
+        self.variant = GENERAL
 
     @staticmethod
-    def cache_views(cache: MindSporeKVCache) -> tuple[tuple, tuple]:
-        return cache.keys, cache.values
+    def cache_views(cache: MindSporeKVCache) -> tuple[tuple, tuple | None]:
+        return cache.key_rows, cache.value_rows
 
     def plan(self, meta: ForwardMetadata) -> None:
         p = portable_inputs(meta, self.num_heads, self.num_kv_heads)
-        tensors = (p.q_index, p.kv_slots, p.new_pos, p.bias, p.out_index)
         self.slots = self.exchange.from_torch(meta.out_cache_loc)
-        self.inputs = mutable(tuple(self.exchange.from_torch(t) for t in tensors))
+        self.inputs = mutable(tuple(self.exchange.from_torch(t) for t in p.tensors()))
+        self.variant = p.variant
 
     def forward(self, layer: int, q: Tensor, k: Tensor, v: Tensor | None, cache: MindSporeKVCache) -> Tensor:
         cache.write(layer, self.slots, k, v)
-        return self.run(q, k, v, cache.k(layer), cache.v(layer), self.inputs, self.variant)
+        v_rows = None if cache.value_rows is None else cache.value_rows[layer]
+        return self.run(q, k, v, cache.key_rows[layer], v_rows, self.inputs, self.variant)
 
-    def run(self, q, k, v, k_cache, v_cache, inputs, variant):
-        q_index, kv_slots, new_pos, bias, out_index = inputs
-        D, Dv = self.head_dim, self.v_head_dim
-        qp = cast(ops.gather(q.reshape(-1, D), q_index, 0), ms.float32)  # [B, Hkv, R, D]
-        keys = _sequence_rows(k_cache, k, kv_slots, new_pos)  # [B, Hkv, L, D]
-        if v_cache is None:  # latent attention: the values are the keys' first Dv channels
+    def run(self, q, k, v, k_rows, v_rows, inputs, variant):
+        """q [T, Hq, D]; k_rows/v_rows: the pool as [S * Hkv, D/Dv] (`cache_views`), holding this
+        step's k/v already; v_rows None: latent attention, whose values are the keys' first Dv
+        channels -> [T, Hq, Dv] in q's dtype. k and v are not read (the pool has them)."""
+        q_index, kv_index, bias, out_index = inputs
+        Hkv, D, Dv = self.num_kv_heads, self.head_dim, self.v_head_dim
+        if variant == ONE_TOKEN:
+            qp = q.reshape(-1, Hkv, self.num_heads // Hkv, D)  # [B, Hkv, G, D]
+        else:
+            qp = ops.gather(q.reshape(-1, D), q_index, 0)  # [B, Hkv, R, D]
+        keys = cast(ops.gather(k_rows, kv_index, 0), ms.float32)  # [B, Hkv, L, D]
+        if v_rows is None:
             vals = keys[..., :Dv]
         else:
-            vals = _sequence_rows(v_cache, v, kv_slots, new_pos)  # [B, Hkv, L, Dv]
-        probs = ops.softmax(_bmm_t(qp, keys) * self.scale + bias, -1)  # [B, Hkv, R, L]
-        out = _bmm(probs, vals).reshape(-1, Dv)  # [B * Hkv * R, Dv]
-        return cast(ops.gather(out, out_index, 0), q.dtype)  # [T, Hq, Dv]
-
-
-def _sequence_rows(pool, new, kv_slots, new_pos):
-    """[B, H, L, D] float32: key/value j of sequence b, cached ones gathered from the pool and
-    this step's put in place, rounded to the pool's dtype as if written and read back."""
-    rows = ops.tensor_scatter_update(ops.gather(pool, kv_slots, 0), new_pos, cast(new, pool.dtype))  # [B, L, H, D]
-    return cast(rows, ms.float32).transpose(0, 2, 1, 3)
+            vals = cast(ops.gather(v_rows, kv_index, 0), ms.float32)  # [B, Hkv, L, Dv]
+        probs = ops.softmax(_bmm_t(cast(qp, ms.float32), keys) * self.scale + bias, -1)  # [B, Hkv, R, L]
+        out = _bmm(probs, vals)  # [B, Hkv, R, Dv]
+        if variant == ONE_TOKEN:
+            return cast(out.reshape(-1, self.num_heads, Dv), q.dtype)  # [B, Hq, Dv]
+        return cast(ops.gather(out.reshape(-1, Dv), out_index, 0), q.dtype)  # [T, Hq, Dv]
 
 
 # ---------------------------------------------------------------------------------------------

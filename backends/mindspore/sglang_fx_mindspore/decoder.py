@@ -14,25 +14,24 @@ from collections.abc import Mapping
 
 import mindspore as ms
 import torch
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, mutable, nn, ops
 
 from sglang_fx.checkpoint import ModelSpec
 from sglang_fx.spi import AttentionSpec
 
-from .kernels import cast
+from .kernels import cast, rows_writer
 from .layers import linear, mlp, mlp_weights, moe, moe_weights, rms_norm, rope_angles, rope_matrices
 
 
 class Decoder(nn.Cell):
-    """construct returns logits [N, V] float32; or, when the attention leaves K/V writes to its
-    caller (not attention.writes_kv), (logits, k[, v]) with this step's keys (and values, when the
-    cache has them) of every layer, [num_layers, T, *kv shape] in the KV dtype, for
-    MindSporeKVCache.write_layers."""
+    """construct returns logits [N, V] float32. When the attention leaves K/V writes to its
+    caller (not attention.writes_kv), each layer stores its K (and V, when the cache has them)
+    before its attention reads the pool (`attend`)."""
 
-    def __init__(self, spec: ModelSpec, attention: nn.Cell, kv_dtype, has_values: bool):
+    def __init__(self, spec: ModelSpec, attention: nn.Cell, kv_dtype, has_values: bool, in_graph: bool):
         super().__init__()
         self.spec, self.attn, self.kv_dtype, self.has_values = spec, attention, kv_dtype, has_values
-        self.return_kv = not attention.writes_kv
+        self.stores_kv, self.in_graph = not attention.writes_kv, in_graph
         self.num_layers, self.eps = spec.num_layers, spec.rms_norm_eps
         self.moe_layers = tuple(spec.is_moe_layer(i) for i in range(spec.num_layers))
         self.interleaved = self.rope_dims(spec)[1]
@@ -53,10 +52,9 @@ class Decoder(nn.Cell):
         """The tensors `block` takes for the layer whose attention weights start with prefix."""
         raise NotImplementedError
 
-    def block(self, w: tuple, x: Tensor, rope: tuple, k_cache: Tensor, v_cache, attn_inputs, attn_variant):
-        """One layer's attention: x [T, H] (normed) -> (out [T, H], k, v): the layer's output,
-        and this step's K and V in the layout of the pool (v None without a V cache).
-        rope: (cos, sin, p, r) for `layers.rope`."""
+    def block(self, w: tuple, x: Tensor, rope: tuple, kv: tuple) -> Tensor:
+        """One layer's attention: x [T, H] (normed) -> [T, H]. rope: (cos, sin, p, r) for
+        `layers.rope`; kv: what `attend` takes besides q, k and v."""
         raise NotImplementedError
 
     # --- shared -------------------------------------------------------------------------------
@@ -78,27 +76,45 @@ class Decoder(nn.Cell):
                            w[pre + "post_attention_layernorm.weight"], mlp_w))  # fmt: skip
         return (w["model.embed_tokens.weight"], w["model.norm.weight"], w["lm_head.weight"], (inv_freq, p, r), tuple(layers))
 
-    def construct(self, weights, keys, values, input_ids, positions, logits_indices, attn_inputs, attn_variant, gather_experts):
-        """gather_experts: how MoE layers compute (`layers.gathers_experts`); like attn_variant, a
-        Python constant that picks a path of the graph."""
+    def construct(self, weights, keys, values, kv_store, input_ids, positions, logits_indices, slots, attn_inputs,
+                  attn_variant, gather_experts):  # fmt: skip
+        """keys/values: the pool views the attention reads (its `cache_views`; values None without
+        V); kv_store: the cache's [S, *shape] views (`MindSporeKVCache.keys` and, with V,
+        `values`), where this step's K/V go at `slots` [T] int64. gather_experts: how MoE layers
+        compute (`layers.gathers_experts`); like attn_variant, a Python constant that picks a path
+        of the graph."""
         embed, norm, lm_head, (inv_freq, p, r), layers = weights
         cos, sin = rope_angles(positions, inv_freq, embed.dtype)
         x = ops.gather(embed, input_ids, 0)  # [T, H]
-        new_k, new_v = [], []
         for i in range(self.num_layers):
             ln1, attn_w, ln2, mlp_w = layers[i]
-            v_cache = values[i] if self.has_values else None
-            a, k, v = self.block(attn_w, rms_norm(x, ln1, self.eps), (cos, sin, p, r), keys[i], v_cache, attn_inputs, attn_variant)
-            new_k.append(k)
-            new_v.append(v)
-            x = x + a
+            v_pool = values[i] if self.has_values else None
+            kv = (i, keys[i], v_pool, kv_store, slots, attn_inputs, attn_variant)
+            x = x + self.block(attn_w, rms_norm(x, ln1, self.eps), (cos, sin, p, r), kv)
             h = rms_norm(x, ln2, self.eps)
             x = x + (moe(h, mlp_w, self.spec.moe, gather_experts) if self.moe_layers[i] else mlp(h, *mlp_w))
         x = rms_norm(ops.gather(x, logits_indices, 0), norm, self.eps)  # [N, H]
-        logits = cast(linear(x, lm_head), ms.float32)  # [N, V]
-        if not self.return_kv:
-            return logits
-        k = cast(ops.stack(new_k), self.kv_dtype)
-        if self.has_values:
-            return logits, k, cast(ops.stack(new_v), self.kv_dtype)
-        return logits, k
+        return cast(linear(x, lm_head), ms.float32)  # [N, V]
+
+    def attend(self, q: Tensor, k: Tensor, v, kv: tuple) -> Tensor:
+        """Layer kv[0]'s attention over the pool, after storing this step's k and v (v None
+        without V) when the attention leaves that to its caller: q [T, Hq, D], k [T, Hkv, D],
+        v [T, Hkv, Dv] -> [T, Hq, Dv].
+
+        kv_store holds MindSpore tensors distinct from the views the attention reads, though over
+        the same memory, so a compiled graph (in_graph) scatters into them in place (a graph that
+        reads and writes one input tensor copies it whole); ops.depend makes the reads wait for
+        the writes. PyNative's scatter_update returns new storage, so there each write runs the
+        in-place `kernels.rows_writer` graph."""
+        i, k_pool, v_pool, kv_store, slots, attn_inputs, attn_variant = kv
+        if self.stores_kv:
+            for pool, new in zip(kv_store, (k, v)):  # (keys, values), or (keys,) without V
+                new = cast(new, self.kv_dtype)
+                if not self.in_graph:
+                    rows_writer(self.kv_dtype)(mutable((pool[i],)), slots, new.expand_dims(0))
+                    continue
+                done = ops.scatter_update(pool[i], slots, new)
+                k_pool = ops.depend(k_pool, done)
+                if v_pool is not None:
+                    v_pool = ops.depend(v_pool, done)
+        return self.attn.run(q, k, v, k_pool, v_pool, attn_inputs, attn_variant)

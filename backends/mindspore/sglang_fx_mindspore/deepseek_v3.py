@@ -53,7 +53,7 @@ class DeepseekV3(Decoder):
         )
         return out + (w[prefix + "q_b_proj.weight"], w[prefix + "q_a_layernorm.weight"]) if lora else out
 
-    def block(self, w, x, rope_w, k_cache, v_cache, attn_inputs, attn_variant):
+    def block(self, w, x, rope_w, kv):
         m, n, eps = self.spec.mla, self.spec.num_heads, self.eps
         qkv_a, kv_a_norm, w_uk, w_uv_t, o_proj = w[:5]
         r, dr, dn = m.kv_lora_rank, m.qk_rope_head_dim, m.qk_nope_head_dim
@@ -66,6 +66,6 @@ class DeepseekV3(Decoder):
         k_rope = rope(k_rope.reshape(-1, 1, dr), 1, *rope_w, self.interleaved)  # [T, 1, dr]
         q_lat = _bmm(q_nope.transpose(1, 0, 2), w_uk).transpose(1, 0, 2)  # [T, n, r]
         latent = ops.cat((rms_norm(c, kv_a_norm, eps).reshape(-1, 1, r), k_rope), -1)  # [T, 1, r + dr]: what the cache keeps
-        o = self.attn.run(ops.cat((q_lat, q_rope), -1), latent, None, k_cache, None, attn_inputs, attn_variant)  # [T, n, r]
+        o = self.attend(ops.cat((q_lat, q_rope), -1), latent, None, kv)  # [T, n, r]
         o = _bmm(o.transpose(1, 0, 2), w_uv_t).transpose(1, 0, 2)  # [T, n, dv]
-        return linear(o.reshape(-1, n * m.v_head_dim), o_proj), latent, None
+        return linear(o.reshape(-1, n * m.v_head_dim), o_proj)

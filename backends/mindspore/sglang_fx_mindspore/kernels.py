@@ -3,8 +3,10 @@
 MindSpore 2.10 has no in-place row scatter on CPU in PyNative: Tensor.index_put_/index_copy_/
 scatter_ have no CPU kernel, and ops.scatter_update / tensor-index __setitem__ return new storage.
 Inside a jit graph, ops.scatter_update writes a `mutable` input in place at a cost proportional
-to the rows written, provided that graph does not also read that buffer (then MindSpore copies
-the whole buffer) and does not return it (likewise). So KV writes run in their own graph.
+to the rows written, provided that graph does not also read that tensor (then MindSpore copies
+the whole buffer) and does not return it (likewise). The model's jit step therefore reads the
+pool through other views of the same memory (`MindSporeKVCache`); outside it (PyNative, and the
+SPI's per-layer Attention.forward) KV writes run in this module's own graph.
 """
 
 from __future__ import annotations

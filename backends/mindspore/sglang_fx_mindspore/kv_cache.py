@@ -13,10 +13,12 @@ from .runtime import ms_dtype
 class MindSporeKVCache:
     """MindSpore tensors aliasing the host's torch KV buffers, made once here (never per step).
 
-    Besides the `spi.KVCache` methods, every layer's buffer is held in two zero-copy views, as
+    Besides the `spi.KVCache` methods, every layer's buffer is held in three zero-copy views, as
     MindSpore `mutable` tuples (the form a jit graph takes them in, so that its writes land in
-    place): `keys`/`values` [S, *shape] for the portable tier, and `key_pages`/`value_pages`
-    [num_pages, P, *shape] for Ascend's paged kernels. values/value_pages are None without V.
+    place): `keys`/`values` [S, *shape] (what the KV writes take), `key_rows`/`value_rows`
+    [S * Hkv, D] (one row per slot and KV head: what the portable tier gathers from; a reshape
+    inside a graph would copy the whole buffer), and `key_pages`/`value_pages`
+    [num_pages, P, *shape] for Ascend's paged kernels. The value views are None without V.
     """
 
     def __init__(
@@ -32,13 +34,20 @@ class MindSporeKVCache:
             raise ValueError("v_buffers must be given exactly when layout.v_shape is not None")
         self.layout = layout
 
-        def alias(buffers: list[torch.Tensor], paged: bool) -> tuple:
-            shape = (layout.num_pages, layout.page_size) if paged else (layout.num_slots,)
-            return mutable(tuple(exchange.from_torch(b.view(*shape, *b.shape[1:]), copy=False) for b in buffers))
+        def alias(buffers: list[torch.Tensor] | None, view) -> tuple | None:
+            return None if buffers is None else mutable(tuple(exchange.from_torch(view(b), copy=False) for b in buffers))
 
-        self.keys, self.key_pages = alias(k_buffers, False), alias(k_buffers, True)
-        self.values = None if v_buffers is None else alias(v_buffers, False)
-        self.value_pages = None if v_buffers is None else alias(v_buffers, True)
+        def slots(b):
+            return b.view(layout.num_slots, *b.shape[1:])
+
+        def rows(b):
+            return b.view(-1, b.shape[-1])
+
+        def pages(b):
+            return b.view(layout.num_pages, layout.page_size, *b.shape[1:])
+
+        self.keys, self.key_rows, self.key_pages = (alias(k_buffers, f) for f in (slots, rows, pages))
+        self.values, self.value_rows, self.value_pages = (alias(v_buffers, f) for f in (slots, rows, pages))
         self.dtype = ms_dtype(layout.dtype)
         self._write = rows_writer(self.dtype)
 
@@ -52,9 +61,3 @@ class MindSporeKVCache:
         self._write(mutable((self.keys[layer],)), slots, k.astype(self.dtype).expand_dims(0))
         if self.values is not None:
             self._write(mutable((self.values[layer],)), slots, v.astype(self.dtype).expand_dims(0))
-
-    def write_layers(self, slots: Tensor, k: Tensor, v: Tensor | None = None) -> None:
-        """write() for every layer at once: k [num_layers, n, *k_shape], v likewise."""
-        self._write(self.keys, slots, k.astype(self.dtype))
-        if self.values is not None:
-            self._write(self.values, slots, v.astype(self.dtype))

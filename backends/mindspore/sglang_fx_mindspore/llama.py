@@ -36,7 +36,7 @@ class LlamaFamily(Decoder):
             out.append(torch.cat([q.expand(spec.num_heads, -1), k.expand(spec.num_kv_heads, -1)]))
         return tuple(out)
 
-    def block(self, w, x, rope_w, k_cache, v_cache, attn_inputs, attn_variant):
+    def block(self, w, x, rope_w, kv):
         s = self.spec
         Hq, Hkv, D = s.num_heads, s.num_kv_heads, s.head_dim
         qkv = linear(x, w[0])  # [T, (Hq + 2 Hkv) * D]
@@ -48,5 +48,5 @@ class LlamaFamily(Decoder):
             qk = rms_norm(qk, w[-1], self.eps)
         qk = rope(qk, Hq + Hkv, *rope_w, self.interleaved)  # RoPE on q and k heads at once
         q, k = qk[:, :Hq], qk[:, Hq:]
-        a = self.attn.run(q, k, v, k_cache, v_cache, attn_inputs, attn_variant)  # [T, Hq, D]
-        return linear(a.reshape(-1, Hq * D), w[1]), k, v
+        a = self.attend(q, k, v, kv)  # [T, Hq, D]
+        return linear(a.reshape(-1, Hq * D), w[1])

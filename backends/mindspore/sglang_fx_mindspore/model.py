@@ -73,7 +73,8 @@ class MindSporeRunner:
     def _bind(self, layout: KVLayout) -> None:
         attn_spec = self.decoder.attention_spec(self.spec)
         self.attn = make_attention(attn_spec, layout, self.device, self.spec.dtype, self.exchange)
-        self.model = self.decoder(self.spec, self.attn, ms_dtype(layout.dtype), has_values=layout.v_shape is not None)
+        has_values, in_graph = layout.v_shape is not None, self.mode == "jit"
+        self.model = self.decoder(self.spec, self.attn, ms_dtype(layout.dtype), has_values, in_graph)
         self._step = self.model if self.mode == "pynative" else self._compile()
         self.layout = layout
 
@@ -83,6 +84,7 @@ class MindSporeRunner:
             input_ids=Tensor(shape=[None], dtype=i64),
             positions=Tensor(shape=[None], dtype=i64),
             logits_indices=Tensor(shape=[None], dtype=i64),
+            slots=Tensor(shape=[None], dtype=i64),
             attn_inputs=self.attn.dynamic_inputs,
         )(ms.jit(self.model.construct))
 
@@ -91,11 +93,9 @@ class MindSporeRunner:
             self._bind(cache.layout)
         self.attn.plan(meta)
         keys, values = self.attn.cache_views(cache)
+        kv_store = mutable((cache.keys,) if cache.values is None else (cache.keys, cache.values))
         ex = self.exchange.from_torch
         gather_experts = self.spec.moe is not None and gathers_experts(meta.num_tokens, self.spec.moe)
-        out = self._step(self.weights, keys, values, ex(input_ids), ex(meta.positions), ex(meta.logits_indices),
-                         self.attn.inputs, self.attn.variant, gather_experts)  # fmt: skip
-        if self.model.return_kv:
-            out, *kv = out
-            cache.write_layers(ex(meta.out_cache_loc), *kv)
+        out = self._step(self.weights, keys, values, kv_store, ex(input_ids), ex(meta.positions), ex(meta.logits_indices),
+                         ex(meta.out_cache_loc), self.attn.inputs, self.attn.variant, gather_experts)  # fmt: skip
         return self.exchange.to_torch(out)
