@@ -55,7 +55,9 @@ class PortableInputs:
     q_index     [B, Hkv, R] int32. Row of q.reshape(T * Hq, D) for (sequence, KV head, e * G + g).
     kv_index    [B, Hkv, L] int32. Row of the pool viewed as [S * Hkv, D] holding token j of
                 sequence b, KV head h (slot * Hkv + h), for j < seq_len_b; else 0 (masked).
-    bias        [B, 1, R, L] float32. 0 where query row r may see key j, -inf elsewhere.
+    bias        [B, Hkv, R, L] float32. 0 where query row r may see key j, -inf elsewhere; the
+                same for every KV head, repeated so that the graph adds tensors of one shape
+                (MindSpore's CPU Add is several times slower when it broadcasts).
     out_index   [T, Hq] int32. Row of the attention output [B * Hkv * R, Dv] for (token, head).
     ONE_TOKEN steps (T == B, E == 1, R == G) use neither q_index nor out_index: they are the
     identity there. Indices are int32 because MindSpore's CPU Gather casts int64 indices with an
@@ -91,9 +93,10 @@ def portable_inputs(meta: ForwardMetadata, num_heads: int, num_kv_heads: int) ->
     query_pos = prefix[:, None] + e[None, :]  # [B, E]; padding rows see a superset
     visible = (j[:, None, :] <= query_pos[:, :, None]).repeat_interleave(G, dim=1)  # [B, R, L]
     bias = torch.zeros(visible.shape, dtype=torch.float32, device=dev).masked_fill_(~visible, float("-inf"))
+    bias = bias[:, None].expand(B, Hkv, -1, -1).contiguous()  # [B, Hkv, R, L]
     i32 = torch.int32
     variant = ONE_TOKEN if E == 1 else GENERAL
-    return PortableInputs(variant, q_index.to(i32), kv_index.to(i32), bias[:, None], out_index.to(i32))
+    return PortableInputs(variant, q_index.to(i32), kv_index.to(i32), bias, out_index.to(i32))
 
 
 class PortablePagedAttention(nn.Cell):
@@ -119,7 +122,7 @@ class PortablePagedAttention(nn.Cell):
         self.dynamic_inputs = (
             Tensor(shape=[None, Hkv, None], dtype=i32),  # q_index [B, Hkv, R]
             Tensor(shape=[None, Hkv, None], dtype=i32),  # kv_index [B, Hkv, L]
-            Tensor(shape=[None, 1, None, None], dtype=ms.float32),  # bias [B, 1, R, L]
+            Tensor(shape=[None, Hkv, None, None], dtype=ms.float32),  # bias [B, Hkv, R, L]
             Tensor(shape=[None, Hq], dtype=i32),  # out_index [T, Hq]
         )
         self.slots: Tensor | None = None  # [T] int64, the step's out_cache_loc

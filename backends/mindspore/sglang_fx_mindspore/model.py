@@ -79,11 +79,11 @@ class MindSporeRunner:
         self.layout = layout
 
     def _compile(self):
-        i64 = ms.int64
+        i32, i64 = ms.int32, ms.int64
         return enable_dynamic(
-            input_ids=Tensor(shape=[None], dtype=i64),
+            input_ids=Tensor(shape=[None], dtype=i32),
             positions=Tensor(shape=[None], dtype=i64),
-            logits_indices=Tensor(shape=[None], dtype=i64),
+            logits_indices=Tensor(shape=[None], dtype=i32),
             slots=Tensor(shape=[None], dtype=i64),
             attn_inputs=self.attn.dynamic_inputs,
         )(ms.jit(self.model.construct))
@@ -96,6 +96,8 @@ class MindSporeRunner:
         kv_store = mutable((cache.keys,) if cache.values is None else (cache.keys, cache.values))
         ex = self.exchange.from_torch
         gather_experts = self.spec.moe is not None and gathers_experts(meta.num_tokens, self.spec.moe)
-        out = self._step(self.weights, keys, values, kv_store, ex(input_ids), ex(meta.positions), ex(meta.logits_indices),
+        # Gather indices as int32: MindSpore's CPU Gather casts int64 indices with a kernel of its own.
+        ids, logits_indices = input_ids.to(torch.int32), meta.logits_indices.to(torch.int32)
+        out = self._step(self.weights, keys, values, kv_store, ex(ids), ex(meta.positions), ex(logits_indices),
                          ex(meta.out_cache_loc), self.attn.inputs, self.attn.variant, gather_experts)  # fmt: skip
         return self.exchange.to_torch(out)
