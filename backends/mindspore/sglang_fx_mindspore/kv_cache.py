@@ -61,9 +61,3 @@ class MindSporeKVCache:
         self._write(mutable((self.keys[layer],)), slots, k.astype(self.dtype).expand_dims(0))
         if self.values is not None:
             self._write(mutable((self.values[layer],)), slots, v.astype(self.dtype).expand_dims(0))
-
-    def write_layers(self, slots: Tensor, k: Tensor, v: Tensor | None) -> None:
-        """write() for every layer at once: k [num_layers, n, *k_shape], v likewise."""
-        self._write(self.keys, slots, k.astype(self.dtype))
-        if self.values is not None:
-            self._write(self.values, slots, v.astype(self.dtype))
