@@ -100,10 +100,9 @@ def mlp_weights(w: Mapping[str, torch.Tensor], m: str, spec: ModelSpec, moe: boo
 def layer_weights(w: Mapping[str, torch.Tensor], i: int, spec: ModelSpec) -> list[torch.Tensor]:
     """Layer i's tensors in the order `LlamaFamily.construct` unpacks them: fused q/k/v
     projection [(Hq + 2 Hkv) * D, H] with the input norm's weight folded in, o_proj, the MLP's
-    weights (`mlp_weights`: three, dense or MoE) with the
-    post-attention norm's weight folded in; then the fused q/k/v bias (attention_bias); then
-    the q and k head norms as one [Hq + Hkv, D] weight (qk_norm). Fusing copies those weights
-    once and saves kernel launches on every step."""
+    three weights (`mlp_weights`, dense or MoE) with the post-attention norm's weight folded in;
+    then the fused q/k/v bias (attention_bias); then the q and k head norms as one [Hq + Hkv, D]
+    weight (qk_norm). Fusing copies those weights once and saves kernel launches on every step."""
     a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
     out = [
         fold_norm(w[f"model.layers.{i}.input_layernorm.weight"], torch.cat([w[a + f"{n}_proj.weight"] for n in "qkv"])),
