@@ -14,8 +14,8 @@ It also measures the sglang-fx layer's own share of a decode step, inside SGLang
 process: this file is declared (in a temporary dist-info) as an SGLang general plugin, and
 when SGLANG_FX_BENCH_TIMINGS is set its `register()` wraps, from outside, the adapter's
 forward (`SglangFxForCausalLM.forward`), `to_metadata`, the backend runner's `forward`, and
-the backend's model compute where the backend exposes it (the MindSpore runner's compiled step
-`_step` and its KV write `write_layers`; for other backends the whole runner counts as compute).
+the backend's model compute where the backend exposes it (the MindSpore runner's step `_step`,
+which also stores the step's K/V; for other backends the whole runner counts as compute).
 Nothing is added to the hot path when the variable is unset. Per decode step:
     sglang-fx layer = adapter forward - model compute
                     = ForwardBatch -> ForwardMetadata, KV binding check, dispatch, output
@@ -90,11 +90,9 @@ def register() -> None:
     def timed_forward(self, input_ids, positions, forward_batch, **kwargs):
         runner, cache = self.runner, self.cache
         split = runner is not None and wrap_attr(runner, "forward", "runner")
-        # The model compute: the MindSpore runner's compiled step and KV write; else the runner.
+        # The model compute: the MindSpore runner's step (K/V stores included); else the runner.
         fine = split and wrap_attr(runner, "_step", "compute")
         if fine:
-            if cache is not None:
-                wrap_attr(cache, "write_layers", "compute")
             # Informative only: the runner's DLPack exchange and attention planning.
             for obj, name, key in ((getattr(runner, "exchange", None), "from_torch", "exchange"),
                                    (getattr(runner, "exchange", None), "to_torch", "exchange"),
