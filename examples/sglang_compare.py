@@ -39,7 +39,7 @@ LONG = " ".join(f"word{i % 17} w{i % 5}" for i in range(60))  # > chunked_prefil
 def run(impl: str, model: str, max_new_tokens: int, repeats: int, page_size: int = 1) -> dict:
     import sglang
 
-    greedy = {"temperature": 0.0, "max_new_tokens": max_new_tokens}
+    greedy = {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True}
     t0 = time.perf_counter()
     engine = sglang.Engine(
         model_path=model,

@@ -123,7 +123,10 @@ def make_tiny_model(
     )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    with torch.no_grad():  # HF starts routing biases at zero; random ones exercise them
+    with torch.no_grad():  # HF starts norm weights at one and routing biases at zero; random ones exercise them
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(0.5 + torch.rand(param.shape))
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buf.copy_(torch.rand(buf.shape) * 0.1)

@@ -48,7 +48,7 @@ PROMPTS = [
     "numbers 1 2 3 4 5 6 7 8 9 10",
     "what is the answer",
 ]
-GREEDY = {"temperature": 0, "max_new_tokens": 16}
+GREEDY = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}  # full-length outputs to compare
 # About 300 tokens shared by two requests; no other request starts with it.
 LONG_PREFIX = "Shared context: " + " ".join(f"item{i % 23} value{i % 7}" for i in range(120))
 
@@ -251,19 +251,22 @@ def test_stop_strings_and_stop_tokens_match_native(both):
     assert got["meta_info"]["finish_reason"]["type"] == "stop" and got["meta_info"]["finish_reason"]["matched"] == stop
     assert text.startswith(got["text"]) and stop not in got["text"]
 
-    stop_id = free["output_ids"][5]
-    body = {"text": PROMPTS[0], "sampling_params": {**GREEDY, "max_new_tokens": 32, "stop_token_ids": [stop_id]}}
+    # stop_token_ids, like EOS, are not checked under ignore_eos: greedy without it, and an
+    # ordinary token (ids 0-2 are the tokenizer's special tokens) that it generates, after the first.
+    plain = {"temperature": 0, "max_new_tokens": 32}
+    free = post(native, "/generate", {"text": PROMPTS[0], "sampling_params": plain})["output_ids"]
+    stop_id = next(t for t in free[1:] if t > 2)
+    body = {"text": PROMPTS[0], "sampling_params": {**plain, "stop_token_ids": [stop_id]}}
     want, got = on_both(both, "/generate", body)
     assert got["output_ids"] == want["output_ids"] and got["meta_info"]["finish_reason"] == want["meta_info"]["finish_reason"]
     assert got["meta_info"]["finish_reason"]["matched"] == stop_id
-    first = free["output_ids"].index(stop_id)
-    assert got["output_ids"] == free["output_ids"][: first + 1]
+    assert got["output_ids"] == free[: free.index(stop_id) + 1]
 
 
 def test_sampled_requests(both):
     """Sampling (temperature > 0) takes SGLang's sampler path, which updates the returned
     logits in place: top_k=1 must still give the greedy tokens; a free sample must finish."""
-    top1 = {"text": PROMPTS[:4], "sampling_params": {"temperature": 0.8, "top_k": 1, "max_new_tokens": 12}}
+    top1 = {"text": PROMPTS[:4], "sampling_params": {"temperature": 0.8, "top_k": 1, "max_new_tokens": 12, "ignore_eos": True}}
     want, got = on_both(both, "/generate", top1)
     greedy = post(both[0], "/generate", {"text": PROMPTS[:4], "sampling_params": {**GREEDY, "max_new_tokens": 12}})
     assert [o["output_ids"] for o in got] == [o["output_ids"] for o in want] == [o["output_ids"] for o in greedy]

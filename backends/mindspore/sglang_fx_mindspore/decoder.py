@@ -20,7 +20,7 @@ from sglang_fx.checkpoint import ModelSpec
 from sglang_fx.spi import AttentionSpec
 
 from .kernels import cast, rows_writer
-from .layers import linear, mlp, mlp_weights, moe, moe_weights, rms_norm, rope_angles, rope_matrices
+from .layers import fold_norm, linear, mlp, mlp_weights, moe, moe_weights, rms_norm, rope_angles, rope_matrices
 
 
 class Decoder(nn.Cell):
@@ -49,7 +49,8 @@ class Decoder(nn.Cell):
 
     @staticmethod
     def attention_weights(w: Mapping[str, torch.Tensor], prefix: str, spec: ModelSpec) -> tuple[torch.Tensor, ...]:
-        """The tensors `block` takes for the layer whose attention weights start with prefix."""
+        """The tensors `block` takes for the layer whose attention weights start with prefix; the
+        first is the one projection of its (normed) input x, [N, H]."""
         raise NotImplementedError
 
     def block(self, w: tuple, x: Tensor, rope: tuple, kv: tuple) -> Tensor:
@@ -61,20 +62,31 @@ class Decoder(nn.Cell):
 
     @classmethod
     def weights(cls, w: Mapping[str, torch.Tensor], spec: ModelSpec) -> tuple:
-        """All weights in the nested order construct unpacks: (embed, final norm, lm_head,
-        (inv_freq, P, R) for RoPE, layers); layer i is (input norm, `attention_weights`,
-        post-attention norm, MLP weights: `mlp_weights` or `moe_weights`). Fusing tensors copies
-        them once here and saves kernel launches on every step."""
+        """All weights in the nested order construct unpacks: (embed, lm_head, (inv_freq, P, R)
+        for RoPE, layers); layer i is (`attention_weights`, MLP weights: `mlp_weights`, or the
+        post-attention norm's weight followed by `moe_weights`). Each RMSNorm's weight is folded
+        into the projections that read its output (`layers.fold_norm`): the input norm into the
+        attention's input projection, the post-attention norm into a dense MLP's, the final norm
+        into lm_head. (Not into an MoE layer's: its router would see the normed activations
+        rounded otherwise than the reference's, and in half precision a near-tie between two
+        experts would then route differently.) Fusing and folding copy those tensors once here
+        and save kernel launches on every step."""
         dim, interleaved = cls.rope_dims(spec)
         inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         p, r = (m.to(spec.dtype) for m in rope_matrices(dim, interleaved))
         layers = []
         for i in range(spec.num_layers):
             pre = f"model.layers.{i}."
-            mlp_w = moe_weights(w, pre + "mlp.", spec.moe) if spec.is_moe_layer(i) else mlp_weights(w, pre + "mlp.")
-            layers.append((w[pre + "input_layernorm.weight"], cls.attention_weights(w, pre + "self_attn.", spec),
-                           w[pre + "post_attention_layernorm.weight"], mlp_w))  # fmt: skip
-        return (w["model.embed_tokens.weight"], w["model.norm.weight"], w["lm_head.weight"], (inv_freq, p, r), tuple(layers))
+            first, *attn_w = cls.attention_weights(w, pre + "self_attn.", spec)
+            attn_w = (fold_norm(first, w[pre + "input_layernorm.weight"]), *attn_w)
+            norm = w[pre + "post_attention_layernorm.weight"]
+            if spec.is_moe_layer(i):
+                mlp_w = (norm, *moe_weights(w, pre + "mlp.", spec.moe))
+            else:
+                mlp_w = mlp_weights(w, pre + "mlp.", norm)
+            layers.append((attn_w, mlp_w))
+        lm_head = fold_norm(w["lm_head.weight"], w["model.norm.weight"])
+        return (w["model.embed_tokens.weight"], lm_head, (inv_freq, p, r), tuple(layers))
 
     def construct(self, weights, keys, values, kv_store, input_ids, positions, logits_indices, slots, attn_inputs,
                   attn_variant, gather_experts):  # fmt: skip
@@ -83,17 +95,19 @@ class Decoder(nn.Cell):
         `values`), where this step's K/V go at `slots` [T] int64. gather_experts: how MoE layers
         compute (`layers.gathers_experts`); like attn_variant, a Python constant that picks a path
         of the graph."""
-        embed, norm, lm_head, (inv_freq, p, r), layers = weights
+        embed, lm_head, (inv_freq, p, r), layers = weights
         cos, sin = rope_angles(positions, inv_freq, embed.dtype)
         x = ops.gather(embed, input_ids, 0)  # [T, H]
         for i in range(self.num_layers):
-            ln1, attn_w, ln2, mlp_w = layers[i]
+            attn_w, mlp_w = layers[i]  # the norms' weights are folded into them, but an MoE layer's
             v_pool = values[i] if self.has_values else None
             kv = (i, keys[i], v_pool, kv_store, slots, attn_inputs, attn_variant)
-            x = x + self.block(attn_w, rms_norm(x, ln1, self.eps), (cos, sin, p, r), kv)
-            h = rms_norm(x, ln2, self.eps)
-            x = x + (moe(h, mlp_w, self.spec.moe, gather_experts) if self.moe_layers[i] else mlp(h, *mlp_w))
-        x = rms_norm(ops.gather(x, logits_indices, 0), norm, self.eps)  # [N, H]
+            x = x + self.block(attn_w, rms_norm(x, None, self.eps), (cos, sin, p, r), kv)
+            if self.moe_layers[i]:
+                x = x + moe(rms_norm(x, mlp_w[0], self.eps), mlp_w[1:], self.spec.moe, gather_experts)
+            else:
+                x = x + mlp(rms_norm(x, None, self.eps), *mlp_w)
+        x = rms_norm(ops.gather(x, logits_indices, 0), None, self.eps)  # [N, H]
         return cast(linear(x, lm_head), ms.float32)  # [N, V]
 
     def attend(self, q: Tensor, k: Tensor, v, kv: tuple) -> Tensor:
