@@ -65,24 +65,32 @@ def register() -> None:
     records: list[list] = []
     cur = dict.fromkeys(FIELDS[4:], 0)
 
-    def timed(fn, key):
+    def timed(fn, key, then=None):
         def wrapper(*args, **kwargs):
             start = perf_counter_ns()
             try:
-                return fn(*args, **kwargs)
+                out = fn(*args, **kwargs)
+                if then is not None:
+                    then()
+                return out
             finally:
                 cur[key] += perf_counter_ns() - start
 
         wrapper._bench_timed = True
         return wrapper
 
-    def wrap_attr(obj, name, key) -> bool:
+    def wrap_attr(obj, name, key, then=None) -> bool:
         fn = getattr(obj, name, None)
         if fn is None or not callable(fn):
             return False
         if not getattr(fn, "_bench_timed", False):
-            setattr(obj, name, timed(fn, key))  # an instance attribute shadows the method
+            setattr(obj, name, timed(fn, key, then))  # an instance attribute shadows the method
         return True
+
+    def mindspore_sync() -> None:
+        import mindspore
+
+        mindspore.runtime.synchronize()
 
     adapter.to_metadata = timed(adapter.to_metadata, "meta")
     forward = adapter.SglangFxForCausalLM.forward
@@ -91,7 +99,9 @@ def register() -> None:
         runner, cache = self.runner, self.cache
         split = runner is not None and wrap_attr(runner, "forward", "runner")
         # The model compute: the MindSpore runner's step (K/V stores included); else the runner.
-        fine = split and wrap_attr(runner, "_step", "compute")
+        # MindSpore launches the step asynchronously: the timer waits for it to finish, so that the
+        # wait is counted as compute, not as the DLPack hand-over of the logits that would block on it.
+        fine = split and wrap_attr(runner, "_step", "compute", mindspore_sync)
         if fine:
             # Informative only: the runner's DLPack exchange and attention planning.
             for obj, name, key in ((getattr(runner, "exchange", None), "from_torch", "exchange"),

@@ -59,8 +59,8 @@ class PortableInputs:
                 same for every KV head, repeated so that the graph adds tensors of one shape
                 (MindSpore's CPU Add is several times slower when it broadcasts).
     out_index   [T, Hq] int32. Row of the attention output [B * Hkv * R, Dv] for (token, head).
-    ONE_TOKEN steps (T == B, E == 1, R == G) use neither q_index nor out_index: they are the
-    identity there. Indices are int32 because MindSpore's CPU Gather casts int64 indices with an
+    ONE_TOKEN steps (T == B, E == 1, R == G) use neither q_index nor out_index (they would be
+    the identity there): both are [1, ...] zero placeholders, not built. Indices are int32 because MindSpore's CPU Gather casts int64 indices with an
     extra kernel.
     """
 
@@ -80,23 +80,25 @@ def portable_inputs(meta: ForwardMetadata, num_heads: int, num_kv_heads: int) ->
     ext, prefix, seq_lens = meta.extend_lens.long(), meta.prefix_lens.long(), meta.seq_lens.long()
     starts = ext.cumsum(0) - ext  # [B] first row of each sequence
     e = torch.arange(E, device=dev)
-    q_rows = torch.where(e[None, :] < ext[:, None], starts[:, None] + e[None, :], 0)  # [B, E], padding -> 0
-    head = torch.arange(Hq, device=dev).view(Hkv, 1, G)  # [Hkv, 1, G]
-    q_index = (q_rows[:, None, :, None] * Hq + head).reshape(B, Hkv, E * G)
     j = torch.arange(L, device=dev)[None, :]
     slots = torch.where(j < seq_lens[:, None], meta.req_to_token[:, :L].long(), 0)  # [B, L]
     kv_index = slots[:, None, :] * Hkv + torch.arange(Hkv, device=dev)[None, :, None]  # [B, Hkv, L]
-    seq = torch.repeat_interleave(torch.arange(B, device=dev), ext, output_size=T)  # [T]
-    e_of_row = torch.arange(T, device=dev) - starts[seq]
-    h = torch.arange(Hq, device=dev)
-    out_index = ((seq[:, None] * Hkv + h // G) * E + e_of_row[:, None]) * G + h % G  # [T, Hq]
     query_pos = prefix[:, None] + e[None, :]  # [B, E]; padding rows see a superset
     visible = (j[:, None, :] <= query_pos[:, :, None]).repeat_interleave(G, dim=1)  # [B, R, L]
     bias = torch.zeros(visible.shape, dtype=torch.float32, device=dev).masked_fill_(~visible, float("-inf"))
     bias = bias[:, None].expand(B, Hkv, -1, -1).contiguous()  # [B, Hkv, R, L]
     i32 = torch.int32
-    variant = ONE_TOKEN if E == 1 else GENERAL
-    return PortableInputs(variant, q_index.to(i32), kv_index.to(i32), bias, out_index.to(i32))
+    if E == 1:
+        unused = torch.zeros((1, Hkv, 1), dtype=i32, device=dev), torch.zeros((1, Hq), dtype=i32, device=dev)
+        return PortableInputs(ONE_TOKEN, unused[0], kv_index.to(i32), bias, unused[1])
+    q_rows = torch.where(e[None, :] < ext[:, None], starts[:, None] + e[None, :], 0)  # [B, E], padding -> 0
+    head = torch.arange(Hq, device=dev).view(Hkv, 1, G)  # [Hkv, 1, G]
+    q_index = (q_rows[:, None, :, None] * Hq + head).reshape(B, Hkv, E * G)
+    seq = torch.repeat_interleave(torch.arange(B, device=dev), ext, output_size=T)  # [T]
+    e_of_row = torch.arange(T, device=dev) - starts[seq]
+    h = torch.arange(Hq, device=dev)
+    out_index = ((seq[:, None] * Hkv + h // G) * E + e_of_row[:, None]) * G + h % G  # [T, Hq]
+    return PortableInputs(GENERAL, q_index.to(i32), kv_index.to(i32), bias, out_index.to(i32))
 
 
 class PortablePagedAttention(nn.Cell):

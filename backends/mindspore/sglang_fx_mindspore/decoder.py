@@ -91,7 +91,7 @@ class Decoder(nn.Cell):
     def construct(self, weights, keys, values, kv_store, input_ids, positions, logits_indices, slots, attn_inputs,
                   attn_variant, gather_experts):  # fmt: skip
         """keys/values: the pool views the attention reads (its `cache_views`; values None without
-        V); kv_store: the cache's [S, *shape] views (`MindSporeKVCache.keys` and, with V,
+        V); kv_store: the cache's [S, *shape] views (`MindSporeKVCache.slot_views`: keys and, with V,
         `values`), where this step's K/V go at `slots` [T] int64. gather_experts: how MoE layers
         compute (`layers.gathers_experts`); like attn_variant, a Python constant that picks a path
         of the graph."""

@@ -48,6 +48,9 @@ class MindSporeKVCache:
 
         self.keys, self.key_rows, self.key_pages = (alias(k_buffers, f) for f in (slots, rows, pages))
         self.values, self.value_rows, self.value_pages = (alias(v_buffers, f) for f in (slots, rows, pages))
+        #: (keys,) or (keys, values): what a jit step stores this step's K/V into (a ready mutable
+        #: tuple: making one checks every element, too slow to repeat per step).
+        self.slot_views = mutable((self.keys,) if self.values is None else (self.keys, self.values))
         self.dtype = ms_dtype(layout.dtype)
         self._write = rows_writer(self.dtype)
 

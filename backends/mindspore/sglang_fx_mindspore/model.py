@@ -93,11 +93,10 @@ class MindSporeRunner:
             self._bind(cache.layout)
         self.attn.plan(meta)
         keys, values = self.attn.cache_views(cache)
-        kv_store = mutable((cache.keys,) if cache.values is None else (cache.keys, cache.values))
         ex = self.exchange.from_torch
         gather_experts = self.spec.moe is not None and gathers_experts(meta.num_tokens, self.spec.moe)
         # Gather indices as int32: MindSpore's CPU Gather casts int64 indices with a kernel of its own.
         ids, logits_indices = input_ids.to(torch.int32), meta.logits_indices.to(torch.int32)
-        out = self._step(self.weights, keys, values, kv_store, ex(ids), ex(meta.positions), ex(logits_indices),
+        out = self._step(self.weights, keys, values, cache.slot_views, ex(ids), ex(meta.positions), ex(logits_indices),
                          ex(meta.out_cache_loc), self.attn.inputs, self.attn.variant, gather_experts)  # fmt: skip
         return self.exchange.to_torch(out)
