@@ -19,19 +19,11 @@ import sys
 import time
 
 from sglang_fx.sglang import use_cpu_engine
+from sglang_fx.tiny import SAMPLE_PROMPTS
 
 use_cpu_engine()  # before sglang is imported, here and in SGLang's subprocesses
 
-PROMPTS = [
-    "hello world",
-    "a b c",
-    "the quick brown fox jumps over the lazy dog",
-    "one",
-    "in the beginning there was a very long sentence that keeps going and going",
-    "x y",
-    "numbers 1 2 3 4 5 6 7 8 9 10",
-    "what is the answer",
-]
+PROMPTS = SAMPLE_PROMPTS
 SHARED = [p + " and then some more words" for p in PROMPTS[:5]]  # prefixes cached by the first batch
 LONG = " ".join(f"word{i % 17} w{i % 5}" for i in range(60))  # > chunked_prefill_size tokens
 

@@ -12,6 +12,17 @@ from pathlib import Path
 from typing import Any
 
 VOCAB_SIZE = 512
+#: Prompts of varied lengths for comparing outputs on tiny models (examples and tests share them).
+SAMPLE_PROMPTS = [
+    "hello world",
+    "a b c",
+    "the quick brown fox jumps over the lazy dog",
+    "one",
+    "in the beginning there was a very long sentence that keeps going and going",
+    "x y",
+    "numbers 1 2 3 4 5 6 7 8 9 10",
+    "what is the answer",
+]
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

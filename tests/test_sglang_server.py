@@ -25,6 +25,8 @@ import pytest
 pytest.importorskip("sglang")
 requests = pytest.importorskip("requests")
 
+from sglang_fx.tiny import SAMPLE_PROMPTS  # noqa: E402
+
 from .sglang_support import (  # noqa: E402
     DEVICE_BACKEND,
     UNAVAILABLE_BACKEND,
@@ -38,16 +40,7 @@ STARTUP_TIMEOUT = 300  # s, for a server to answer /health_generate (two start a
 FAIL_TIMEOUT = 180  # s, for a launch that must fail to exit
 REQUEST_TIMEOUT = 60  # s, per HTTP request
 
-PROMPTS = [
-    "hello world",
-    "a b c",
-    "the quick brown fox jumps over the lazy dog",
-    "one",
-    "in the beginning there was a very long sentence that keeps going and going",
-    "x y",
-    "numbers 1 2 3 4 5 6 7 8 9 10",
-    "what is the answer",
-]
+PROMPTS = SAMPLE_PROMPTS
 GREEDY = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}  # full-length outputs to compare
 # About 300 tokens shared by two requests; no other request starts with it.
 LONG_PREFIX = "Shared context: " + " ".join(f"item{i % 23} value{i % 7}" for i in range(120))

@@ -14,12 +14,12 @@ from collections.abc import Mapping
 
 import mindspore as ms
 import torch
-from mindspore import Tensor, mutable, nn, ops
+from mindspore import Tensor, nn, ops
 
 from sglang_fx.checkpoint import ModelSpec
 from sglang_fx.spi import AttentionSpec
 
-from .kernels import cast, rows_writer
+from .kernels import cast, write_rows
 from .layers import fold_norm, linear, mlp, mlp_weights, moe, moe_weights, rms_norm, rope_angles, rope_matrices
 
 
@@ -119,15 +119,14 @@ class Decoder(nn.Cell):
         the same memory, so a compiled graph (in_graph) scatters into them in place (a graph that
         reads and writes one input tensor copies it whole); ops.depend makes the reads wait for
         the writes. PyNative's scatter_update returns new storage, so there each write runs the
-        in-place `kernels.rows_writer` graph."""
+        in-place `kernels.write_rows` graph."""
         i, k_pool, v_pool, kv_store, slots, attn_inputs, attn_variant = kv
         if self.stores_kv:
             for pool, new in zip(kv_store, (k, v)):  # (keys, values), or (keys,) without V
-                new = cast(new, self.kv_dtype)
                 if not self.in_graph:
-                    rows_writer(self.kv_dtype)(mutable((pool[i],)), slots, new.expand_dims(0))
+                    write_rows(pool[i], slots, new)
                     continue
-                done = ops.scatter_update(pool[i], slots, new)
+                done = ops.scatter_update(pool[i], slots, cast(new, self.kv_dtype))
                 k_pool = ops.depend(k_pool, done)
                 if v_pool is not None:
                     v_pool = ops.depend(v_pool, done)

@@ -14,11 +14,17 @@ from __future__ import annotations
 import functools
 
 import mindspore as ms
-from mindspore import Tensor, enable_dynamic, ops
+from mindspore import Tensor, enable_dynamic, mutable, ops
+
+
+def write_rows(buffer: Tensor, slots: Tensor, rows: Tensor) -> None:
+    """buffer[slots] = rows, in place: buffer [S, ...]; slots [n] int64; rows [n, ...], cast to
+    the buffer's dtype."""
+    _rows_writer(buffer.dtype)(mutable((buffer,)), slots, cast(rows, buffer.dtype).expand_dims(0))
 
 
 @functools.cache
-def rows_writer(dtype):
+def _rows_writer(dtype):
     """`write(buffers, slots, rows)`: for every i, buffers[i][slots] = rows[i], in place.
     buffers: mutable tuple of [S, ...] tensors of `dtype`; slots [n] int64; rows [len(buffers),
     n, ...] of `dtype`. One graph per dtype and tuple length; any n and row shape reuse it."""

@@ -6,8 +6,7 @@ from mindspore import Tensor, mutable
 from sglang_fx.kv_pool import KVLayout
 
 from .exchange import MindSporeExchange
-from .kernels import rows_writer
-from .runtime import ms_dtype
+from .kernels import write_rows
 
 
 class MindSporeKVCache:
@@ -51,8 +50,6 @@ class MindSporeKVCache:
         #: (keys,) or (keys, values): what a jit step stores this step's K/V into (a ready mutable
         #: tuple: making one checks every element, too slow to repeat per step).
         self.slot_views = mutable((self.keys,) if self.values is None else (self.keys, self.values))
-        self.dtype = ms_dtype(layout.dtype)
-        self._write = rows_writer(self.dtype)
 
     def k(self, layer: int) -> Tensor:
         return self.keys[layer]
@@ -61,6 +58,6 @@ class MindSporeKVCache:
         return None if self.values is None else self.values[layer]
 
     def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor | None) -> None:
-        self._write(mutable((self.keys[layer],)), slots, k.astype(self.dtype).expand_dims(0))
+        write_rows(self.keys[layer], slots, k)
         if self.values is not None:
-            self._write(mutable((self.values[layer],)), slots, v.astype(self.dtype).expand_dims(0))
+            write_rows(self.values[layer], slots, v)
