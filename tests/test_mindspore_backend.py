@@ -18,7 +18,7 @@ from sglang_fx.generate import Session  # noqa: E402
 from sglang_fx.kv_pool import KVLayout, PagedKVPool  # noqa: E402
 from sglang_fx.metadata import ForwardMetadata  # noqa: E402
 from sglang_fx.registry import load_backend  # noqa: E402
-from sglang_fx.spi import AttentionSpec  # noqa: E402
+from sglang_fx.spi import AttentionSpec, RunnerOptions  # noqa: E402
 from sglang_fx_mindspore import plugin  # noqa: E402
 from sglang_fx_mindspore.attention import (  # noqa: E402
     DECODE,
@@ -132,6 +132,20 @@ def test_exchange_bfloat16_round_trip_aliases(ex):
     assert x.dtype == ms.bfloat16
     back = ex.to_torch(x, copy=False)
     assert back.dtype == torch.bfloat16 and shares_memory(back, t) and torch.equal(back, t)
+
+
+def test_weights_are_parameters_over_the_loaded_memory(backend, tiny):
+    """The runner's weights are Parameters (no per-call argument cost) that alias the tensors it
+    was given where it uses them unchanged, such as the embedding: no second copy of the model."""
+    from sglang_fx.checkpoint import Checkpoint, load_spec
+
+    spec = load_spec(tiny("qwen3"))
+    weights = Checkpoint(tiny("qwen3")).load(spec)
+    runner = backend.runner(spec, weights, RunnerOptions("cpu"))
+    embed = runner.weights[0]
+    assert isinstance(embed, ms.Parameter)
+    weights["model.embed_tokens.weight"][3, 5] = 42.0
+    assert embed.asnumpy()[3, 5] == 42.0
 
 
 def test_exchange_copy_rules(ex):
@@ -481,7 +495,6 @@ def test_an_architecture_without_a_model_is_refused(tiny):
     import dataclasses
 
     from sglang_fx.checkpoint import load_spec
-    from sglang_fx.spi import RunnerOptions
     from sglang_fx_mindspore.exchange import MindSporeExchange
     from sglang_fx_mindspore.model import MindSporeRunner
 

@@ -3,9 +3,10 @@ step: embed, then per layer x += attention(norm(x)) and x += mlp(norm(x)) (dense
 experts), then norm and lm_head for the tokens that want logits. A model file subclasses it with
 its attention `block`, the weights that block takes, its AttentionSpec and its RoPE.
 
-Weights, KV buffers and step tensors come in as arguments (mutable tuples of MindSpore tensors
-aliasing host memory), so a compiled graph holds no data of its own. Shapes: T new tokens,
-H hidden, V vocab, N tokens that want logits.
+The weights are the Cell's: Parameters over the runner's placed tensors (no copy), which a
+compiled graph reads in place at no per-call cost. KV buffers and step tensors come in as
+arguments (MindSpore tensors aliasing the host's torch memory). Shapes: T new tokens, H hidden,
+V vocab, N tokens that want logits.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ class Decoder(nn.Cell):
     caller (not attention.writes_kv), each layer stores its K (and V, when the cache has them)
     before its attention reads the pool (`attend`)."""
 
-    def __init__(self, spec: ModelSpec, attention: nn.Cell, kv_dtype, has_values: bool, in_graph: bool):
+    def __init__(self, spec: ModelSpec, weights: tuple, attention: nn.Cell, kv_dtype, has_values: bool, in_graph: bool):
+        """weights: `weights()`'s tree as MindSpore Parameters (`kernels.parameters`)."""
         super().__init__()
         self.spec, self.attn, self.kv_dtype, self.has_values = spec, attention, kv_dtype, has_values
+        self.params = weights
         self.stores_kv, self.in_graph = not attention.writes_kv, in_graph
         self.num_layers, self.eps = spec.num_layers, spec.rms_norm_eps
         self.moe_layers = tuple(spec.is_moe_layer(i) for i in range(spec.num_layers))
@@ -88,14 +91,14 @@ class Decoder(nn.Cell):
         lm_head = fold_norm(w["lm_head.weight"], w["model.norm.weight"])
         return (w["model.embed_tokens.weight"], lm_head, (inv_freq, p, r), tuple(layers))
 
-    def construct(self, weights, keys, values, kv_store, input_ids, positions, logits_indices, slots, attn_inputs,
-                  attn_variant, gather_experts):  # fmt: skip
+    def construct(self, keys, values, kv_store, input_ids, positions, logits_indices, slots, attn_inputs, attn_variant,
+                  gather_experts):  # fmt: skip
         """keys/values: the pool views the attention reads (its `cache_views`; values None without
         V); kv_store: the cache's [S, *shape] views (`MindSporeKVCache.slot_views`: keys and, with V,
         `values`), where this step's K/V go at `slots` [T] int64. gather_experts: how MoE layers
         compute (`layers.gathers_experts`); like attn_variant, a Python constant that picks a path
         of the graph."""
-        embed, lm_head, (inv_freq, p, r), layers = weights
+        embed, lm_head, (inv_freq, p, r), layers = self.params
         cos, sin = rope_angles(positions, inv_freq, embed.dtype)
         x = ops.gather(embed, input_ids, 0)  # [T, H]
         for i in range(self.num_layers):

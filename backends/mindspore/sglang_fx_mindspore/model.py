@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import mindspore as ms
 import torch
-from mindspore import Tensor, enable_dynamic, mutable
+from mindspore import Tensor, enable_dynamic
 
 from sglang_fx.checkpoint import ModelSpec
 from sglang_fx.errors import UnsupportedConfigError
@@ -21,6 +21,7 @@ from .attention import make_attention
 from .decoder import Decoder
 from .deepseek_v3 import DeepseekV3
 from .exchange import MindSporeExchange
+from .kernels import parameters
 from .kv_cache import MindSporeKVCache
 from .layers import gathers_experts
 from .llama import LlamaFamily
@@ -68,13 +69,13 @@ class MindSporeRunner:
             x = exchange.from_torch(t)
             return x if target == "CPU" else x.move_to(target)
 
-        self.weights = mutable(load(self.decoder.weights(weights, spec)))
+        self.weights = parameters(load(self.decoder.weights(weights, spec)))
 
     def _bind(self, layout: KVLayout) -> None:
         attn_spec = self.decoder.attention_spec(self.spec)
         self.attn = make_attention(attn_spec, layout, self.device, self.spec.dtype, self.exchange)
         has_values, in_graph = layout.v_shape is not None, self.mode == "jit"
-        self.model = self.decoder(self.spec, self.attn, ms_dtype(layout.dtype), has_values, in_graph)
+        self.model = self.decoder(self.spec, self.weights, self.attn, ms_dtype(layout.dtype), has_values, in_graph)
         self._step = self.model if self.mode == "pynative" else self._compile()
         self.layout = layout
 
@@ -97,6 +98,6 @@ class MindSporeRunner:
         gather_experts = self.spec.moe is not None and gathers_experts(meta.num_tokens, self.spec.moe)
         # Gather indices as int32: MindSpore's CPU Gather casts int64 indices with a kernel of its own.
         ids, logits_indices = input_ids.to(torch.int32), meta.logits_indices.to(torch.int32)
-        out = self._step(self.weights, keys, values, cache.slot_views, ex(ids), ex(meta.positions), ex(logits_indices),
+        out = self._step(keys, values, cache.slot_views, ex(ids), ex(meta.positions), ex(logits_indices),
                          ex(meta.out_cache_loc), self.attn.inputs, self.attn.variant, gather_experts)  # fmt: skip
         return self.exchange.to_torch(out)
