@@ -125,3 +125,36 @@ class ForwardMetadata:
             prefix_lens_cpu=tuple(prefix_lens),
             extend_lens_cpu=tuple(extend_lens),
         )
+
+    def padded_decode(self, input_ids: torch.Tensor, batch_size: int) -> tuple[ForwardMetadata, torch.Tensor]:
+        """This step and its input_ids [T] padded to `batch_size` sequences, for a backend that
+        runs graphs of fixed batch size (one per bucket of sizes, as SGLang captures CUDA graphs).
+        Only for a step where every sequence has one new token (T == B <= batch_size).
+
+        The padding repeats the last sequence: its token, position, slot, req_to_token row and
+        lengths. Each copy computes what that sequence does and stores the same K/V in the same
+        slot, so the pool ends as without padding and no slot need be kept free for it.
+        logits_indices is padded to batch_size entries by repeating its last one: rows
+        [0, N) of the padded step's logits are this step's."""
+        B, pad = self.batch_size, batch_size - self.batch_size
+        if any(e != 1 for e in self.extend_lens_cpu) or pad < 0:
+            raise ValueError(f"padded_decode pads a one-token-per-sequence step of at most {batch_size} sequences")
+
+        def last(t: torch.Tensor, n: int = pad) -> torch.Tensor:
+            return torch.cat([t, t[-1:].expand(n, *t.shape[1:])])
+
+        padded = ForwardMetadata(
+            mode=self.mode,
+            positions=last(self.positions),
+            out_cache_loc=last(self.out_cache_loc),
+            seq_lens=last(self.seq_lens),
+            prefix_lens=last(self.prefix_lens),
+            extend_lens=last(self.extend_lens),
+            req_to_token=last(self.req_to_token[:B]),
+            logits_indices=last(self.logits_indices, batch_size - len(self.logits_indices)),
+            page_size=self.page_size,
+            seq_lens_cpu=self.seq_lens_cpu + self.seq_lens_cpu[-1:] * pad,
+            prefix_lens_cpu=self.prefix_lens_cpu + self.prefix_lens_cpu[-1:] * pad,
+            extend_lens_cpu=self.extend_lens_cpu + (1,) * pad,
+        )
+        return padded, last(input_ids)

@@ -23,6 +23,24 @@ def test_metadata_from_lists_packs_ragged_sequences():
         ForwardMetadata.from_lists(token_slots=[[1]], prefix_lens=[1])
 
 
+def test_padded_decode_repeats_the_last_sequence():
+    meta = ForwardMetadata.from_lists(token_slots=[[4, 5, 6], [9, 10]], prefix_lens=[2, 1], page_size=1)
+    padded, ids = meta.padded_decode(torch.tensor([11, 12]), 4)
+    assert ids.tolist() == [11, 12, 12, 12]
+    assert padded.batch_size == padded.num_tokens == 4
+    assert padded.positions.tolist() == [2, 1, 1, 1] and padded.out_cache_loc.tolist() == [6, 10, 10, 10]
+    assert padded.seq_lens.tolist() == [3, 2, 2, 2] and padded.seq_lens_cpu == (3, 2, 2, 2)
+    assert padded.prefix_lens_cpu == (2, 1, 1, 1) and padded.extend_lens_cpu == (1,) * 4
+    assert padded.req_to_token.tolist() == [[4, 5, 6], [9, 10, 0], [9, 10, 0], [9, 10, 0]]
+    assert padded.logits_indices.tolist() == [0, 1, 1, 1]
+    assert meta.padded_decode(torch.tensor([11, 12]), 2)[0].positions.tolist() == [2, 1]  # already that size
+    with pytest.raises(ValueError, match="one-token-per-sequence step of at most 1 sequences"):
+        meta.padded_decode(torch.tensor([11, 12]), 1)
+    prefill = ForwardMetadata.from_lists(token_slots=[[4, 5, 6]], prefix_lens=[0])
+    with pytest.raises(ValueError, match="one-token-per-sequence"):
+        prefill.padded_decode(torch.tensor([1, 2, 3]), 4)
+
+
 def test_session_reuses_cached_prefix_pages(tiny):
     s = Session("reference_torch", tiny("qwen3"), page_size=4)
     prompt = list(range(3, 14))  # 11 tokens

@@ -93,7 +93,12 @@ def test_bfloat16_on_cpu_is_refused_with_the_fix(tiny):
 
 @pytest.mark.parametrize(
     "extra,message",
-    [({"mode": "graph"}, "mode 'graph' is not one of jit | pynative"), ({"compile": "yes"}, r"unknown option\(s\) \['compile'\]")],
+    [
+        ({"mode": "graph"}, "mode 'graph' is not one of jit | pynative"),
+        ({"compile": "yes"}, r"unknown option\(s\) \['compile'\]; it takes mode, decode_batches"),
+        ({"decode_batches": "1,two"}, "decode_batches '1,two' is not a comma-separated list of positive batch sizes"),
+        ({"decode_batches": "0,4"}, "decode_batches '0,4' is not"),
+    ],
 )
 def test_bad_options_are_refused(tiny, extra, message):
     with pytest.raises(UnsupportedConfigError, match=message):
@@ -503,15 +508,18 @@ def test_an_architecture_without_a_model_is_refused(tiny):
         MindSporeRunner(spec, {}, RunnerOptions("cpu"), MindSporeExchange())
 
 
+@pytest.mark.parametrize("decode_batches", [None, "none"])
 @pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe", "deepseek_v3"])
-def test_jit_compiles_once_for_every_batch_shape(tiny, arch):
-    """The step compiles one graph per path it can take, never per shape: a prefill (general
-    attention) and a decode (one-token attention), and for MoE models a decode small enough to
-    gather experts (batch 1) and one that runs them densely (batch 4). After those, new batch
-    sizes, lengths and prefix hits reuse the graphs."""
+def test_jit_compiles_once_per_path_and_decode_batch(tiny, arch, decode_batches):
+    """The step compiles one graph per path it can take and per decode batch size it uses, never
+    per shape. The dynamic graph: a prefill (general attention); without decode batches also a
+    decode (one-token attention), and for MoE models one small enough to gather experts (batch 1)
+    and one that runs them densely (batch 4). With them (the default), each decode batch size
+    compiles once when first used. After those, new batch sizes, lengths and prefix hits reuse
+    the graphs."""
     from mindspore.graph.api import ms_compile_cache  # MindSpore's set of compiled graph phases
 
-    s = Session("mindspore", tiny(arch), page_size=16)
+    s = Session("mindspore", tiny(arch), page_size=16, options={} if decode_batches is None else {"decode_batches": decode_batches})
     warm = [s.new_sequence(PROMPT[40 + i : 49 + i])[0] for i in range(4)]
     s.forward(warm, [PROMPT[40 + i : 49 + i] for i in range(4)])
     s.forward(warm[:1], [[3]])
@@ -519,7 +527,30 @@ def test_jit_compiles_once_for_every_batch_shape(tiny, arch):
     compiled = len(ms_compile_cache)
     seqs = [s.new_sequence(PROMPT[i : i + 5 + 3 * i])[0] for i in range(3)]
     s.forward(seqs, [PROMPT[i : i + 5 + 3 * i] for i in range(3)])  # new batch size, lengths, prefix hit
-    for step in range(3):
-        s.forward([*warm, *seqs], [[step]] * 7)
-        s.forward(seqs[:2], [[step]] * 2)
+    s.forward(seqs, [[5]] * 3)  # decode batch 3: in batch 4's graph
     assert len(ms_compile_cache) == compiled
+    s.forward([*warm, *seqs], [[6]] * 7)  # decode batch 7: batch 8's graph, new
+    compiled += 1 if decode_batches is None else 0
+    assert len(ms_compile_cache) == compiled
+    for step in range(3):
+        s.forward([*warm, *seqs][: 5 + step], [[step]] * (5 + step))
+        s.forward(seqs, [[step]] * 3)
+        s.forward(seqs[:1], [[step]])
+    assert len(ms_compile_cache) == compiled
+
+
+def test_padded_decode_gives_the_unpadded_logits(tiny):
+    """A decode step of 3 sequences run in the batch-4 graph (the last sequence repeated) gives
+    the logits, and leaves the KV pool, as the dynamic graph does."""
+    prompts = [PROMPT[:20], PROMPT[30:37], PROMPT[50:61]]
+    logits, pools = [], []
+    for batches in ("4", "none"):
+        s = Session("mindspore", tiny("qwen3"), page_size=16, options={"decode_batches": batches})
+        seqs = [s.new_sequence(p)[0] for p in prompts]
+        s.forward(seqs, prompts)
+        steps = [s.forward(seqs, [[7 + i], [8 + i], [9 + i]]) for i in range(3)]
+        logits.append(torch.cat(steps))
+        pools.append(torch.cat([b.flatten() for b in s.pool.k_buffers + s.pool.v_buffers]))
+    assert logits[0].shape == (9, logits[0].shape[1])
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(pools[0], pools[1], rtol=0, atol=1e-5)

@@ -117,19 +117,25 @@ class PortablePagedAttention(nn.Cell):
 
     def __init__(self, spec: AttentionSpec, layout: KVLayout, device: str, exchange: MindSporeExchange):
         super().__init__()
-        Hq, Hkv, i32 = spec.num_heads, spec.num_kv_heads, ms.int32
-        self.num_heads, self.num_kv_heads = Hq, Hkv
+        self.num_heads, self.num_kv_heads = spec.num_heads, spec.num_kv_heads
         self.head_dim, self.v_head_dim, self.scale = spec.head_dim, spec.v_head_dim, spec.scale
         self.exchange = exchange
-        self.dynamic_inputs = (
-            Tensor(shape=[None, Hkv, None], dtype=i32),  # q_index [B, Hkv, R]
-            Tensor(shape=[None, Hkv, None], dtype=i32),  # kv_index [B, Hkv, L]
-            Tensor(shape=[None, Hkv, None, None], dtype=ms.float32),  # bias [B, Hkv, R, L]
-            Tensor(shape=[None, Hq], dtype=i32),  # out_index [T, Hq]
-        )
         self.slots: Tensor | None = None  # [T] int64, the step's out_cache_loc
         self.inputs: tuple = ()
         self.variant = GENERAL
+
+    def signature(self, batch: int | None = None) -> tuple[Tensor, ...]:
+        """The shapes of `inputs` for mindspore.enable_dynamic, None where steps differ. batch:
+        the fixed size of the one-token steps a graph runs (`ForwardMetadata.padded_decode`), whose
+        q_index and out_index are placeholders; None: any step."""
+        Hq, Hkv, i32 = self.num_heads, self.num_kv_heads, ms.int32
+        R = None if batch is None else Hq // Hkv
+        return (
+            Tensor(shape=[None, Hkv, None] if batch is None else [1, Hkv, 1], dtype=i32),  # q_index [B, Hkv, R]
+            Tensor(shape=[batch, Hkv, None], dtype=i32),  # kv_index [B, Hkv, L]
+            Tensor(shape=[batch, Hkv, R, None], dtype=ms.float32),  # bias [B, Hkv, R, L]
+            Tensor(shape=[None, Hq] if batch is None else [1, Hq], dtype=i32),  # out_index [T, Hq]
+        )
 
     @staticmethod
     def cache_views(cache: MindSporeKVCache) -> tuple[tuple, tuple | None]:
@@ -270,17 +276,20 @@ class AscendPagedAttention(nn.Cell):
         mla_v_dim = spec.v_head_dim if self.latent else 0
         self.paged_attention = ops.auto_generate.PagedAttention(spec.num_heads, spec.scale, spec.num_kv_heads, mla_v_dim=mla_v_dim)
         self.causal_mask = exchange.from_torch(flash_causal_mask(device))
-        i32, mask_dtype = ms.int32, ms_dtype(layout.dtype)
-        self.dynamic_inputs = (
-            Tensor(shape=[None], dtype=i32),  # slot_mapping [T]
-            Tensor(shape=[None, None], dtype=i32),  # block_tables [B, pages]
-            Tensor(shape=[None], dtype=i32),  # context_lens [B]
-            Tensor(shape=[None], dtype=i32),  # q_seq_lens [B]
-            Tensor(shape=[None], dtype=i32),  # actual_seq_qlen [B]
-            Tensor(shape=[None, None], dtype=mask_dtype),  # lookahead_mask [T, L]
-        )
         self.inputs: tuple = ()
         self.variant = FLASH
+
+    def signature(self, batch: int | None = None) -> tuple[Tensor, ...]:
+        """As `PortablePagedAttention.signature`; a one-token step's lookahead_mask is a placeholder."""
+        i32, B = ms.int32, batch
+        return (
+            Tensor(shape=[B], dtype=i32),  # slot_mapping [T]
+            Tensor(shape=[B, None], dtype=i32),  # block_tables [B, pages]
+            Tensor(shape=[B], dtype=i32),  # context_lens [B]
+            Tensor(shape=[B], dtype=i32),  # q_seq_lens [B]
+            Tensor(shape=[B], dtype=i32),  # actual_seq_qlen [B]
+            Tensor(shape=[None, None] if B is None else [1, 1], dtype=ms_dtype(self.dtype)),  # lookahead_mask [T, L]
+        )
 
     @staticmethod
     def cache_views(cache: MindSporeKVCache) -> tuple[tuple, tuple]:

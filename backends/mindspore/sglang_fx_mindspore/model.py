@@ -1,6 +1,13 @@
 """The MindSpore `spi.ModelRunner`: places an architecture's weights once, then runs each step
-as one call of its Decoder Cell, op by op (PyNative) or as one compiled graph: mindspore.jit
-with every per-step dimension declared dynamic, so a new batch size or length reuses the graph.
+as one call of its Decoder Cell, op by op (PyNative) or as a compiled graph (mindspore.jit).
+
+Graphs are compiled on first use, so that no step shape compiles again:
+- any step can run the dynamic graph, where every per-step dimension is declared dynamic;
+- a step where every sequence has one new token (decode) runs padded to the least of the
+  `decode_batches` sizes that holds it (`ForwardMetadata.padded_decode`), on a graph of that
+  batch size where only the sequence length is dynamic. That graph's kernels skip MindSpore's
+  per-launch shape work, which made decode about 20% faster (Qwen3, hidden 512, batch 8, CPU);
+  a new size in a bucket reuses its graph, as SGLang's CUDA graphs do.
 """
 
 from __future__ import annotations
@@ -27,7 +34,11 @@ from .layers import gathers_experts
 from .llama import LlamaFamily
 from .runtime import DEVICE_TARGETS, ms_dtype
 
+OPTIONS = ("mode", "decode_batches")  # the keys of RunnerOptions.extra this backend takes
 MODES = ("jit", "pynative")
+
+#: Default `decode_batches`: powers of two to 8, then steps of at most half the size.
+DECODE_BATCHES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 #: HF architecture -> its Decoder; the plugin's Capabilities.architectures lists the same names.
 ARCHITECTURES: dict[str, type[Decoder]] = {
@@ -41,19 +52,22 @@ ARCHITECTURES: dict[str, type[Decoder]] = {
 
 class MindSporeRunner:
     """`spi.ModelRunner` over the architecture's Decoder (ARCHITECTURES). options.extra:
-    {"mode": "jit" (default) | "pynative"}.
+    "mode": "jit" (default) | "pynative";
+    "decode_batches": the decode graphs' batch sizes, comma-separated ("1,2,4,8"), or "none"
+    (decode runs the dynamic graph); default DECODE_BATCHES; jit only.
 
     Weights are placed at construction; the attention tier, the step Cell and its compiled graph
     depend on the KV layout, so they are built on the first forward (and again only if a cache
     of another layout arrives)."""
 
     def __init__(self, spec: ModelSpec, weights: Mapping[str, torch.Tensor], options: RunnerOptions, exchange: MindSporeExchange):
-        unknown = sorted(set(options.extra) - {"mode"})
+        unknown = sorted(set(options.extra) - set(OPTIONS))
         if unknown:
-            raise UnsupportedConfigError(f"mindspore backend: unknown option(s) {unknown}; it takes only 'mode' ({' | '.join(MODES)})")
+            raise UnsupportedConfigError(f"mindspore backend: unknown option(s) {unknown}; it takes {', '.join(OPTIONS)}")
         mode = options.extra.get("mode", "jit")
         if mode not in MODES:
             raise UnsupportedConfigError(f"mindspore backend: mode {mode!r} is not one of {' | '.join(MODES)}")
+        self.decode_batches = decode_batches(options.extra.get("decode_batches")) if mode == "jit" else ()
         if spec.architecture not in ARCHITECTURES:
             raise UnsupportedConfigError(
                 f"mindspore backend: architecture {spec.architecture!r} is not supported; it runs {', '.join(ARCHITECTURES)}"
@@ -76,28 +90,70 @@ class MindSporeRunner:
         self.attn = make_attention(attn_spec, layout, self.device, self.spec.dtype, self.exchange)
         has_values, in_graph = layout.v_shape is not None, self.mode == "jit"
         self.model = self.decoder(self.spec, self.weights, self.attn, ms_dtype(layout.dtype), has_values, in_graph)
-        self._step = self.model if self.mode == "pynative" else self._compile()
+        self._graphs: dict[int | None, object] = {}  # decode batch size (None: the dynamic graph) -> graph
         self.layout = layout
 
-    def _compile(self):
-        i32, i64 = ms.int32, ms.int64
-        return enable_dynamic(
-            input_ids=Tensor(shape=[None], dtype=i32),
-            positions=Tensor(shape=[None], dtype=i64),
-            logits_indices=Tensor(shape=[None], dtype=i32),
-            slots=Tensor(shape=[None], dtype=i64),
-            attn_inputs=self.attn.dynamic_inputs,
-        )(ms.jit(self.model.construct))
+    def _step(self, batch: int | None, *args):
+        """The Decoder on args: op by op, or on the graph for `batch` (compiled on first use)."""
+        if self.mode == "pynative":
+            return self.model(*args)
+        if batch not in self._graphs:
+            self._graphs[batch] = self._compile(batch)
+        return self._graphs[batch](*args)
+
+    def _compile(self, batch: int | None):
+        """The step as a jit graph for one-token steps of `batch` sequences, whose sizes are all
+        fixed but the sequence length; batch None: for any step, every size dynamic."""
+        model = self.model
+
+        # A function of its own per graph: enable_dynamic marks the function it decorates.
+        def step(keys, values, kv_store, input_ids, positions, logits_indices, slots, attn_inputs, attn_variant,
+                 gather_experts):  # fmt: skip
+            return model.construct(keys, values, kv_store, input_ids, positions, logits_indices, slots, attn_inputs,
+                                   attn_variant, gather_experts)  # fmt: skip
+
+        tokens = {}
+        if batch is None:
+            i32, i64 = ms.int32, ms.int64
+            tokens = dict(input_ids=Tensor(shape=[None], dtype=i32), positions=Tensor(shape=[None], dtype=i64),
+                          logits_indices=Tensor(shape=[None], dtype=i32), slots=Tensor(shape=[None], dtype=i64))  # fmt: skip
+        return enable_dynamic(**tokens, attn_inputs=self.attn.signature(batch))(ms.jit(step))
+
+    def _decode_batch(self, meta: ForwardMetadata) -> int | None:
+        """The decode graph's batch size for this step, or None (the dynamic graph)."""
+        if max(meta.extend_lens_cpu) > 1:
+            return None
+        return next((b for b in self.decode_batches if b >= meta.batch_size), None)
 
     def forward(self, input_ids: torch.Tensor, meta: ForwardMetadata, cache: MindSporeKVCache) -> torch.Tensor:
         if cache.layout != self.layout:
             self._bind(cache.layout)
+        wanted, batch = len(meta.logits_indices), self._decode_batch(meta)
+        if batch is not None:
+            meta, input_ids = meta.padded_decode(input_ids, batch)
         self.attn.plan(meta)
         keys, values = self.attn.cache_views(cache)
         ex = self.exchange.from_torch
         gather_experts = self.spec.moe is not None and gathers_experts(meta.num_tokens, self.spec.moe)
         # Gather indices as int32: MindSpore's CPU Gather casts int64 indices with a kernel of its own.
         ids, logits_indices = input_ids.to(torch.int32), meta.logits_indices.to(torch.int32)
-        out = self._step(keys, values, cache.slot_views, ex(ids), ex(meta.positions), ex(logits_indices),
+        out = self._step(batch, keys, values, cache.slot_views, ex(ids), ex(meta.positions), ex(logits_indices),
                          ex(meta.out_cache_loc), self.attn.inputs, self.attn.variant, gather_experts)  # fmt: skip
-        return self.exchange.to_torch(out)
+        return self.exchange.to_torch(out)[:wanted]
+
+
+def decode_batches(text: str | None) -> tuple[int, ...]:
+    """The `decode_batches` option as sorted sizes: None -> DECODE_BATCHES, "none" -> ()."""
+    if text is None:
+        return DECODE_BATCHES
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        sizes = sorted({int(b) for b in text.split(",")})
+    except ValueError:
+        sizes = [0]
+    if not sizes or sizes[0] < 1:
+        raise UnsupportedConfigError(
+            f"mindspore backend: decode_batches {text!r} is not a comma-separated list of positive batch sizes (e.g. '1,2,4,8') or 'none'"
+        )
+    return tuple(sizes)
