@@ -153,6 +153,22 @@ def test_weights_are_parameters_over_the_loaded_memory(backend, tiny):
     assert embed.asnumpy()[3, 5] == 42.0
 
 
+def test_a_graph_output_reaches_torch_without_a_copy(ex):
+    @ms.jit
+    def double(x):
+        return x * 2.0
+
+    y = double(ms.Tensor([[1.0, 2.0], [3.0, 4.0]], ms.float32))
+    t = ex.output_to_torch(y)
+    assert t.tolist() == [[2.0, 4.0], [6.0, 8.0]]
+    t[0, 0] = 9.0  # written through torch, seen by MindSpore: one memory
+    assert double(y).asnumpy()[0, 0] == 18.0
+    del y
+    for _ in range(5):  # MindSpore's memory pool must not hand t's memory to new outputs
+        double(ms.Tensor([[5.0, 5.0], [5.0, 5.0]], ms.float32)).asnumpy()
+    assert t.tolist() == [[9.0, 4.0], [6.0, 8.0]]
+
+
 def test_exchange_copy_rules(ex):
     t = torch.arange(12.0).reshape(3, 4)
     assert not shares_memory(ex.to_torch(ex.from_torch(t, copy=True)), t)

@@ -75,22 +75,24 @@ class PortableInputs:
 
 
 def portable_inputs(meta: ForwardMetadata, num_heads: int, num_kv_heads: int) -> PortableInputs:
-    dev, Hq, Hkv, G = meta.positions.device, num_heads, num_kv_heads, num_heads // num_kv_heads
+    dev, Hq, Hkv, G, i32 = meta.positions.device, num_heads, num_kv_heads, num_heads // num_kv_heads, torch.int32
     B, E, L, T = meta.batch_size, max(meta.extend_lens_cpu), max(meta.seq_lens_cpu), meta.num_tokens
-    ext, prefix, seq_lens = meta.extend_lens.long(), meta.prefix_lens.long(), meta.seq_lens.long()
+    j = torch.arange(L, device=dev)[None, :]
+    in_seq = j < meta.seq_lens[:, None]  # [B, L]
+    slots = torch.where(in_seq, meta.req_to_token[:, :L].long(), 0)  # [B, L]
+    kv_index = (slots[:, None, :] * Hkv + torch.arange(Hkv, device=dev)[None, :, None]).to(i32)  # [B, Hkv, L]
+    if E == 1:  # each query sees its whole sequence
+        bias = torch.zeros((B, L), dtype=torch.float32, device=dev).masked_fill_(~in_seq, float("-inf"))
+        bias = bias[:, None, None, :].expand(B, Hkv, G, L).contiguous()
+        unused = torch.zeros((1, Hkv, 1), dtype=i32, device=dev), torch.zeros((1, Hq), dtype=i32, device=dev)
+        return PortableInputs(ONE_TOKEN, unused[0], kv_index, bias, unused[1])
+    ext, prefix = meta.extend_lens.long(), meta.prefix_lens.long()
     starts = ext.cumsum(0) - ext  # [B] first row of each sequence
     e = torch.arange(E, device=dev)
-    j = torch.arange(L, device=dev)[None, :]
-    slots = torch.where(j < seq_lens[:, None], meta.req_to_token[:, :L].long(), 0)  # [B, L]
-    kv_index = slots[:, None, :] * Hkv + torch.arange(Hkv, device=dev)[None, :, None]  # [B, Hkv, L]
     query_pos = prefix[:, None] + e[None, :]  # [B, E]; padding rows see a superset
     visible = (j[:, None, :] <= query_pos[:, :, None]).repeat_interleave(G, dim=1)  # [B, R, L]
     bias = torch.zeros(visible.shape, dtype=torch.float32, device=dev).masked_fill_(~visible, float("-inf"))
     bias = bias[:, None].expand(B, Hkv, -1, -1).contiguous()  # [B, Hkv, R, L]
-    i32 = torch.int32
-    if E == 1:
-        unused = torch.zeros((1, Hkv, 1), dtype=i32, device=dev), torch.zeros((1, Hq), dtype=i32, device=dev)
-        return PortableInputs(ONE_TOKEN, unused[0], kv_index.to(i32), bias, unused[1])
     q_rows = torch.where(e[None, :] < ext[:, None], starts[:, None] + e[None, :], 0)  # [B, E], padding -> 0
     head = torch.arange(Hq, device=dev).view(Hkv, 1, G)  # [Hkv, 1, G]
     q_index = (q_rows[:, None, :, None] * Hq + head).reshape(B, Hkv, E * G)
@@ -98,7 +100,7 @@ def portable_inputs(meta: ForwardMetadata, num_heads: int, num_kv_heads: int) ->
     e_of_row = torch.arange(T, device=dev) - starts[seq]
     h = torch.arange(Hq, device=dev)
     out_index = ((seq[:, None] * Hkv + h // G) * E + e_of_row[:, None]) * G + h % G  # [T, Hq]
-    return PortableInputs(GENERAL, q_index.to(i32), kv_index.to(i32), bias, out_index.to(i32))
+    return PortableInputs(GENERAL, q_index.to(i32), kv_index, bias, out_index.to(i32))
 
 
 class PortablePagedAttention(nn.Cell):

@@ -17,6 +17,10 @@ DLPACK_DTYPES = frozenset({
 })  # fmt: skip
 
 
+#: MindSpore dtypes NumPy has (not bfloat16).
+NUMPY_DTYPES = frozenset({ms.float16, ms.float32, ms.float64, ms.int8, ms.int16, ms.int32, ms.int64, ms.uint8})
+
+
 class MindSporeExchange:
     """Zero-copy exchange under the copy rules of `spi.Exchange`. bf16 crosses as bf16 (DLPack
     carries it; NumPy is never involved). Raises TypeError for dtypes MindSpore's DLPack lacks
@@ -40,3 +44,12 @@ class MindSporeExchange:
                 )
             x, copy = x.contiguous(), False
         return finish_import(torch.utils.dlpack.from_dlpack(to_dlpack(x)), copy)
+
+    def output_to_torch(self, x: Tensor) -> torch.Tensor:
+        """to_torch(x) for a tensor MindSpore allocated, such as a compiled graph's output: on CPU,
+        through its NumPy view, which shares that memory and keeps it alive. (to_dlpack of a
+        graph's output takes ~0.3-0.5 ms on CPU, ten times asnumpy; asnumpy of a tensor imported by
+        DLPack, on the other hand, copies, so to_torch does not take this way.)"""
+        if x.device == "CPU" and x.dtype in NUMPY_DTYPES and x.is_contiguous():
+            return torch.from_numpy(x.asnumpy())
+        return self.to_torch(x)

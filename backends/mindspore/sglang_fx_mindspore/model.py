@@ -139,7 +139,7 @@ class MindSporeRunner:
         ids, logits_indices = input_ids.to(torch.int32), meta.logits_indices.to(torch.int32)
         out = self._step(batch, keys, values, cache.slot_views, ex(ids), ex(meta.positions), ex(logits_indices),
                          ex(meta.out_cache_loc), self.attn.inputs, self.attn.variant, gather_experts)  # fmt: skip
-        return self.exchange.to_torch(out)[:wanted]
+        return self.exchange.output_to_torch(out)[:wanted]
 
 
 def decode_batches(text: str | None) -> tuple[int, ...]:
