@@ -21,7 +21,9 @@ from sglang_fx.checkpoint import ModelSpec
 from sglang_fx.spi import AttentionSpec
 
 from .kernels import cast, write_rows
-from .layers import fold_norm, linear, mlp, mlp_weights, moe, moe_weights, rms_norm, rope_angles, rope_matrices
+from .layers import (
+    fold_norm, linear, mlp, mlp_weights, moe, moe_weights, rms_norm, rope_angles, rope_matrices, rope_rotations,
+)  # fmt: skip
 
 
 class Decoder(nn.Cell):
@@ -57,8 +59,8 @@ class Decoder(nn.Cell):
         raise NotImplementedError
 
     def block(self, w: tuple, x: Tensor, rope: tuple, kv: tuple) -> Tensor:
-        """One layer's attention: x [T, H] (normed) -> [T, H]. rope: (cos, sin, p, r) for
-        `layers.rope`; kv: what `attend` takes besides q, k and v."""
+        """One layer's attention: x [T, H] (normed) -> [T, H]. rope: what `layers.rope` takes
+        as rot; kv: what `attend` takes besides q, k and v."""
         raise NotImplementedError
 
     # --- shared -------------------------------------------------------------------------------
@@ -92,20 +94,22 @@ class Decoder(nn.Cell):
         return (w["model.embed_tokens.weight"], lm_head, (inv_freq, p, r), tuple(layers))
 
     def construct(self, keys, values, kv_store, input_ids, positions, logits_indices, slots, attn_inputs, attn_variant,
-                  gather_experts):  # fmt: skip
+                  gather_experts, few_tokens):  # fmt: skip
         """keys/values: the pool views the attention reads (its `cache_views`; values None without
         V); kv_store: the cache's [S, *shape] views (`MindSporeKVCache.slot_views`: keys and, with V,
         `values`), where this step's K/V go at `slots` [T] int64. gather_experts: how MoE layers
-        compute (`layers.gathers_experts`); like attn_variant, a Python constant that picks a path
+        compute (`layers.gathers_experts`); few_tokens: RoPE by per-token rotation matrices
+        (`layers.rope_rotations`). Like attn_variant, both are Python constants that pick a path
         of the graph."""
         embed, lm_head, (inv_freq, p, r), layers = self.params
         cos, sin = rope_angles(positions, inv_freq, embed.dtype)
+        rot = (rope_rotations(cos, sin, p, r),) if few_tokens else (cos, sin, p, r)
         x = ops.gather(embed, input_ids, 0)  # [T, H]
         for i in range(self.num_layers):
             attn_w, mlp_w = layers[i]  # the norms' weights are folded into them, but an MoE layer's
             v_pool = values[i] if self.has_values else None
             kv = (i, keys[i], v_pool, kv_store, slots, attn_inputs, attn_variant)
-            x = x + self.block(attn_w, rms_norm(x, None, self.eps), (cos, sin, p, r), kv)
+            x = x + self.block(attn_w, rms_norm(x, None, self.eps), rot, kv)
             if self.moe_layers[i]:
                 x = x + moe(rms_norm(x, mlp_w[0], self.eps), mlp_w[1:], self.spec.moe, gather_experts)
             else:

@@ -62,8 +62,8 @@ class DeepseekV3(Decoder):
         if m.q_lora_rank is not None:
             q = linear(rms_norm(q, w[6], eps), w[5])
         q = q.reshape(-1, n, dn + dr)
-        q_nope, q_rope = q[..., :dn], rope(q[..., dn:], n, *rope_w, self.interleaved)  # [T, n, dn], [T, n, dr]
-        k_rope = rope(k_rope.reshape(-1, 1, dr), 1, *rope_w, self.interleaved)  # [T, 1, dr]
+        q_nope, q_rope = q[..., :dn], rope(q[..., dn:], n, rope_w, self.interleaved)  # [T, n, dn], [T, n, dr]
+        k_rope = rope(k_rope.reshape(-1, 1, dr), 1, rope_w, self.interleaved)  # [T, 1, dr]
         q_lat = _bmm(q_nope.transpose(1, 0, 2), w_uk).transpose(1, 0, 2)  # [T, n, r]
         latent = ops.cat((rms_norm(c, kv_a_norm, eps).reshape(-1, 1, r), k_rope), -1)  # [T, 1, r + dr]: what the cache keeps
         o = self.attend(ops.cat((q_lat, q_rope), -1), latent, None, kv)  # [T, n, r]

@@ -20,6 +20,7 @@ from sglang_fx.checkpoint import MoESpec
 from .kernels import cast
 
 _matmul, _matmul_t = ops.MatMul(), ops.MatMul(transpose_b=True)  # x @ w, and x @ w.T without materialising w.T
+_bmm, _bmm_t = ops.BatchMatMul(), ops.BatchMatMul(transpose_b=True)
 
 
 def linear(x: Tensor, w: Tensor) -> Tensor:
@@ -70,8 +71,20 @@ def rope_angles(positions: Tensor, inv_freq: Tensor, dtype) -> tuple[Tensor, Ten
     return cast(ops.cos(emb), dtype), cast(ops.sin(emb), dtype)
 
 
-def rope(x: Tensor, heads: int, cos: Tensor, sin: Tensor, p: Tensor, r: Tensor, interleaved: bool) -> Tensor:
-    """x [T, heads, dim] rotated; p, r from `rope_matrices` (p is skipped when not interleaved)."""
+def rope_rotations(cos: Tensor, sin: Tensor, p: Tensor, r: Tensor) -> Tensor:
+    """Each token's rotation as one matrix, [T, dim, dim]: x_t @ M_t == rope(x_t). M = P cos + R sin,
+    scaling columns; like P and R it has one cos and one +-sin term per column, so it is exact.
+    With it, `rope` is one batched matmul instead of four kernels, for T * dim * dim values a
+    step: worth it for few tokens (decode), not for a long prefill."""
+    return p * cos + r * sin
+
+
+def rope(x: Tensor, heads: int, rot: tuple, interleaved: bool) -> Tensor:
+    """x [T, heads, dim] rotated by rot: (cos, sin, p, r) from `rope_angles` and `rope_matrices`
+    (p is skipped when not interleaved), or (M,) from `rope_rotations`."""
+    if len(rot) == 1:
+        return _bmm(x, rot[0])
+    cos, sin, p, r = rot
     dim = r.shape[0]
 
     def times(m):
@@ -157,9 +170,6 @@ def route(logits: Tensor, bias: Tensor, spec: MoESpec) -> tuple[Tensor, Tensor]:
 def _one_hot(ids: Tensor, n: int) -> Tensor:
     """[..., n] float32: 1 at ids, 0 elsewhere."""
     return ops.one_hot(ids, n, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
-
-
-_bmm, _bmm_t = ops.BatchMatMul(), ops.BatchMatMul(transpose_b=True)
 
 
 def moe(x: Tensor, weights: tuple, spec: MoESpec, gather: bool) -> Tensor:

@@ -46,7 +46,7 @@ class LlamaFamily(Decoder):
         qk, v = qkv[:, : Hq + Hkv], qkv[:, Hq + Hkv :]  # [T, Hq + Hkv, D], [T, Hkv, D]
         if s.qk_norm:
             qk = rms_norm(qk, w[-1], self.eps)
-        qk = rope(qk, Hq + Hkv, *rope_w, self.interleaved)  # RoPE on q and k heads at once
+        qk = rope(qk, Hq + Hkv, rope_w, self.interleaved)  # RoPE on q and k heads at once
         q, k = qk[:, :Hq], qk[:, Hq:]
         a = self.attend(q, k, v, kv)  # [T, Hq, D]
         return linear(a.reshape(-1, Hq * D), w[1])

@@ -108,9 +108,9 @@ class MindSporeRunner:
 
         # A function of its own per graph: enable_dynamic marks the function it decorates.
         def step(keys, values, kv_store, input_ids, positions, logits_indices, slots, attn_inputs, attn_variant,
-                 gather_experts):  # fmt: skip
+                 gather_experts, few_tokens):  # fmt: skip
             return model.construct(keys, values, kv_store, input_ids, positions, logits_indices, slots, attn_inputs,
-                                   attn_variant, gather_experts)  # fmt: skip
+                                   attn_variant, gather_experts, few_tokens)  # fmt: skip
 
         tokens = {}
         if batch is None:
@@ -138,7 +138,7 @@ class MindSporeRunner:
         # Gather indices as int32: MindSpore's CPU Gather casts int64 indices with a kernel of its own.
         ids, logits_indices = input_ids.to(torch.int32), meta.logits_indices.to(torch.int32)
         out = self._step(batch, keys, values, cache.slot_views, ex(ids), ex(meta.positions), ex(logits_indices),
-                         ex(meta.out_cache_loc), self.attn.inputs, self.attn.variant, gather_experts)  # fmt: skip
+                         ex(meta.out_cache_loc), self.attn.inputs, self.attn.variant, gather_experts, batch is not None)  # fmt: skip
         return self.exchange.output_to_torch(out)[:wanted]
 
 
