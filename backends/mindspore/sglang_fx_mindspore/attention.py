@@ -60,8 +60,8 @@ class PortableInputs:
                 (MindSpore's CPU Add is several times slower when it broadcasts).
     out_index   [T, Hq] int32. Row of the attention output [B * Hkv * R, Dv] for (token, head).
     ONE_TOKEN steps (T == B, E == 1, R == G) use neither q_index nor out_index (they would be
-    the identity there): both are [1, ...] zero placeholders, not built. Indices are int32 because MindSpore's CPU Gather casts int64 indices with an
-    extra kernel.
+    the identity there): both are [1, ...] zero placeholders, not built. Indices are int32
+    because MindSpore's CPU Gather casts int64 indices with an extra kernel.
     """
 
     variant: int
@@ -122,7 +122,7 @@ class PortablePagedAttention(nn.Cell):
         self.num_heads, self.num_kv_heads = spec.num_heads, spec.num_kv_heads
         self.head_dim, self.v_head_dim, self.scale = spec.head_dim, spec.v_head_dim, spec.scale
         self.exchange = exchange
-        self.slots: Tensor | None = None  # [T] int64, the step's out_cache_loc
+        self.slots: torch.Tensor | None = None  # [T] int64, the step's out_cache_loc (for `forward` only)
         self.inputs: tuple = ()
         self.variant = GENERAL
 
@@ -145,12 +145,12 @@ class PortablePagedAttention(nn.Cell):
 
     def plan(self, meta: ForwardMetadata) -> None:
         p = portable_inputs(meta, self.num_heads, self.num_kv_heads)
-        self.slots = self.exchange.from_torch(meta.out_cache_loc)
+        self.slots = meta.out_cache_loc
         self.inputs = mutable(tuple(self.exchange.from_torch(t) for t in p.tensors()))
         self.variant = p.variant
 
     def forward(self, layer: int, q: Tensor, k: Tensor, v: Tensor | None, cache: MindSporeKVCache) -> Tensor:
-        cache.write(layer, self.slots, k, v)
+        cache.write(layer, self.exchange.from_torch(self.slots), k, v)
         v_rows = None if cache.value_rows is None else cache.value_rows[layer]
         return self.run(q, k, v, cache.key_rows[layer], v_rows, self.inputs, self.variant)
 

@@ -151,7 +151,7 @@ def decode_batches(text: str | None) -> tuple[int, ...]:
     try:
         sizes = sorted({int(b) for b in text.split(",")})
     except ValueError:
-        sizes = [0]
+        sizes = []
     if not sizes or sizes[0] < 1:
         raise UnsupportedConfigError(
             f"mindspore backend: decode_batches {text!r} is not a comma-separated list of positive batch sizes (e.g. '1,2,4,8') or 'none'"
