@@ -2,7 +2,8 @@
 
     python benchmarks/decode.py [--variant LABEL=BACKEND[:KEY=VALUE,...]] [--steps N]
 
-Default variants: mindspore-jit, mindspore-pynative, reference_torch (those whose backend is
+Default variants: mindspore-jit, mindspore-jit-dynamic (jit without the fixed-batch decode
+graphs: decode_batches=none), mindspore-pynative, reference_torch (those whose backend is
 available). Each variant prefills `--prompt-len` tokens per sequence, warms up, then times
 `--steps` decode steps at each batch size (median step time). That repeats for `--rounds`
 rounds, the variants taking turns, and the table gives each variant's best round and its ratio

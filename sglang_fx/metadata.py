@@ -139,6 +139,8 @@ class ForwardMetadata:
         B, pad = self.batch_size, batch_size - self.batch_size
         if any(e != 1 for e in self.extend_lens_cpu) or pad < 0:
             raise ValueError(f"padded_decode pads a one-token-per-sequence step of at most {batch_size} sequences")
+        if pad == 0 and len(self.logits_indices) == batch_size:
+            return self, input_ids
 
         def last(t: torch.Tensor, n: int = pad) -> torch.Tensor:
             return torch.cat([t, t[-1:].expand(n, *t.shape[1:])])
