@@ -13,6 +13,7 @@ import torch
 
 from sglang_fx.kv_pool import KVLayout, PagedKVPool
 from sglang_fx.metadata import ForwardMetadata
+from sglang_fx.parallel import SINGLE
 from sglang_fx.spi import AttentionSpec
 
 from .context import MLA_ARCHES, REFERENCE_BACKEND, TOLERANCE, Context, naive_attention
@@ -197,10 +198,14 @@ PROMPTS = [BASE_PROMPT, BASE_PROMPT + [9, 33, 71], [260, 14], BASE_PROMPT + [3] 
 GREEDY_STEPS = 32
 
 
-def _session_logits(ctx: Context, arch: str, backend: str | None = None) -> tuple[torch.Tensor, list[int]]:
+def _model_name(kind: str, arch: str, variant: str) -> str:
+    return f"{kind}/{arch}" + (f"+{variant}" if variant else "")
+
+
+def _session_logits(ctx: Context, arch: str, variant: str = "", **session) -> tuple[torch.Tensor, list[int]]:
     """All-token logits of PROMPTS[1:] in one ragged step, after PROMPTS[0] filled the cache,
-    and how many tokens of each prompt came from the cache."""
-    session = ctx.session(arch, page_size=16, backend=backend)
+    and how many tokens of each prompt came from the cache. session: Context.session keywords."""
+    session = ctx.session(arch, page_size=16, variant=variant, **session)
     first, _ = session.new_sequence(PROMPTS[0])
     session.forward([first], [PROMPTS[0]])
     seqs, new = [], []
@@ -217,17 +222,17 @@ def _session_logits(ctx: Context, arch: str, backend: str | None = None) -> tupl
     return logits, [len(p) - len(n) for p, n in zip(PROMPTS[1:], new)]
 
 
-def logits_case(arch: str) -> Case:
+def logits_case(arch: str, variant: str = "") -> Case:
     def run(ctx: Context) -> Outcome:
-        logits, shared = _session_logits(ctx, arch)
+        logits, shared = _session_logits(ctx, arch, variant)
         diff, row = 0.0, 0
         for p, s in zip(PROMPTS[1:], shared):
             n = len(p) - s
-            diff = max(diff, _max_diff(logits[row : row + n].cpu(), ctx.hf_logits(arch, p)[s:]))
+            diff = max(diff, _max_diff(logits[row : row + n].cpu(), ctx.hf_logits(arch, p, variant)[s:]))
             row += n
         return _close(diff, torch.float32, "vs transformers, ragged batch with prefix hits")
 
-    return Case(f"logits/{arch}", run)
+    return Case(_model_name("logits", arch, variant), run)
 
 
 def logits_vs_reference_case(arch: str) -> Case:
@@ -239,21 +244,53 @@ def logits_vs_reference_case(arch: str) -> Case:
     return Case(f"logits_vs_reference/{arch}", run)
 
 
-def greedy_case(arch: str) -> Case:
+def logits_vs_tp1_case(arch: str, variant: str = "") -> Case:
+    """Under tensor parallelism: the sharded model's logits against the same backend's, unsharded,
+    in the same process."""
+
     def run(ctx: Context) -> Outcome:
-        session = ctx.session(arch, page_size=16)
+        ours, _ = _session_logits(ctx, arch, variant)
+        whole, _ = _session_logits(ctx, arch, variant, parallel=SINGLE)
+        p = ctx.parallel
+        return _close(_max_diff(ours.cpu(), whole.cpu()), torch.float32, f"tp={p.tp_size} ep={p.ep_size} vs tp=1")
+
+    return Case(_model_name("logits_vs_tp1", arch, variant), run)
+
+
+def greedy_case(arch: str, variant: str = "") -> Case:
+    def run(ctx: Context) -> Outcome:
+        session = ctx.session(arch, page_size=16, variant=variant)
         session.generate([PROMPTS[0]], 1)  # leaves PROMPTS[0] cached: the batch below hits it
         ours = session.generate(PROMPTS, GREEDY_STEPS)
-        truth = [ctx.hf_greedy(arch, p, GREEDY_STEPS) for p in PROMPTS]
+        truth = [ctx.hf_greedy(arch, p, GREEDY_STEPS, variant) for p in PROMPTS]
         same = sum(a == b for o, t in zip(ours, truth) for a, b in zip(o, t))
         agreement = same / (GREEDY_STEPS * len(PROMPTS))
         first_diff = next((f"prompt {i} differs at step {next(j for j, (a, b) in enumerate(zip(o, t)) if a != b)}" for i, (o, t) in enumerate(zip(ours, truth)) if o != t), "")
         return Outcome(agreement == 1.0, None, agreement, first_diff or f"{len(PROMPTS)} ragged prompts x {GREEDY_STEPS} steps identical to transformers")
 
-    return Case(f"greedy/{arch}", run)
+    return Case(_model_name("greedy", arch, variant), run)
+
+
+#: Under tensor parallelism, these architectures also run with one KV head (replicated per rank).
+KV_REPLICATION_ARCHES = ("Qwen3ForCausalLM",)
+
+
+def model_checkpoints(ctx: Context) -> list[tuple[str, str]]:
+    """(architecture, variant) of every tiny checkpoint the model cases of this run use."""
+    models = [(arch, "") for arch in ctx.architectures()]
+    if ctx.parallel.tp_size > 1:
+        models += [(a, "kv1") for a in KV_REPLICATION_ARCHES if a in ctx.architectures()]
+    return models
 
 
 def cases_for(ctx: Context) -> list[Case]:
+    if ctx.parallel.tp_size > 1:  # the model cases, sharded; the others run in one process
+        cases = []
+        for arch, variant in model_checkpoints(ctx):
+            cases += [logits_case(arch, variant), logits_vs_tp1_case(arch, variant), greedy_case(arch, variant)]
+            if not variant:
+                cases.append(logits_vs_reference_case(arch))
+        return cases
     cases = [exchange_case(d, c) for d in EXCHANGE_DTYPES for c in (True, False)]
     cases += [kv_case(p) for p in (1, 16, 128)]
     cases += [attention_case(p, s) for p in (1, 16, 128) for s in ATTENTION_BATCHES]

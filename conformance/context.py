@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from sglang_fx.generate import Session
+from sglang_fx.parallel import SINGLE, Parallel
 from sglang_fx.registry import Backend, Registry, default_registry
 
 REFERENCE_BACKEND = "reference_torch"
@@ -30,6 +31,10 @@ TINY_ARCHES = {
 #: also run in that layout for backends that claim one of them.
 MLA_ARCHES = frozenset({"DeepseekV3ForCausalLM"})
 
+#: Checkpoint variants (config overrides) some cases use. "kv1": one KV head, which tensor
+#: parallelism must replicate on every rank.
+VARIANTS: dict[str, dict] = {"": {}, "kv1": {"num_key_value_heads": 1}}
+
 #: max |a - b| accepted per dtype, for logits and attention outputs.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 
@@ -37,10 +42,13 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 class Context:
     """One conformance run against one backend. Expensive things are built once and cached."""
 
-    def __init__(self, backend: str, *, device: str = "cpu", workdir: str | Path | None = None, registry: Registry | None = None):
+    def __init__(self, backend: str, *, device: str = "cpu", workdir: str | Path | None = None, registry: Registry | None = None,
+                 parallel: Parallel = SINGLE):  # fmt: skip
+        """parallel: run the model cases as this rank of a tensor-parallel world (every rank
+        runs the same cases in step; `runner.run(..., tp_size=N)` starts the world)."""
         self.registry = registry or default_registry()
         self.backend: Backend = self.registry.load(backend)
-        self.device = device
+        self.device, self.parallel = device, parallel
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="sglang-fx-conformance-")
         self.workdir = Path(workdir or self._tmp.name)
 
@@ -49,30 +57,40 @@ class Context:
         return [a for a in TINY_ARCHES if a in self.backend.capabilities.architectures]
 
     @functools.cache
-    def checkpoint(self, arch: str) -> Path:
+    def checkpoint(self, arch: str, variant: str = "") -> Path:
+        """The tiny checkpoint of `arch` (a VARIANTS key changes its config), made once per
+        workdir: a directory that already holds one (made by the parent of a TP run) is reused."""
         from sglang_fx.tiny import make_tiny_model
 
-        return make_tiny_model(TINY_ARCHES[arch], self.workdir / TINY_ARCHES[arch], seed=0)
+        name = TINY_ARCHES[arch] + (f"-{variant}" if variant else "")
+        out = self.workdir / name
+        if (out / "config.json").is_file():
+            return out
+        return make_tiny_model(TINY_ARCHES[arch], out, seed=0, **VARIANTS[variant])
 
     @functools.cache
-    def hf_model(self, arch: str):
+    def hf_model(self, arch: str, variant: str = ""):
         import transformers
 
-        model = transformers.AutoModelForCausalLM.from_pretrained(self.checkpoint(arch), dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_pretrained(self.checkpoint(arch, variant), dtype=torch.float32)
         return model.eval()
 
-    def session(self, arch: str, *, page_size: int = 16, backend: str | None = None) -> Session:
+    def session(self, arch: str, *, page_size: int = 16, backend: str | None = None, variant: str = "",
+                parallel: Parallel | None = None) -> Session:  # fmt: skip
+        """A Session of the backend under test (or `backend`) at this context's parallel layout
+        (or `parallel`)."""
         b = self.backend if backend is None else self.registry.load(backend)
-        return Session(b, self.checkpoint(arch), dtype="float32", device=self.device, page_size=page_size, max_total_tokens=4096)
+        return Session(b, self.checkpoint(arch, variant), dtype="float32", device=self.device, page_size=page_size,
+                       max_total_tokens=4096, parallel=self.parallel if parallel is None else parallel)  # fmt: skip
 
-    def hf_logits(self, arch: str, prompt: list[int]) -> torch.Tensor:
+    def hf_logits(self, arch: str, prompt: list[int], variant: str = "") -> torch.Tensor:
         """[len(prompt), vocab] float32 logits of transformers, one prompt, no padding."""
         with torch.inference_mode():
-            return self.hf_model(arch)(torch.tensor([prompt])).logits[0].float()
+            return self.hf_model(arch, variant)(torch.tensor([prompt])).logits[0].float()
 
-    def hf_greedy(self, arch: str, prompt: list[int], steps: int) -> list[int]:
+    def hf_greedy(self, arch: str, prompt: list[int], steps: int, variant: str = "") -> list[int]:
         with torch.inference_mode():
-            out = self.hf_model(arch).generate(
+            out = self.hf_model(arch, variant).generate(
                 torch.tensor([prompt]), max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                 eos_token_id=None, pad_token_id=0,
             )

@@ -9,14 +9,15 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
-from .cases import Case, Outcome, cases_for
+from .cases import Case, Outcome, cases_for, model_checkpoints
 from .context import Context
 
 
@@ -82,21 +83,54 @@ def run(
     device: str = "cpu",
     select: Callable[[str], bool] | None = None,
     progress: TextIO | None = sys.stderr,
+    tp_size: int = 1,
+    ep_size: int = 1,
 ) -> Report:
-    ctx = Context(backend, device=device)
-    try:
-        cases = [c for c in cases_for(ctx) if select is None or select(c.name)]
-        results = []
-        for i, case in enumerate(cases, 1):
-            if progress:
-                print(f"[{i:>3}/{len(cases)}] {case.name} ...", end="", file=progress, flush=True)
-            r = judge(case, ctx)
-            results.append(r)
-            if progress:
-                print(f" {r.status} ({r.seconds:.1f}s)", file=progress, flush=True)
+    """Run the backend's cases. tp_size > 1: the model cases, sharded over tp_size processes
+    (experts over ep_size of them) of one world (`sglang_fx.distributed`), against transformers,
+    the reference and the same backend at tp=1; every rank must pass."""
+    if tp_size == 1 and ep_size == 1:
+        ctx = Context(backend, device=device)
+        try:
+            results = _run_cases(ctx, select, progress)
+        finally:
+            ctx.close()
         return Report(backend, all(r.passed for r in results), results)
-    finally:
-        ctx.close()
+    from sglang_fx.distributed import run_parallel
+    from sglang_fx.parallel import Group, Parallel, Rendezvous
+
+    with tempfile.TemporaryDirectory(prefix="sglang-fx-conformance-tp-") as workdir:
+        # The checkpoints are made here once, before the ranks start (they only read them).
+        layout = Parallel(Group("tp", tuple(range(tp_size)), 0), ep_size, rendezvous=Rendezvous("", 0, tp_size, 0))
+        ctx = Context(backend, device=device, workdir=workdir, parallel=layout)
+        for arch, variant in model_checkpoints(ctx):
+            ctx.checkpoint(arch, variant)
+        per_rank = run_parallel(_rank_cases, tp_size, ep_size=ep_size, args=(backend, device, workdir, select, progress is not None))
+    results = per_rank[0]
+    for rank, theirs in enumerate(per_rank[1:], 1):
+        for i, (r, other) in enumerate(zip(results, theirs)):
+            if r.passed and not other.passed:
+                results[i] = replace(other, detail=f"rank {rank}: {other.detail}")
+    return Report(f"{backend} (tp={tp_size}, ep={ep_size})", all(r.passed for r in results), results)
+
+
+def _run_cases(ctx: Context, select: Callable[[str], bool] | None, progress: TextIO | None) -> list[CaseResult]:
+    cases = [c for c in cases_for(ctx) if select is None or select(c.name)]
+    results = []
+    for i, case in enumerate(cases, 1):
+        if progress:
+            print(f"[{i:>3}/{len(cases)}] {case.name} ...", end="", file=progress, flush=True)
+        r = judge(case, ctx)
+        results.append(r)
+        if progress:
+            print(f" {r.status} ({r.seconds:.1f}s)", file=progress, flush=True)
+    return results
+
+
+def _rank_cases(parallel, backend: str, device: str, workdir: str, select, progress: bool) -> list[CaseResult]:
+    """One rank of a tensor-parallel conformance run (rank 0 shows progress)."""
+    ctx = Context(backend, device=device, workdir=workdir, parallel=parallel)
+    return _run_cases(ctx, select, sys.stderr if progress and parallel.tp_rank == 0 else None)
 
 
 def write_json(report: Report, path: str | Path) -> None:

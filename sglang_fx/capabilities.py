@@ -15,12 +15,17 @@ class Capabilities:
     architectures   HF `architectures` names, e.g. "Qwen3ForCausalLM".
     page_sizes      supported KV page sizes in tokens; None means any positive size.
     features        free-form feature flags, e.g. "prefix_cache", "jit", "all_token_logits".
+    parallelism     the parallel layouts it runs (`sglang_fx.parallel`): "tp" (tensor parallel:
+                    sharded weights, collectives over the TP group), "ep" (routed experts split
+                    over the TP group). Empty: one process only. Data parallelism needs nothing
+                    of a backend (each replica is a world of its own) and is always allowed.
     """
 
     dtypes: Mapping[str, frozenset[str]]
     architectures: frozenset[str]
     page_sizes: frozenset[int] | None = None
     features: frozenset[str] = field(default_factory=frozenset)
+    parallelism: frozenset[str] = field(default_factory=frozenset)
 
     @property
     def devices(self) -> frozenset[str]:
@@ -33,6 +38,8 @@ class Capabilities:
         dtype: str | None = None,
         device: str | None = None,
         page_size: int | None = None,
+        tp_size: int = 1,
+        ep_size: int = 1,
     ) -> list[str]:
         """Every problem with running this configuration, as sentences naming the fix.
         An empty list means supported. Arguments left as None are not checked."""
@@ -58,6 +65,11 @@ class Capabilities:
                 problems.append(
                     f"page size {page_size} is not supported; supported: {', '.join(map(str, sorted(self.page_sizes)))}"
                 )
+        if tp_size > 1 and "tp" not in self.parallelism:
+            problems.append(f"tensor parallelism (tp_size {tp_size}) is not supported: this backend runs one process "
+                            "per model; use tp_size 1, or a backend that declares 'tp' in its parallelism")  # fmt: skip
+        if ep_size > 1 and "ep" not in self.parallelism:
+            problems.append(f"expert parallelism (ep_size {ep_size}) is not supported; use ep_size 1")
         return problems
 
     def describe(self) -> str:
@@ -65,5 +77,6 @@ class Capabilities:
         pages = "any" if self.page_sizes is None else ", ".join(map(str, sorted(self.page_sizes)))
         return (
             f"devices/dtypes [{devices}]; architectures [{', '.join(sorted(self.architectures))}]; "
-            f"page sizes [{pages}]; features [{', '.join(sorted(self.features))}]"
+            f"page sizes [{pages}]; features [{', '.join(sorted(self.features))}]; "
+            f"parallelism [{', '.join(sorted(self.parallelism)) or 'none'}]"
         )

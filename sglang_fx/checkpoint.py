@@ -7,13 +7,20 @@ parameter names (host memory); they convert with their exchange and never parse 
 from __future__ import annotations
 
 import json
+import math
+import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import CheckpointError, UnsupportedConfigError
+
+if TYPE_CHECKING:
+    from .sharding import Shard
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -304,6 +311,66 @@ def _moe_weights(H: int, moe: MoESpec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+#: safetensors dtype names -> torch dtypes.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+class SafetensorsFile:
+    """One .safetensors file, read with plain positioned reads (os.preadv) of exactly the bytes
+    asked for, so a rank that reads a slice reads only that slice from disk (the OS counts it:
+    /proc/self/io rchar). Format: an 8-byte little-endian header length, a JSON header
+    {name: {dtype, shape, data_offsets: [begin, end]}}, then the data, little-endian, row-major."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"cannot read {path}: {e} (truncated or not a safetensors file?)") from None
+        header.pop("__metadata__", None)
+        self.tensors: dict[str, dict] = header
+        self.data_start = 8 + n
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name]["shape"])
+
+    def read(self, name: str, split: tuple[int, range] | None = None) -> torch.Tensor:
+        """Tensor `name`, or only elements `split[1]` of its dimension `split[0]` (0, or 1 of a 2-D
+        tensor), in its stored dtype. Raises CheckpointError when the file ends early."""
+        entry = self.tensors[name]
+        dtype, shape = SAFETENSORS_DTYPES.get(entry["dtype"]), list(entry["shape"])
+        if dtype is None:
+            raise CheckpointError(f"tensor {name!r} in {self.path} has dtype {entry['dtype']}, which sglang-fx does not read")
+        base, item = self.data_start + entry["data_offsets"][0], dtype.itemsize
+        row = item * math.prod(shape[1:])
+        if split is None:
+            ranges = [(base, row * shape[0] if shape else item)]
+        elif split[0] == 0:
+            rows = split[1]
+            ranges, shape[0] = [(base + rows.start * row, len(rows) * row)], len(rows)
+        elif split[0] == 1 and len(shape) == 2:
+            cols = split[1]
+            ranges = [(base + i * row + cols.start * item, len(cols) * item) for i in range(shape[0])]
+            shape[1] = len(cols)
+        else:
+            raise ValueError(f"cannot split {name!r} {shape} along dimension {split[0]}")
+        buf = bytearray(sum(n for _, n in ranges))
+        view, at = memoryview(buf), 0
+        with open(self.path, "rb", buffering=0) as f:
+            for offset, n in ranges:
+                if n and os.preadv(f.fileno(), [view[at : at + n]], offset) != n:
+                    raise CheckpointError(f"tensor {name!r} in {self.path} cannot be read: the file ends early (file truncated?)")
+                at += n
+        if not buf:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
 class Checkpoint:
     """An HF checkpoint directory: config.json plus model.safetensors, or shards listed in
     model.safetensors.index.json."""
@@ -312,7 +379,13 @@ class Checkpoint:
         self.path = Path(model_path)
         if not self.path.is_dir():
             raise CheckpointError(f"model path {self.path} is not a directory")
+        self._files: dict[Path, SafetensorsFile] = {}
         self.weight_map = self._weight_map()
+
+    def _file(self, path: Path) -> SafetensorsFile:
+        if path not in self._files:
+            self._files[path] = SafetensorsFile(path)
+        return self._files[path]
 
     def _weight_map(self) -> dict[str, Path]:
         index = self.path / "model.safetensors.index.json"
@@ -328,30 +401,20 @@ class Checkpoint:
                     raise CheckpointError(f"{index} lists shard {f!r}, which is missing from {self.path}")
             return {name: files[f] for name, f in entries.items()}
         if single.is_file():
-            return {name: single for name in self._keys(single)}
+            return {name: single for name in self._file(single).tensors}
         raise CheckpointError(
             f"no weights in {self.path}: expected model.safetensors or model.safetensors.index.json"
         )
 
-    @staticmethod
-    def _keys(file: Path) -> list[str]:
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                return list(f.keys())
-        except Exception as e:  # safetensors raises its own SafetensorError for bad headers
-            raise CheckpointError(f"cannot read {file}: {e} (truncated or not a safetensors file?)") from None
-
-    def load(self, spec: ModelSpec) -> dict[str, torch.Tensor]:
-        """Every tensor in `expected_weights(spec)`, checked and cast to spec.dtype.
-        Raises CheckpointError naming the tensor and file on a missing, truncated or
-        mis-shaped tensor. A tied lm_head.weight is the embedding tensor itself."""
-        from safetensors import safe_open
-
+    def load(self, spec: ModelSpec, shard: Shard | None = None) -> dict[str, torch.Tensor]:
+        """Every tensor in `expected_weights(spec)`, checked and cast to spec.dtype; with a
+        `shard`, only the tensors and slices that rank holds (`Shard.expected()` shapes), read
+        from disk slice by slice. Raises CheckpointError naming the tensor and file on a missing,
+        truncated or mis-shaped tensor. A tied lm_head.weight is the embedding tensor itself."""
         expected = expected_weights(spec)
+        local = expected if shard is None else shard.expected()
         tied = spec.tie_word_embeddings and "lm_head.weight" not in self.weight_map
-        wanted = [n for n in expected if not (tied and n == "lm_head.weight")]
+        wanted = [n for n in local if not (tied and n == "lm_head.weight")]
         missing = [n for n in wanted if n not in self.weight_map]
         if missing:
             files = sorted({p.name for p in self.weight_map.values()})
@@ -360,30 +423,16 @@ class Checkpoint:
                 f"tensor {missing[0]!r}{more} is missing from {', '.join(files)} in {self.path}; "
                 f"the checkpoint does not match its config ({spec.architecture})"
             )
-        by_file: dict[Path, list[str]] = {}
-        for n in wanted:
-            by_file.setdefault(self.weight_map[n], []).append(n)
         out = {}
-        for file, names in by_file.items():
-            try:
-                with safe_open(str(file), framework="pt") as f:
-                    for n in names:
-                        out[n] = self._read(f, n, file, expected[n], spec.dtype)
-            except CheckpointError:
-                raise
-            except Exception as e:
-                raise CheckpointError(f"cannot read {file}: {e} (truncated or corrupt?)") from None
+        for n in wanted:
+            file = self._file(self.weight_map[n])
+            got = file.shape(n)
+            if got != expected[n]:
+                raise CheckpointError(f"tensor {n!r} in {file.path} has shape {list(got)}, expected {list(expected[n])} from config.json")
+            t = file.read(n, None if shard is None else shard.split(n)).to(spec.dtype)
+            if t.shape != local[n]:  # a vocabulary block of the last rank: pad with zero rows
+                t = torch.cat([t, t.new_zeros((local[n][0] - t.shape[0], *t.shape[1:]))])
+            out[n] = t
         if tied:
             out["lm_head.weight"] = out["model.embed_tokens.weight"]
         return out
-
-    @staticmethod
-    def _read(f, name: str, file: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        got = tuple(f.get_slice(name).get_shape())
-        if got != shape:
-            raise CheckpointError(f"tensor {name!r} in {file} has shape {list(got)}, expected {list(shape)} from config.json")
-        try:
-            t = f.get_tensor(name)
-        except Exception as e:
-            raise CheckpointError(f"tensor {name!r} in {file} cannot be read: {e} (file truncated?)") from None
-        return t.to(dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Sequence
 
@@ -36,13 +37,16 @@ def cmd_backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def _starts_with(prefixes: tuple[str, ...], name: str) -> bool:
+    return name.startswith(prefixes)
+
+
 def cmd_conformance(args: argparse.Namespace) -> int:
     from sglang_fx.conformance.runner import run, write_json
 
-    select = None
-    if args.only:
-        select = lambda name: any(name.startswith(p) for p in args.only)  # noqa: E731
-    report = run(args.backend, device=args.device, select=select, progress=None if args.quiet else sys.stderr)
+    select = functools.partial(_starts_with, tuple(args.only)) if args.only else None  # picklable: TP ranks get it
+    report = run(args.backend, device=args.device, select=select, progress=None if args.quiet else sys.stderr,
+                 tp_size=args.tp, ep_size=args.ep)  # fmt: skip
     print(report.table())
     if args.json:
         write_json(report, args.json)
@@ -93,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="device to run on (default: cpu)")
     s.add_argument("--json", metavar="PATH", help="also write a machine-readable report to PATH")
     s.add_argument("--only", action="append", metavar="PREFIX", help="run only cases whose name starts with PREFIX (repeatable)")
+    s.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="run the model cases tensor-parallel over N local processes (real collectives), against "
+                   "transformers, the reference and the same backend at tp=1 (default: 1)")  # fmt: skip
+    s.add_argument("--ep", type=int, default=1, metavar="N", help="with --tp: split the routed experts N ways (default: 1)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     s.set_defaults(func=cmd_conformance)
 

@@ -15,7 +15,9 @@ from .checkpoint import Checkpoint, load_spec
 from .errors import KVPoolFullError
 from .kv_pool import PagedKVPool, layout_for
 from .metadata import ForwardMetadata
+from .parallel import SINGLE, Parallel
 from .registry import Backend, load_backend
+from .sharding import Shard
 from .spi import RunnerOptions
 
 
@@ -36,16 +38,21 @@ class Session:
         page_size: int = 16,
         max_total_tokens: int = 8192,
         options: Mapping[str, str] | None = None,
+        parallel: Parallel = SINGLE,
     ):
+        """parallel: this process's rank in a tensor-parallel world (`sglang_fx.distributed`
+        starts one); every rank of it runs the same Session calls in step."""
         self.backend = load_backend(backend) if isinstance(backend, str) else backend
         self.spec = load_spec(model_path, dtype)
-        self.backend.check(architecture=self.spec.architecture, dtype=self.spec.dtype_name, device=device, page_size=page_size)
-        weights = Checkpoint(model_path).load(self.spec)
-        self.layout = layout_for(self.spec, num_pages=-(-max_total_tokens // page_size), page_size=page_size)
+        self.backend.check(architecture=self.spec.architecture, dtype=self.spec.dtype_name, device=device, page_size=page_size,
+                           tp_size=parallel.tp_size, ep_size=parallel.ep_size)  # fmt: skip
+        shard = Shard.of(self.spec, parallel)
+        weights = Checkpoint(model_path).load(self.spec, shard)
+        self.layout = layout_for(shard.local, num_pages=-(-max_total_tokens // page_size), page_size=page_size)
         self.device = device
         self.pool = PagedKVPool(self.layout, device)
         self.cache = self.backend.kv_cache(self.layout, self.pool.k_buffers, self.pool.v_buffers, device)
-        self.runner = self.backend.runner(self.spec, weights, RunnerOptions(device, dict(options or {})))
+        self.runner = self.backend.runner(self.spec, weights, RunnerOptions(device, dict(options or {}), parallel))
         self._tokens: dict[int, list[int]] = {}  # live or cached sequence -> its tokens in the pool
         self._ids = itertools.count()
 

@@ -88,7 +88,8 @@ class Backend:
         return self._make("sglang_fx_make_attention", Attention, spec=spec, layout=layout, device=device)
 
     def runner(self, spec: ModelSpec, weights: Mapping[str, torch.Tensor], options: RunnerOptions) -> ModelRunner:
-        self.check(architecture=spec.architecture, dtype=spec.dtype_name, device=options.device)
+        p = options.parallel
+        self.check(architecture=spec.architecture, dtype=spec.dtype_name, device=options.device, tp_size=p.tp_size, ep_size=p.ep_size)
         return self._make("sglang_fx_make_runner", ModelRunner, spec=spec, weights=weights, options=options)
 
 

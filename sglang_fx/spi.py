@@ -20,6 +20,7 @@ from .capabilities import Capabilities
 from .checkpoint import ModelSpec
 from .kv_pool import KVLayout
 from .metadata import ForwardMetadata
+from .parallel import SINGLE, Parallel
 
 Array = Any  # the backend framework's tensor type
 
@@ -128,8 +129,18 @@ class ModelRunner(Protocol):
 
 @dataclass(frozen=True)
 class RunnerOptions:
-    """How to run a model. device: "cpu", "cuda:0", "npu:0"... extra: backend-specific
-    settings (e.g. MindSpore's {"mode": "pynative"}); a backend rejects keys it does not know."""
+    """How to run a model.
+
+    device      "cpu", "cuda:0", "npu:0"...: this rank's local device.
+    extra       backend-specific settings (e.g. MindSpore's {"mode": "pynative"}); a backend
+                rejects keys it does not know.
+    parallel    this rank's place in the process layout (`sglang_fx.parallel.Parallel`). With
+                tp_size > 1 the runner receives only this rank's weights (`sharding.Shard`:
+                `Shard.of(spec, parallel).local` has its sizes), creates its collective
+                library's communicators for `parallel.tp` at construction (starting from
+                `parallel.rendezvous`), and returns the same full-vocabulary logits on every rank.
+    """
 
     device: str = "cpu"
     extra: Mapping[str, str] = field(default_factory=dict)
+    parallel: Parallel = SINGLE

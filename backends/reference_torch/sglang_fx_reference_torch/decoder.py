@@ -1,6 +1,11 @@
 """The pre-norm decoder every reference model shares: embed, then per layer
 x += attention(norm(x)) and x += mlp(norm(x)), then norm and lm_head for the wanted tokens.
-A model file supplies only its attention block (a `Block`), its RoPE and its AttentionSpec."""
+A model file supplies only its attention block (a `Block`), its RoPE and its AttentionSpec.
+
+Under tensor parallelism the weights are this rank's shard (`sglang_fx.sharding`) and the
+blocks see its local sizes; the decoder adds the four collectives of the sharding rules: the
+vocabulary-parallel embedding's all-reduce, one all-reduce after each attention block and MLP
+(their row-parallel output projections give partial sums), and the logits' all-gather."""
 
 from __future__ import annotations
 
@@ -12,9 +17,11 @@ import torch.nn.functional as F
 
 from sglang_fx.checkpoint import ModelSpec
 from sglang_fx.metadata import ForwardMetadata
+from sglang_fx.sharding import Shard
 from sglang_fx.spi import AttentionSpec, KVCache
 
 from .attention import TorchPagedAttention
+from .collectives import TorchCollectives
 from .layers import MLP, MoE, Rope, rms_norm
 
 
@@ -26,15 +33,19 @@ class Block(Protocol):
 
 
 class Decoder:
-    def __init__(self, spec: ModelSpec, weights: Mapping[str, torch.Tensor], device: torch.device,
+    """spec: this rank's sizes (`Shard.local`); shard: what it holds; comm: its TP group."""
+
+    def __init__(self, shard: Shard, weights: Mapping[str, torch.Tensor], device: torch.device, comm: TorchCollectives,
                  block: Callable[[ModelSpec, Mapping[str, torch.Tensor], str], Block], rope: Rope, attn_spec: AttentionSpec):
-        self.spec, self.rope, self.attn = spec, rope, TorchPagedAttention(attn_spec)
+        spec = shard.local
+        self.spec, self.rope, self.attn, self.comm = spec, rope, TorchPagedAttention(attn_spec), comm
+        self.vocab = shard.vocab  # this rank's rows of the embedding and lm_head
         w = {n: t.to(device) for n, t in weights.items()}
         self.embed, self.norm, self.lm_head = w["model.embed_tokens.weight"], w["model.norm.weight"], w["lm_head.weight"]
         self.layers = []
         for i in range(spec.num_layers):
             p = f"model.layers.{i}."
-            mlp = MoE(spec.moe, w, p + "mlp.") if spec.is_moe_layer(i) else MLP.from_weights(w, p + "mlp.")
+            mlp = MoE(spec.moe, w, p + "mlp.", shard.experts) if spec.is_moe_layer(i) else MLP.from_weights(w, p + "mlp.")
             self.layers.append((w[p + "input_layernorm.weight"], block(spec, w, p + "self_attn."), w[p + "post_attention_layernorm.weight"], mlp))
 
     @torch.no_grad()  # not inference_mode: see ModelRunner.forward's contract
@@ -42,9 +53,20 @@ class Decoder:
         eps = self.spec.rms_norm_eps
         cos, sin = self.rope.angles(meta.positions, self.spec.dtype)
         self.attn.plan(meta)
-        x = self.embed[input_ids]  # [T, H]
+        x = self.embed_tokens(input_ids)  # [T, H]
         for i, (ln1, block, ln2, mlp) in enumerate(self.layers):
-            x = x + block(i, rms_norm(x, ln1, eps), self.rope, cos, sin, self.attn, cache)
-            x = x + mlp(rms_norm(x, ln2, eps))
+            x = x + self.comm.all_reduce(block(i, rms_norm(x, ln1, eps), self.rope, cos, sin, self.attn, cache))
+            x = x + self.comm.all_reduce(mlp(rms_norm(x, ln2, eps)))
         x = rms_norm(x[meta.logits_indices], self.norm, eps)  # [N, H]
-        return F.linear(x, self.lm_head).float()  # [N, V]
+        logits = self.comm.all_gather_rows(F.linear(x, self.lm_head))  # [N, tp * ceil(V / tp)]
+        return logits[:, : self.spec.vocab_size].float()  # [N, V]
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[T] -> [T, H]. Tokens outside this rank's vocabulary rows embed as zeros; the sum over
+        the TP group is then the full embedding."""
+        if len(self.vocab) == self.spec.vocab_size:
+            return self.embed[input_ids]
+        local = input_ids - self.vocab.start
+        mine = (local >= 0) & (local < len(self.vocab))
+        x = self.embed[local.clamp(0, len(self.vocab) - 1)] * mine[:, None].to(self.embed.dtype)
+        return self.comm.all_reduce(x)

@@ -16,9 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from sglang_fx.checkpoint import ModelSpec
+from sglang_fx.sharding import Shard
 from sglang_fx.spi import AttentionSpec, KVCache
 
 from .attention import TorchPagedAttention
+from .collectives import TorchCollectives
 from .decoder import Decoder
 from .layers import Rope, rms_norm
 
@@ -49,9 +51,10 @@ class LatentAttention:
         return F.linear(o.reshape(len(o), -1), self.o)
 
 
-def deepseek_v3(spec: ModelSpec, weights: Mapping[str, torch.Tensor], device: torch.device) -> Decoder:
+def deepseek_v3(shard: Shard, weights: Mapping[str, torch.Tensor], device: torch.device, comm: TorchCollectives) -> Decoder:
+    spec = shard.local
     m = spec.mla
     rope = Rope(m.qk_rope_head_dim, spec.rope_theta, interleaved=m.rope_interleave, device=device)
     # MQA over the latent: one KV "head" of r + dr channels; values are its first r channels.
     attn_spec = AttentionSpec(spec.num_heads, 1, m.kv_lora_rank + m.qk_rope_head_dim, m.kv_lora_rank, m.qk_head_dim**-0.5)
-    return Decoder(spec, weights, device, LatentAttention, rope, attn_spec)
+    return Decoder(shard, weights, device, comm, LatentAttention, rope, attn_spec)

@@ -57,13 +57,15 @@ class MLP:
 
 
 class MoE:
-    """Routed experts (+ shared experts) as described by MoESpec. Routing runs in float32."""
+    """Routed experts (+ shared experts) as described by MoESpec. Routing runs in float32 over
+    all experts; only `held` experts (this rank's, under expert parallelism) are applied, so the
+    output is this rank's partial sum."""
 
-    def __init__(self, spec: MoESpec, w: Mapping[str, torch.Tensor], prefix: str):
+    def __init__(self, spec: MoESpec, w: Mapping[str, torch.Tensor], prefix: str, held: range):
         self.spec = spec
         self.router = w[prefix + "gate.weight"].float()  # [E, H]
         self.bias = w[prefix + "gate.e_score_correction_bias"].float() if spec.score_correction_bias else None
-        self.experts = [MLP.from_weights(w, f"{prefix}experts.{e}.") for e in range(spec.num_experts)]
+        self.experts = {e: MLP.from_weights(w, f"{prefix}experts.{e}.") for e in held}
         self.shared = MLP.from_weights(w, prefix + "shared_experts.") if spec.num_shared_experts else None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,6 +91,8 @@ class MoE:
         weights, experts = self.route(x)
         out = torch.zeros_like(x)
         for e in experts.unique().tolist():
+            if e not in self.experts:
+                continue  # another rank's
             rows, slot = (experts == e).nonzero(as_tuple=True)
             out.index_add_(0, rows, self.experts[e](x[rows]) * weights[rows, slot, None].to(x.dtype))
         return out + self.shared(x) if self.shared is not None else out

@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from sglang_fx.checkpoint import ModelSpec
+from sglang_fx.sharding import Shard
 from sglang_fx.spi import AttentionSpec, KVCache
 
 from .attention import TorchPagedAttention
+from .collectives import TorchCollectives
 from .decoder import Decoder
 from .layers import Rope, rms_norm
 
@@ -39,7 +41,8 @@ class GQABlock:
         return F.linear(o.reshape(len(o), -1), self.o)
 
 
-def llama_family(spec: ModelSpec, weights: Mapping[str, torch.Tensor], device: torch.device) -> Decoder:
+def llama_family(shard: Shard, weights: Mapping[str, torch.Tensor], device: torch.device, comm: TorchCollectives) -> Decoder:
+    spec = shard.local
     D = spec.head_dim
     rope = Rope(D, spec.rope_theta, interleaved=False, device=device)
-    return Decoder(spec, weights, device, GQABlock, rope, AttentionSpec(spec.num_heads, spec.num_kv_heads, D, D, D**-0.5))
+    return Decoder(shard, weights, device, comm, GQABlock, rope, AttentionSpec(spec.num_heads, spec.num_kv_heads, D, D, D**-0.5))

@@ -8,9 +8,11 @@ from sglang_fx import hookimpl
 from sglang_fx.capabilities import Capabilities
 from sglang_fx.checkpoint import ARCHITECTURES
 from sglang_fx.errors import UnsupportedConfigError
+from sglang_fx.sharding import Shard
 from sglang_fx.spi import BackendInfo
 
 from .attention import TorchPagedAttention
+from .collectives import TorchCollectives
 from .exchange import TorchExchange
 from .kv_cache import TorchKVCache
 from .deepseek_v3 import deepseek_v3
@@ -31,6 +33,7 @@ def sglang_fx_backend_info() -> BackendInfo:
             architectures=frozenset(ARCHITECTURES),
             page_sizes=None,
             features=frozenset({"prefix_cache", "all_token_logits"}),
+            parallelism=frozenset({"tp", "ep"}),
         ),
     )
 
@@ -55,4 +58,5 @@ def sglang_fx_make_runner(spec, weights, options):
     if options.extra:
         raise UnsupportedConfigError(f"{NAME} takes no backend options, got {sorted(options.extra)}")
     build = deepseek_v3 if spec.mla is not None else llama_family
-    return build(spec, weights, torch.device(options.device))
+    comm = TorchCollectives(options.parallel.tp)
+    return build(Shard.of(spec, options.parallel), weights, torch.device(options.device), comm)

@@ -1,0 +1,117 @@
+"""The standalone host's tensor-parallel worlds: N local processes, one torch.distributed (gloo)
+world, and each rank's `Parallel`. SGLang plays this part inside its server; this one serves
+`sglang-fx conformance --tp N`, the benchmarks and the tests.
+
+`run_parallel(fn, tp_size)` runs `fn(parallel, *args)` on every rank and returns the results in
+rank order. Every wait is bounded: a rank that raises, dies or outlives the deadline ends the
+whole world, and the error names the rank and what it printed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .parallel import Group, Parallel, Rendezvous
+
+#: The TP group's name in standalone worlds (SGLang names its first TP group the same way).
+TP_GROUP = "tp:0"
+HOST = "127.0.0.1"
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on the loopback interface."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((HOST, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def run_parallel(
+    fn: Callable[..., Any],
+    tp_size: int,
+    *,
+    ep_size: int = 1,
+    args: Sequence[Any] = (),
+    timeout: float = 900.0,
+    collective_timeout: float = 300.0,
+) -> list[Any]:
+    """fn(parallel, *args) on tp_size fresh processes (spawned, so fn and args must pickle),
+    ranks 0..tp_size-1 of one gloo world whose TP group is the whole world. Each process gets
+    an equal share of this machine's cores for its thread pools. Raises RuntimeError when a rank
+    fails, dies, or the run exceeds `timeout` s; a collective that waits on a dead peer gives up
+    after `collective_timeout` s."""
+    ctx = mp.get_context("spawn")
+    results: mp.Queue = ctx.Queue()
+    torch_port, backend_port = free_ports(2)
+    threads = max(1, (os.cpu_count() or 1) // tp_size)
+    procs = [
+        ctx.Process(target=_worker, name=f"sglang-fx-tp{rank}", daemon=False,
+                    args=(rank, tp_size, ep_size, torch_port, backend_port, collective_timeout, threads, fn, tuple(args), results))  # fmt: skip
+        for rank in range(tp_size)
+    ]
+    for p in procs:
+        p.start()
+    out: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) < tp_size:
+            try:
+                rank, ok, value = results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in out]
+                if dead:
+                    raise RuntimeError(f"tensor-parallel rank {dead[0]} of {tp_size} died (exit code {procs[dead[0]].exitcode}) without a result")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"tensor-parallel run did not finish within {timeout:.0f} s; ranks without a result: "
+                                       f"{sorted(set(range(tp_size)) - set(out))}")  # fmt: skip
+                continue
+            if not ok:
+                raise RuntimeError(f"tensor-parallel rank {rank} of {tp_size} failed:\n{value}")
+            out[rank] = value
+        for p in procs:
+            p.join(timeout=60)
+        return [out[r] for r in range(tp_size)]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=10)
+        results.close()
+        results.join_thread()
+
+
+def _worker(rank: int, world: int, ep_size: int, torch_port: int, backend_port: int, collective_timeout: float,
+            threads: int, fn: Callable[..., Any], args: tuple, results: mp.Queue) -> None:  # fmt: skip
+    ok, value = False, ""
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(threads)
+        dist.init_process_group("gloo", init_method=f"tcp://{HOST}:{torch_port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=collective_timeout))  # fmt: skip
+        parallel = Parallel(
+            tp=Group(TP_GROUP, tuple(range(world)), rank, torch_group=dist.group.WORLD),
+            ep_size=ep_size,
+            rendezvous=Rendezvous(HOST, backend_port, world, rank),
+        )
+        ok, value = True, fn(parallel, *args)
+    except BaseException:
+        value = traceback.format_exc()
+    results.put((rank, ok, value))
+    results.close()
+    results.join_thread()
+    # Skip interpreter teardown: a framework's collective runtime may wait on peers at exit.
+    os._exit(0 if ok else 1)
