@@ -12,11 +12,13 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
-import queue
 import socket
+import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from .parallel import Group, Parallel, Rendezvous
@@ -24,6 +26,8 @@ from .parallel import Group, Parallel, Rendezvous
 #: The TP group's name in standalone worlds (SGLang names its first TP group the same way).
 TP_GROUP = "tp:0"
 HOST = "127.0.0.1"
+#: Seconds a finished rank may spend in interpreter teardown before it is ended.
+EXIT_GRACE = 30.0
 
 
 def free_ports(n: int) -> list[int]:
@@ -53,33 +57,38 @@ def run_parallel(
     fails, dies, or the run exceeds `timeout` s; a collective that waits on a dead peer gives up
     after `collective_timeout` s."""
     ctx = mp.get_context("spawn")
-    results: mp.Queue = ctx.Queue()
     torch_port, backend_port = free_ports(2)
     threads = max(1, (os.cpu_count() or 1) // tp_size)
+    pipes = [ctx.Pipe(duplex=False) for _ in range(tp_size)]  # (receive, send) per rank
     procs = [
         ctx.Process(target=_worker, name=f"sglang-fx-tp{rank}", daemon=False,
-                    args=(rank, tp_size, ep_size, torch_port, backend_port, collective_timeout, threads, fn, tuple(args), results))  # fmt: skip
-        for rank in range(tp_size)
+                    args=(rank, tp_size, ep_size, torch_port, backend_port, collective_timeout, threads, fn, tuple(args), send))  # fmt: skip
+        for rank, (_, send) in enumerate(pipes)
     ]
     for p in procs:
         p.start()
+    for _, send in pipes:
+        send.close()  # the children hold their ends: a rank that dies closes its pipe
+    waiting = {recv: rank for rank, (recv, _) in enumerate(pipes)}
     out: dict[int, Any] = {}
     deadline = time.monotonic() + timeout
     try:
-        while len(out) < tp_size:
-            try:
-                rank, ok, value = results.get(timeout=1.0)
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in out]
-                if dead:
-                    raise RuntimeError(f"tensor-parallel rank {dead[0]} of {tp_size} died (exit code {procs[dead[0]].exitcode}) without a result")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"tensor-parallel run did not finish within {timeout:.0f} s; ranks without a result: "
-                                       f"{sorted(set(range(tp_size)) - set(out))}")  # fmt: skip
-                continue
-            if not ok:
-                raise RuntimeError(f"tensor-parallel rank {rank} of {tp_size} failed:\n{value}")
-            out[rank] = value
+        while waiting:
+            ready = wait(list(waiting), timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise RuntimeError(f"tensor-parallel run did not finish within {timeout:.0f} s; ranks without a result: "
+                                   f"{sorted(waiting.values())}")  # fmt: skip
+            for recv in ready:
+                rank = waiting.pop(recv)
+                try:
+                    ok, value = recv.recv()
+                except EOFError:
+                    procs[rank].join(timeout=10)
+                    raise RuntimeError(f"tensor-parallel rank {rank} of {tp_size} died (exit code {procs[rank].exitcode}) "
+                                       "without a result") from None  # fmt: skip
+                if not ok:
+                    raise RuntimeError(f"tensor-parallel rank {rank} of {tp_size} failed:\n{value}")
+                out[rank] = value
         for p in procs:
             p.join(timeout=60)
         return [out[r] for r in range(tp_size)]
@@ -88,12 +97,12 @@ def run_parallel(
             if p.is_alive():
                 p.kill()
                 p.join(timeout=10)
-        results.close()
-        results.join_thread()
+        for recv, _ in pipes:
+            recv.close()
 
 
 def _worker(rank: int, world: int, ep_size: int, torch_port: int, backend_port: int, collective_timeout: float,
-            threads: int, fn: Callable[..., Any], args: tuple, results: mp.Queue) -> None:  # fmt: skip
+            threads: int, fn: Callable[..., Any], args: tuple, result: Connection) -> None:  # fmt: skip
     ok, value = False, ""
     try:
         import torch
@@ -110,8 +119,12 @@ def _worker(rank: int, world: int, ep_size: int, torch_port: int, backend_port: 
         ok, value = True, fn(parallel, *args)
     except BaseException:
         value = traceback.format_exc()
-    results.put((rank, ok, value))
-    results.close()
-    results.join_thread()
-    # Skip interpreter teardown: a framework's collective runtime may wait on peers at exit.
-    os._exit(0 if ok else 1)
+    result.send((ok, value))
+    result.close()
+    # Exit normally (resources get released), but a framework's collective runtime may wait on
+    # its peers at exit: end the process anyway after EXIT_GRACE s.
+    timer = threading.Timer(EXIT_GRACE, os._exit, args=(0 if ok else 1,))
+    timer.daemon = True
+    timer.start()
+    if not ok:
+        sys.exit(1)

@@ -18,8 +18,10 @@ import torch
 from mindspore import Tensor, nn, ops
 
 from sglang_fx.checkpoint import ModelSpec
+from sglang_fx.sharding import Shard
 from sglang_fx.spi import AttentionSpec
 
+from .collectives import Collectives
 from .kernels import cast, write_rows
 from .layers import (
     fold_norm, linear, mlp, mlp_weights, moe, moe_weights, rms_norm, rope_angles, rope_matrices, rope_rotations,
@@ -31,10 +33,15 @@ class Decoder(nn.Cell):
     caller (not attention.writes_kv), each layer stores its K (and V, when the cache has them)
     before its attention reads the pool (`attend`)."""
 
-    def __init__(self, spec: ModelSpec, weights: tuple, attention: nn.Cell, kv_dtype, has_values: bool, in_graph: bool):
-        """weights: `weights()`'s tree as MindSpore Parameters (`kernels.parameters`)."""
+    def __init__(self, shard: Shard, weights: tuple, attention: nn.Cell, comm: Collectives, kv_dtype, has_values: bool,
+                 in_graph: bool):  # fmt: skip
+        """shard: what this rank holds (`Shard.local` are the sizes the blocks see); weights:
+        `weights()`'s tree as MindSpore Parameters (`kernels.parameters`); comm: the TP group's
+        collectives, which the step adds where the sharding rules say (the identity at tp=1)."""
         super().__init__()
+        spec = shard.local
         self.spec, self.attn, self.kv_dtype, self.has_values = spec, attention, kv_dtype, has_values
+        self.comm, self.held, self.vocab = comm, shard.experts, shard.vocab
         self.params = weights
         self.stores_kv, self.in_graph = not attention.writes_kv, in_graph
         self.num_layers, self.eps = spec.num_layers, spec.rms_norm_eps
@@ -66,8 +73,8 @@ class Decoder(nn.Cell):
     # --- shared -------------------------------------------------------------------------------
 
     @classmethod
-    def weights(cls, w: Mapping[str, torch.Tensor], spec: ModelSpec) -> tuple:
-        """All weights in the nested order construct unpacks: (embed, lm_head, (inv_freq, P, R)
+    def weights(cls, w: Mapping[str, torch.Tensor], shard: Shard) -> tuple:
+        """All weights of this rank (`shard`; w holds its slices) in the nested order construct unpacks: (embed, lm_head, (inv_freq, P, R)
         for RoPE, layers); layer i is (`attention_weights`, MLP weights: `mlp_weights`, or the
         post-attention norm's weight followed by `moe_weights`). Each RMSNorm's weight is folded
         into the projections that read its output (`layers.fold_norm`): the input norm into the
@@ -76,6 +83,7 @@ class Decoder(nn.Cell):
         rounded otherwise than the reference's, and in half precision a near-tie between two
         experts would then route differently.) Fusing and folding copy those tensors once here
         and save kernel launches on every step."""
+        spec = shard.local
         dim, interleaved = cls.rope_dims(spec)
         inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         p, r = (m.to(spec.dtype) for m in rope_matrices(dim, interleaved))
@@ -86,7 +94,7 @@ class Decoder(nn.Cell):
             attn_w = (fold_norm(first, w[pre + "input_layernorm.weight"]), *attn_w)
             norm = w[pre + "post_attention_layernorm.weight"]
             if spec.is_moe_layer(i):
-                mlp_w = (norm, *moe_weights(w, pre + "mlp.", spec.moe))
+                mlp_w = (norm, *moe_weights(w, pre + "mlp.", spec.moe, shard.experts))
             else:
                 mlp_w = mlp_weights(w, pre + "mlp.", norm)
             layers.append((attn_w, mlp_w))
@@ -104,18 +112,29 @@ class Decoder(nn.Cell):
         embed, lm_head, (inv_freq, p, r), layers = self.params
         cos, sin = rope_angles(positions, inv_freq, embed.dtype)
         rot = (rope_rotations(cos, sin, p, r),) if few_tokens else (cos, sin, p, r)
-        x = ops.gather(embed, input_ids, 0)  # [T, H]
+        x = self.embed(embed, input_ids)  # [T, H]
+        comm = self.comm
         for i in range(self.num_layers):
             attn_w, mlp_w = layers[i]  # the norms' weights are folded into them, but an MoE layer's
             v_pool = values[i] if self.has_values else None
             kv = (i, keys[i], v_pool, kv_store, slots, attn_inputs, attn_variant)
-            x = x + self.block(attn_w, rms_norm(x, None, self.eps), rot, kv)
+            x = x + comm.all_reduce(self.block(attn_w, rms_norm(x, None, self.eps), rot, kv))
             if self.moe_layers[i]:
-                x = x + moe(rms_norm(x, mlp_w[0], self.eps), mlp_w[1:], self.spec.moe, gather_experts)
+                x = x + comm.all_reduce(moe(rms_norm(x, mlp_w[0], self.eps), mlp_w[1:], self.spec.moe, gather_experts, self.held))
             else:
-                x = x + mlp(rms_norm(x, None, self.eps), *mlp_w)
+                x = x + comm.all_reduce(mlp(rms_norm(x, None, self.eps), *mlp_w))
         x = rms_norm(ops.gather(x, logits_indices, 0), None, self.eps)  # [N, H]
-        return cast(linear(x, lm_head), ms.float32)  # [N, V]
+        logits = comm.gather_columns(cast(linear(x, lm_head), ms.float32))  # [N, tp * ceil(V / tp)]
+        return logits if comm.size == 1 else logits[:, : self.spec.vocab_size]  # [N, V]
+
+    def embed(self, table: Tensor, input_ids: Tensor) -> Tensor:
+        """input_ids [T] int32 -> [T, H]. Under TP the table holds this rank's vocabulary rows:
+        other tokens embed as zeros, and the sum over the group is the full embedding."""
+        if self.comm.size == 1:
+            return ops.gather(table, input_ids, 0)
+        local = input_ids - self.vocab.start
+        mine = ((local >= 0) & (local < len(self.vocab))).astype(table.dtype).reshape(-1, 1)
+        return self.comm.all_reduce(ops.gather(table, ops.clamp(local, 0, len(self.vocab) - 1), 0) * mine)
 
     def attend(self, q: Tensor, k: Tensor, v, kv: tuple) -> Tensor:
         """Layer kv[0]'s attention over the pool, after storing this step's k and v (v None

@@ -113,15 +113,17 @@ def mlp(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
     return linear(ops.silu(linear(x, gate)) * linear(x, up), down)
 
 
-def moe_weights(w: Mapping[str, torch.Tensor], prefix: str, spec: MoESpec) -> tuple[torch.Tensor, ...]:
+def moe_weights(w: Mapping[str, torch.Tensor], prefix: str, spec: MoESpec, held: range | None = None) -> tuple[torch.Tensor, ...]:
     """An MoE layer's tensors in the order `moe` unpacks them: the router [E, H] in float32
-    (routing runs in float32); the score-correction bias [E] float32 (zeros when the model has none);
-    every expert's gate and up rows, expert after expert, as one [E * 2 I, H]; every expert's
-    down_proj transposed, expert after expert, as one [E * I, H]; then the shared experts'
-    gate, up and down (`mlp_weights`) if the model has them. Expert e's blocks are rows
-    [e * 2 I, (e + 1) * 2 I) and [e * I, (e + 1) * I): reshaped to [E, ., H] they are what the
-    gathered path indexes, and as they are, what the dense path multiplies by."""
-    experts = [f"{prefix}experts.{e}." for e in range(spec.num_experts)]
+    (routing runs in float32, over all E experts); the score-correction bias [E] float32 (zeros
+    when the model has none); the gate and up rows of each `held` expert (all by default; this
+    rank's under expert parallelism), expert after expert, as one [Eh * 2 I, H]; their down_proj
+    transposed, expert after expert, as one [Eh * I, H]; then the shared experts' gate, up and
+    down (`mlp_weights`) if the model has them. Held expert e's blocks are rows
+    [e' * 2 I, (e' + 1) * 2 I) and [e' * I, (e' + 1) * I), e' = e - held.start: reshaped to
+    [Eh, ., H] they are what the gathered path indexes, and as they are, what the dense path
+    multiplies by."""
+    experts = [f"{prefix}experts.{e}." for e in (range(spec.num_experts) if held is None else held)]
     bias = w[prefix + "gate.e_score_correction_bias"] if spec.score_correction_bias else torch.zeros(spec.num_experts)
     out = (
         w[prefix + "gate.weight"].float(),
@@ -172,10 +174,12 @@ def _one_hot(ids: Tensor, n: int) -> Tensor:
     return ops.one_hot(ids, n, Tensor(1.0, ms.float32), Tensor(0.0, ms.float32))
 
 
-def moe(x: Tensor, weights: tuple, spec: MoESpec, gather: bool) -> Tensor:
-    """Routed SwiGLU experts (+ shared experts): x [T, H] -> [T, H]; weights from `moe_weights`;
-    gather from `gathers_experts`. Neither path has data-dependent shapes, so each compiles once
-    under dynamic T.
+def moe(x: Tensor, weights: tuple, spec: MoESpec, gather: bool, held: range | None = None) -> Tensor:
+    """Routed SwiGLU experts (+ shared experts): x [T, H] -> [T, H]; weights from `moe_weights`
+    for the `held` experts (default all); gather from `gathers_experts`. Every token is routed
+    over all experts; only held ones are applied (the others' weights count as zero), so under
+    expert parallelism the result is this rank's partial sum. Neither path has data-dependent
+    shapes, so each compiles once under dynamic T.
 
     gather: each token's k experts' weights are gathered ([T, k * 2 I, H] and [T, k * I, H]) and
     applied by two batched matmuls over the T tokens: the routed work, and the weights of T * k
@@ -186,10 +190,15 @@ def moe(x: Tensor, weights: tuple, spec: MoESpec, gather: bool) -> Tensor:
     same sum, differing only in rounding. Grouped-matmul kernels (Ascend) would serve large T
     better than either; MindSpore has none on CPU."""
     router, bias, gate_up, down = weights[:4]
-    E, I, k = spec.num_experts, spec.intermediate_size, spec.top_k
+    held = range(spec.num_experts) if held is None else held
+    E, I, k = len(held), spec.intermediate_size, spec.top_k  # E: the experts applied here
     H = gate_up.shape[1]
     top, ids = route(linear(cast(x, ms.float32), router), bias, spec)  # [T, k] x2
     if gather:
+        if E < spec.num_experts:  # another rank's experts: weight 0, any held expert's index
+            ids = ids - held.start
+            top = top * ((ids >= 0) & (ids < E)).astype(ms.float32)
+            ids = ops.clamp(ids, 0, E - 1)
         ids = ids.reshape(-1)  # [T * k]
         w1 = ops.gather(gate_up.reshape(E, 2 * I, H), ids, 0).reshape(-1, k * 2 * I, H)  # [T, k * 2 I, H]
         gate_up = _bmm_t(x.reshape(-1, 1, H), w1).reshape(-1, k, 2 * I)  # [T, k, 2 I]
@@ -197,7 +206,9 @@ def moe(x: Tensor, weights: tuple, spec: MoESpec, gather: bool) -> Tensor:
         w2 = ops.gather(down.reshape(E, I, H), ids, 0).reshape(-1, k * I, H)  # [T, k * I, H]
         out = _bmm(act.reshape(-1, 1, k * I), w2).reshape(-1, H)  # [T, H]
     else:
-        weight = (_one_hot(ids, E) * top.reshape(-1, k, 1)).sum(1)  # [T, E] float32, zero off the top k
+        weight = (_one_hot(ids, spec.num_experts) * top.reshape(-1, k, 1)).sum(1)  # [T, all E] float32, zero off the top k
+        if E < spec.num_experts:
+            weight = weight[:, held.start : held.stop]  # [T, E]
         gate_up = linear(x, gate_up).reshape(-1, E, 2 * I)  # [T, E, 2 I]
         act = ops.silu(gate_up[..., :I]) * gate_up[..., I:] * cast(weight, x.dtype).reshape(-1, E, 1)
         out = _matmul(act.reshape(-1, E * I), down)  # [T, H]

@@ -22,8 +22,10 @@ from sglang_fx.checkpoint import ModelSpec
 from sglang_fx.errors import UnsupportedConfigError
 from sglang_fx.kv_pool import KVLayout
 from sglang_fx.metadata import ForwardMetadata
+from sglang_fx.sharding import Shard
 from sglang_fx.spi import RunnerOptions
 
+from . import collectives
 from .attention import make_attention
 from .decoder import Decoder
 from .deepseek_v3 import DeepseekV3
@@ -72,7 +74,9 @@ class MindSporeRunner:
             raise UnsupportedConfigError(
                 f"mindspore backend: architecture {spec.architecture!r} is not supported; it runs {', '.join(ARCHITECTURES)}"
             )
-        self.spec, self.exchange, self.device, self.mode = spec, exchange, options.device, mode
+        self.shard = Shard.of(spec, options.parallel)
+        self.comm = collectives.start(options.parallel, options.device)
+        self.spec, self.exchange, self.device, self.mode = self.shard.local, exchange, options.device, mode
         self.decoder = ARCHITECTURES[spec.architecture]
         self.layout: KVLayout | None = None  # the layout the step below was built for
         target = DEVICE_TARGETS[options.device.partition(":")[0]]
@@ -83,13 +87,13 @@ class MindSporeRunner:
             x = exchange.from_torch(t)
             return x if target == "CPU" else x.move_to(target)
 
-        self.weights = parameters(load(self.decoder.weights(weights, spec)))
+        self.weights = parameters(load(self.decoder.weights(weights, self.shard)))
 
     def _bind(self, layout: KVLayout) -> None:
         attn_spec = self.decoder.attention_spec(self.spec)
         self.attn = make_attention(attn_spec, layout, self.device, self.spec.dtype, self.exchange)
         has_values, in_graph = layout.v_shape is not None, self.mode == "jit"
-        self.model = self.decoder(self.spec, self.weights, self.attn, ms_dtype(layout.dtype), has_values, in_graph)
+        self.model = self.decoder(self.shard, self.weights, self.attn, self.comm, ms_dtype(layout.dtype), has_values, in_graph)
         self._graphs: dict[int | None, object] = {}  # decode batch size (None: the dynamic graph) -> graph
         self.layout = layout
 

@@ -28,6 +28,9 @@ CAPABILITIES = Capabilities(
                              "DeepseekV3ForCausalLM"}),
     page_sizes=None,
     features=frozenset({"prefix_cache", "jit", "all_token_logits"}),
+    # MindSpore's own collectives inside the step's graph: mccl on CPU, HCCL on Ascend
+    # (`collectives.py`); no GPU collectives are wired up.
+    parallelism=frozenset({"tp", "ep"}),
 )
 
 
