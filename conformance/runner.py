@@ -6,13 +6,14 @@ passes fails the run ("unexpected pass"), so the list cannot go stale.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TextIO
@@ -75,6 +76,16 @@ class Report:
         ok = sum(c.passed for c in self.cases)
         lines.append(f"{self.backend}: {ok} passed, {len(self.cases) - ok} failed")
         return "\n".join(lines)
+
+
+def starting_with(prefixes: Sequence[str]) -> Callable[[str], bool]:
+    """A case selector for `run`: names starting with one of `prefixes` (picklable, as the
+    ranks of a tensor-parallel run need it)."""
+    return functools.partial(_starts_with, tuple(prefixes))
+
+
+def _starts_with(prefixes: tuple[str, ...], name: str) -> bool:
+    return name.startswith(prefixes)
 
 
 def run(

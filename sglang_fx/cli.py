@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from collections.abc import Sequence
 
@@ -37,14 +36,10 @@ def cmd_backends(args: argparse.Namespace) -> int:
     return 0
 
 
-def _starts_with(prefixes: tuple[str, ...], name: str) -> bool:
-    return name.startswith(prefixes)
-
-
 def cmd_conformance(args: argparse.Namespace) -> int:
-    from sglang_fx.conformance.runner import run, write_json
+    from sglang_fx.conformance.runner import run, starting_with, write_json
 
-    select = functools.partial(_starts_with, tuple(args.only)) if args.only else None  # picklable: TP ranks get it
+    select = starting_with(args.only) if args.only else None
     report = run(args.backend, device=args.device, select=select, progress=None if args.quiet else sys.stderr,
                  tp_size=args.tp, ep_size=args.ep)  # fmt: skip
     print(report.table())
