@@ -1,13 +1,15 @@
 """Run the same greedy requests through SGLang with several --model-impl values and compare.
 
     python examples/sglang_compare.py --model /tmp/sg/qwen3 --impls sglang reference_torch
+    python examples/sglang_compare.py --model /tmp/sg/qwen3 --impls sglang mindspore --tp-size 2 --hf
 
 Each implementation gets its own sglang.Engine (CPU, float32, torch_native attention), one
 after the other, and runs: a batch of prompts of different lengths; prompts sharing a prefix
 with the first batch (radix-cache hits); a long prompt split by chunked prefill; random
 sampling (SGLang's sampler path; only the lengths are compared); and input logprobs with
 top-k. Prints a JSON report (tokens, logprob differences, timings) and exits 1 if the greedy
-tokens differ.
+tokens differ. --tp-size/--ep-size run every engine tensor-parallel (experts split ep ways);
+--hf also reports each engine's input logprobs against transformers on the same checkpoint.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ SHARED = [p + " and then some more words" for p in PROMPTS[:5]]  # prefixes cach
 LONG = " ".join(f"word{i % 17} w{i % 5}" for i in range(60))  # > chunked_prefill_size tokens
 
 
-def run(impl: str, model: str, max_new_tokens: int, repeats: int, page_size: int = 1) -> dict:
+def run(impl: str, model: str, max_new_tokens: int, repeats: int, page_size: int = 1, tp_size: int = 1, ep_size: int = 1) -> dict:
     import sglang
 
     greedy = {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True}
@@ -43,6 +45,8 @@ def run(impl: str, model: str, max_new_tokens: int, repeats: int, page_size: int
         max_total_tokens=8192,
         chunked_prefill_size=64,
         page_size=page_size,
+        tp_size=tp_size,
+        ep_size=ep_size,
         log_level="error",
     )
     startup = time.perf_counter() - t0
@@ -59,6 +63,7 @@ def run(impl: str, model: str, max_new_tokens: int, repeats: int, page_size: int
         out["sampled_lens"] = [len(o["output_ids"]) for o in engine.generate(PROMPTS[:4], sample)]
         lp = engine.generate(PROMPTS[2], {**greedy, "max_new_tokens": 4}, return_logprob=True,
                              logprob_start_len=0, top_logprobs_num=3)["meta_info"]
+        out["input_ids"] = [x[1] for x in lp["input_token_logprobs"]]
         out["input_logprobs"] = [x[0] for x in lp["input_token_logprobs"]]
         out["input_top_ids"] = [[t[1] for t in top] if top else None for top in lp["input_top_logprobs"]]
         out["output_logprobs"] = [x[0] for x in lp["output_token_logprobs"]]
@@ -76,6 +81,17 @@ def run(impl: str, model: str, max_new_tokens: int, repeats: int, page_size: int
         engine.shutdown()
 
 
+def hf_input_logprobs(model: str, ids: list[int]) -> list[float | None]:
+    """transformers' logprob of each token given the ones before it (None for the first)."""
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        logp = hf(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    return [None] + [logp[i, t].item() for i, t in enumerate(ids[1:])]
+
+
 def max_diff(a: list, b: list) -> float:
     pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
     return max((abs(x - y) for x, y in pairs), default=0.0)
@@ -88,12 +104,20 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--page-size", type=int, default=1, help="SGLang's KV page size in tokens (default 1)")
+    ap.add_argument("--tp-size", type=int, default=1, help="tensor-parallel size of every engine (default 1)")
+    ap.add_argument("--ep-size", type=int, default=1, help="expert-parallel size of every engine (default 1)")
+    ap.add_argument("--hf", action="store_true", help="also compare input logprobs with transformers")
     ap.add_argument("--out", help="also write the JSON report here")
     args = ap.parse_args()
 
-    results = {impl: run(impl, args.model, args.max_new_tokens, args.repeats, args.page_size) for impl in args.impls}
+    results = {impl: run(impl, args.model, args.max_new_tokens, args.repeats, args.page_size, args.tp_size, args.ep_size)
+               for impl in args.impls}  # fmt: skip
     base_name, base = args.impls[0], results[args.impls[0]]
-    report = {"model": args.model, "baseline": base_name, "results": results, "comparison": {}}
+    report = {"model": args.model, "baseline": base_name, "tp_size": args.tp_size, "ep_size": args.ep_size,
+              "results": results, "comparison": {}}  # fmt: skip
+    if args.hf:
+        truth = hf_input_logprobs(args.model, base["input_ids"])
+        report["vs_transformers"] = {impl: max_diff(r["input_logprobs"], truth) for impl, r in results.items()}
     ok = True
     for impl in args.impls[1:]:
         r = results[impl]

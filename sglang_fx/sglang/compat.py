@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from ..parallel import Group, Parallel, Rendezvous
+
 logger = logging.getLogger(__name__)
 
 TESTED_VERSION = "0.5.23"
@@ -40,6 +42,10 @@ CHECK_SERVER_ARGS = "sglang.srt.arg_groups.validation_hook.check_server_args"
 #: The environment variable SGLang reads (at import time, in every process) to take its CPU
 #: path (`srt/utils/common.py::is_cpu`).
 CPU_ENGINE_ENV = "SGLANG_USE_CPU_ENGINE"
+
+#: The CPU sets of SGLang's schedulers on a CPU host, one "|"-separated entry per scheduler
+#: (`srt/utils/numa_utils.py`); see `cpu_threads_binding`.
+CPU_THREADS_BIND_ENV = "SGLANG_CPU_OMP_THREADS_BIND"
 
 
 def sglang_version() -> str | None:
@@ -145,6 +151,79 @@ def construction_device() -> str:
         index = mod.current_device() if mod is not None and hasattr(mod, "current_device") else 0
         dev = torch.device(dev.type, index)
     return str(dev)
+
+
+def parallel_layout(device: str) -> Parallel:
+    """This scheduler's place in SGLang's layout (`srt/runtime_context.py::get_parallel()`,
+    published before the model is built): the TP GroupCoordinator (`unique_name` "tp:0",
+    `ranks`, `rank_in_group`, `device_group`: gloo on CPU), moe_ep_size (experts split over the
+    TP group; SGLang aliases its EP group to the TP group when they are as wide), dp_rank (None
+    without a DP controller). The rendezvous for the backend's own collective library: TP rank 0
+    picks a free port on its host (the --dist-init-addr host across nodes, else loopback) and
+    broadcasts it over the TP group's CPU group, so every rank of this world (one DP replica)
+    agrees and no port of SGLang's is reused. Collective: every TP rank calls it, at model
+    construction. On NPU, Group.native is the torch_npu group's HCCL communicator, which
+    SGLang's own MindSpore runner also hands to MindSpore (mindspore_runner.py::reuse_hccl_comm)."""
+    from sglang.srt.runtime_context import get_parallel, get_server_args
+
+    p, args = get_parallel(), get_server_args()
+    group = p.tp_group
+    dp_size = int(getattr(args, "dp_size", 1) or 1)
+    if p.tp_size == 1:
+        return Parallel(dp_size=dp_size, dp_rank=p.dp_rank or 0)
+    import torch.distributed as dist
+
+    host = str(p.dist_init_addr).rsplit(":", 1)[0] if (p.nnodes or 1) > 1 and p.dist_init_addr else "127.0.0.1"
+    offer = [None]
+    if group.rank_in_group == 0:
+        from ..distributed import free_ports
+
+        offer = [(host, free_ports(1)[0])]
+    dist.broadcast_object_list(offer, src=group.ranks[0], group=group.cpu_group)
+    native = None
+    if device.startswith("npu"):
+        native = group.device_group._get_backend(torch.device("npu")).get_hccl_comm(group.local_rank)
+    return Parallel(
+        tp=Group(group.unique_name, tuple(group.ranks), group.rank_in_group, torch_group=group.device_group, native=native),
+        ep_size=int(p.moe_ep_size or 1),
+        dp_size=dp_size,
+        dp_rank=p.dp_rank or 0,
+        rendezvous=Rendezvous(offer[0][0], offer[0][1], world_size=group.world_size, rank=group.rank_in_group),
+    )
+
+
+def parallel_problems(server_args: Any) -> list[str]:
+    """SGLang parallel layouts sglang-fx does not run (launcher side, from the arguments)."""
+    view = server_args
+    out = []
+    if int(getattr(view, "pp_size", 1) or 1) > 1:
+        out.append("pipeline parallelism (--pp-size > 1) is not supported; use --tp-size")
+    if getattr(view, "enable_dp_attention", False) or int(getattr(view, "attn_dp_size", 1) or 1) > 1:
+        out.append("attention data parallelism is not supported; use --dp-size (replicas) and --tp-size")
+    return out
+
+
+def cpu_threads_binding(server_args: Any) -> str | None:
+    """A value for SGLANG_CPU_OMP_THREADS_BIND when SGLang on CPU needs one and the user set none.
+
+    SGLang 0.5.23 asserts it is set when a host has fewer NUMA nodes than scheduler processes
+    (`srt/utils/numa_utils.py::init_threads_binding`); each scheduler takes entry `gpu_id` of the
+    "|"-separated list: dp_rank * tp * pp + tp_rank, node-local across nodes. Entries may
+    overlap; on hosts without AMX or arm64 SGLang only logs them. This gives every entry an equal
+    share of this process's CPUs (several entries share CPUs when there are more entries than
+    CPUs). None when there is one scheduler per node or the variable is already set."""
+    import os
+
+    tp, dp, pp = (int(getattr(server_args, n, 1) or 1) for n in ("tp_size", "dp_size", "pp_size"))
+    entries = tp * dp * pp
+    if entries <= 1 or os.environ.get(CPU_THREADS_BIND_ENV):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if entries >= len(cpus):
+        return "|".join(str(cpus[i % len(cpus)]) for i in range(entries))
+    per = len(cpus) // entries
+    chunks = [cpus[i * per : (i + 1) * per] for i in range(entries)]
+    return "|".join(f"{c[0]}-{c[-1]}" if len(c) > 1 else str(c[0]) for c in chunks)
 
 
 # --------------------------------------------------------------------------------------------

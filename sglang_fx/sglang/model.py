@@ -5,6 +5,10 @@ dtype and device, calls `load_weights(...)`, sizes and allocates its KV pools, t
 `forward(input_ids, positions, forward_batch)` once per step. This module is the only place
 that reads ForwardBatch; SGLang lookups that move between versions live in `compat`.
 
+Under SGLang's tensor parallelism every TP rank builds one, for its own shard
+(`sglang_fx.sharding`), its layout read from SGLang's published parallel state
+(`compat.parallel_layout`); its KV pool holds the rank's KV heads, as SGLang sized it.
+
 Per step: ForwardBatch -> ForwardMetadata (a few small index tensors; the KV cache is never
 copied) -> backend runner -> float32 logits for the tokens SGLang needs -> LogitsProcessorOutput.
 """
@@ -22,6 +26,7 @@ from ..errors import UnsupportedConfigError
 from ..kv_pool import layout_for
 from ..metadata import ForwardMetadata, ForwardMode
 from ..registry import Backend, load_backend
+from ..sharding import Shard
 from ..spi import KVCache, ModelRunner, RunnerOptions
 from . import compat
 
@@ -46,15 +51,18 @@ class SglangFxForCausalLM(torch.nn.Module):
         self.model_path = compat.model_path(config)
         self.device = compat.construction_device()
         self.spec = load_spec(self.model_path, compat.construction_dtype())
-        self.backend.check(architecture=self.spec.architecture, dtype=self.spec.dtype_name, device=self.device)
+        self.parallel = compat.parallel_layout(self.device)
+        self.backend.check(architecture=self.spec.architecture, dtype=self.spec.dtype_name, device=self.device,
+                           tp_size=self.parallel.tp_size, ep_size=self.parallel.ep_size)  # fmt: skip
+        self.shard = Shard.of(self.spec, self.parallel)
         self.runner: ModelRunner | None = None
         self.cache: KVCache | None = None
         self._kv_identity: tuple | None = None
         self.logits_processor = compat.backend_logits_processor(config)
         logger.info(
-            "sglang-fx: %s from %s on backend %r (%s %s), %s on %s", self.spec.architecture, self.model_path,
+            "sglang-fx: %s from %s on backend %r (%s %s), %s on %s, %s", self.spec.architecture, self.model_path,
             self.backend_name, self.backend.info.framework, self.backend.info.framework_version,
-            self.spec.dtype_name, self.device)
+            self.spec.dtype_name, self.device, self.parallel.describe())
 
     # ----------------------------------------------------------------------------------------
     # Loading
@@ -65,8 +73,8 @@ class SglangFxForCausalLM(torch.nn.Module):
         its weights are placed before SGLang measures the memory left for the KV pool.
         SGLang's own weight iterator is not consumed (the backend gets HF-named tensors from
         `Checkpoint.load`)."""
-        loaded = Checkpoint(self.model_path).load(self.spec)
-        self.runner = self.backend.runner(self.spec, loaded, RunnerOptions(device=self.device))
+        loaded = Checkpoint(self.model_path).load(self.spec, self.shard)  # this rank's slices only
+        self.runner = self.backend.runner(self.spec, loaded, RunnerOptions(device=self.device, parallel=self.parallel))
 
     def _bind(self) -> KVCache:
         """Alias SGLang's KV buffers, on the first step (SGLang sizes its pools after loading
@@ -78,7 +86,7 @@ class SglangFxForCausalLM(torch.nn.Module):
         num_slots = k[0].shape[0]
         if num_slots % page_size:
             raise UnsupportedConfigError(f"SGLang's KV pool has {num_slots} slots, not whole pages of {page_size}")
-        layout = layout_for(self.spec, num_pages=num_slots // page_size, page_size=page_size, dtype=k[0].dtype)
+        layout = layout_for(self.shard.local, num_pages=num_slots // page_size, page_size=page_size, dtype=k[0].dtype)
         found = (len(k), tuple(k[0].shape[1:]), None if v is None else tuple(v[0].shape[1:]))
         if found != (layout.num_layers, layout.k_shape, layout.v_shape):
             raise UnsupportedConfigError(

@@ -7,8 +7,10 @@ hooks (SGLang applies them right after):
 
 - AROUND `check_server_args` (launcher): refuses an unknown --model-impl with the list of
   valid names, checks an sglang-fx backend's capabilities (device, dtype, architecture, page
-  size) so an unsupported configuration fails at start-up with every problem named, and, for
-  "mindspore", answers SGLang's NPU-only rule with that capability check.
+  size, tp/ep sizes) and whether the model splits tp_size ways, so an unsupported configuration
+  fails at start-up with every problem named, and, for "mindspore", answers SGLang's NPU-only
+  rule with that capability check. On a CPU host it also sets SGLANG_CPU_OMP_THREADS_BIND
+  when several schedulers need it and the user has not (`bind_cpu_threads`).
 - AROUND `get_model_architecture` (every process): for an sglang-fx name, resolves the model
   class to the adapter (`sglang_fx.sglang.model`) instead of SGLang's own.
 
@@ -23,6 +25,8 @@ import logging
 from typing import Any
 
 from ..errors import SglangFxError, UnsupportedConfigError
+from .. import sharding
+from ..checkpoint import load_spec
 from ..registry import default_registry
 from . import compat
 
@@ -65,6 +69,7 @@ def register() -> None:
 
 
 def check_server_args(original, server_args: Any, *args: Any, **kwargs: Any):
+    bind_cpu_threads(server_args)
     name = compat.impl_name(compat.server_view(server_args).model_impl)
     if name not in _backends:
         valid = sorted(compat.sglang_model_impls() | set(_backends))
@@ -82,6 +87,22 @@ def check_server_args(original, server_args: Any, *args: Any, **kwargs: Any):
     return original(server_args, *args, **kwargs)
 
 
+def bind_cpu_threads(server_args: Any) -> None:
+    """On a CPU host, give SGLang's schedulers the CPU sets it asserts exist when there are more
+    schedulers than NUMA nodes (tp_size 2 on one node: "SGLANG_CPU_OMP_THREADS_BIND is not
+    set"). Runs in the launcher before any scheduler is spawned, for every --model-impl; the
+    schedulers inherit the variable. A value the user set is kept."""
+    import os
+
+    view = compat.server_view(server_args)
+    if str(view.device or "cpu") != "cpu":
+        return
+    value = compat.cpu_threads_binding(view)
+    if value is not None:
+        os.environ[compat.CPU_THREADS_BIND_ENV] = value
+        logger.info("sglang-fx: %s=%s (one CPU set per scheduler; set it yourself to choose)", compat.CPU_THREADS_BIND_ENV, value)
+
+
 def check_backend(name: str, server_args: Any) -> None:
     """Load the backend and check it can run this model here; raises ValueError naming every
     problem (SGLang shows it as the start-up error)."""
@@ -92,9 +113,14 @@ def check_backend(name: str, server_args: Any) -> None:
         archs = list(getattr(model_config.hf_config, "architectures", None) or [])
         dtype = str(model_config.dtype).removeprefix("torch.")
         device = str(view.device or "cpu")
+        tp, ep = int(view.tp_size or 1), int(getattr(view, "ep_size", 1) or 1)
         problems = backend.capabilities.validate(
-            architecture=archs[0] if archs else None, dtype=dtype, device=device, page_size=view.page_size
+            architecture=archs[0] if archs else None, dtype=dtype, device=device, page_size=view.page_size,
+            tp_size=tp, ep_size=ep,
         )
+        problems += compat.parallel_problems(view)
+        if not problems and (tp > 1 or ep > 1):
+            problems += sharding.problems(load_spec(compat.model_path(model_config.hf_config) or view.model_path), tp, ep)
         # SGLang skips CUDA-graph capture for "mindspore" only (cuda_graph_setup.py:729); the
         # adapter's step is not capturable (host-side lengths, per-step metadata).
         if device.startswith("cuda") and name not in compat.sglang_model_impls() and not view.disable_cuda_graph \
