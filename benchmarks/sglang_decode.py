@@ -159,14 +159,14 @@ def median(xs: list[float]) -> float:
     return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
-def bench_impl(impl: str, model: str, batches: list[int], args, timings_path: str) -> dict:
+def bench_impl(impl: str, model: str, batches: list[int], args, timings_path: str, tp_size: int = 1) -> dict:
     import sglang
 
     os.environ[TIMINGS_ENV] = timings_path  # read by register() in the scheduler process
     start = time.perf_counter()
     engine = sglang.Engine(
         model_path=model, model_impl=impl, device="cpu", attention_backend="torch_native", dtype="float32",
-        disable_cuda_graph=True, max_total_tokens=65536, log_level="error",
+        disable_cuda_graph=True, max_total_tokens=65536, log_level="error", tp_size=tp_size,
     )  # fmt: skip
     out = {"startup_s": time.perf_counter() - start, "steps": {}}
     try:

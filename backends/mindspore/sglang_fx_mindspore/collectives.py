@@ -3,8 +3,11 @@
 
 Starting (`start`), by device:
 - CPU: MindSpore's dynamic cluster with the mccl library. The host's rendezvous names the
-  scheduler's address; its rank 0 runs the scheduler as a child process, which dies with it.
-  Every rank joins as worker `rendezvous.rank` (MS_NODE_ID), so MindSpore's ranks are the host's.
+  scheduler's address; its rank 0 runs the scheduler as a child process, which dies with it
+  (a thread will not do: the scheduler's `init` never returns and holds the GIL). Every rank
+  joins as worker `rendezvous.rank` (MS_NODE_ID), so MindSpore's ranks are the host's; waits are
+  bounded (`TIMEOUTS`). `init` replaces sys.excepthook: an uncaught error in one rank makes
+  MindSpore end its peers.
 - Ascend: the HCCL world (`init("hccl")`), and each group reuses the host's own HCCL
   communicator (`Group.native`, SGLang's torch_npu communicator) instead of making a second one,
   as SGLang's own MindSpore runner does. The arguments are built by `hccl_group_options`.
@@ -103,10 +106,21 @@ def start(parallel: Parallel, device: str) -> Collectives:
     return Collectives(parallel.tp.name, parallel.tp_size, gather)
 
 
+#: Bounds on MindSpore's waits (seconds; a value the user set wins). Measured on 2.10 CPU: without
+#: them a rank that never joins stalls `init` for 30 minutes (3600 retries of 0.5 s), and a
+#: collective whose peer died fails after 30 s and its process is SIGTERMed 35 s later.
+#: MS_TOPO_TIMEOUT: joining the cluster. MS_CPU_COMM_OP_TIMEOUT: one mccl collective (a peer may
+#: be compiling a new graph meanwhile: tens of seconds under load).
+TIMEOUTS = {"MS_TOPO_TIMEOUT": "300", "MS_CPU_COMM_OP_TIMEOUT": "300"}
+
+
 def cluster_env(parallel: Parallel, role: str = "MS_WORKER") -> dict[str, str]:
-    """MindSpore's dynamic-cluster variables for this rank (role MS_WORKER) or the scheduler."""
+    """MindSpore's dynamic-cluster variables for this rank (role MS_WORKER) or the scheduler.
+    MS_NODE_ID fixes the worker's MindSpore rank (without it the scheduler numbers workers in a
+    random order), so MindSpore's ranks are the host's."""
     rdv = parallel.rendezvous
     env = {"MS_ROLE": role, "MS_WORKER_NUM": str(rdv.world_size), "MS_SCHED_HOST": rdv.host, "MS_SCHED_PORT": str(rdv.port)}
+    env |= {k: os.environ.get(k, v) for k, v in TIMEOUTS.items()}
     if role == "MS_WORKER":
         env["MS_NODE_ID"] = str(rdv.rank)
     return env
@@ -123,7 +137,8 @@ def _join_cpu_cluster(parallel: Parallel) -> None:
 
 
 def _die_with_parent() -> None:
-    """In the scheduler's child process, before exec: SIGKILL it when its parent dies."""
+    """In the scheduler's child process, before exec: SIGKILL it when its parent dies (strictly,
+    when the thread that spawned it ends: `start` runs on the rank's main thread)."""
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
