@@ -119,7 +119,9 @@ def register() -> None:
             compute = cur["compute"] if fine else cur["runner"]
             records.append([mode, int(forward_batch.batch_size), start, total, cur["runner"], compute, cur["meta"],
                             cur["exchange"], cur["plan"]])  # fmt: skip
-        if mode != "DECODE" and os.path.exists(path + ".dump"):
+        if self.parallel.tp_rank != 0:  # under tensor parallelism, rank 0 reports
+            records.clear()
+        elif mode != "DECODE" and os.path.exists(path + ".dump"):
             tmp = path + ".tmp"
             with open(tmp, "w") as f:
                 json.dump(records, f)

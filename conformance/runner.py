@@ -139,7 +139,10 @@ def _run_cases(ctx: Context, select: Callable[[str], bool] | None, progress: Tex
 
 
 def _rank_cases(parallel, backend: str, device: str, workdir: str, select, progress: bool) -> list[CaseResult]:
-    """One rank of a tensor-parallel conformance run (rank 0 shows progress)."""
+    """One rank of a tensor-parallel conformance run (rank 0 shows progress). On an accelerator
+    each rank takes the device of its rank's index ("npu" -> "npu:0", "npu:1", ...)."""
+    kind = device.partition(":")[0]
+    device = device if kind == "cpu" else f"{kind}:{parallel.tp_rank}"
     ctx = Context(backend, device=device, workdir=workdir, parallel=parallel)
     return _run_cases(ctx, select, sys.stderr if progress and parallel.tp_rank == 0 else None)
 

@@ -429,7 +429,10 @@ class Checkpoint:
             got = file.shape(n)
             if got != expected[n]:
                 raise CheckpointError(f"tensor {n!r} in {file.path} has shape {list(got)}, expected {list(expected[n])} from config.json")
-            t = file.read(n, None if shard is None else shard.split(n)).to(spec.dtype)
+            cut = None if shard is None else shard.split(n)
+            if cut is not None and len(cut[1]) == got[cut[0]]:
+                cut = None  # all of it: one read
+            t = file.read(n, cut).to(spec.dtype)
             if t.shape != local[n]:  # a vocabulary block of the last rank: pad with zero rows
                 t = torch.cat([t, t.new_zeros((local[n][0] - t.shape[0], *t.shape[1:]))])
             out[n] = t

@@ -88,7 +88,10 @@ def sglang_fx_make_attention(spec: AttentionSpec, layout: KVLayout, device: str)
 def sglang_fx_make_runner(spec: ModelSpec, weights: Mapping[str, torch.Tensor], options: RunnerOptions) -> ModelRunner:
     """Build a model from its spec and HF-named weights (host torch tensors in spec.dtype,
     from `Checkpoint.load`; the backend may alias or copy them, and must not modify them) on
-    options.device. Weights are placed now; the KV layout is not known yet (SGLang sizes its
+    options.device. spec describes the whole checkpoint; under tensor parallelism
+    (options.parallel.tp_size > 1) the weights are this rank's slices and
+    `sglang_fx.sharding.Shard.of(spec, options.parallel)` has the rank's sizes, and every rank
+    must return the same full-vocabulary logits. Weights are placed now; the KV layout is not known yet (SGLang sizes its
     pool from the memory left after loading) and arrives with the KVCache at forward time.
     Raises UnsupportedConfigError for a configuration outside its capabilities and for
     unknown options.extra keys."""

@@ -5,6 +5,7 @@ Budget: about 4 minutes on a 2-core machine, most of it the MindSpore conformanc
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -211,3 +212,97 @@ def test_mindspore_collectives_are_mindspores_own(tiny):
     assert [calls for _, calls in ms_ranks] == [0, 0]
     assert all(calls > 0 for _, calls in ref_ranks)
     assert ms_ranks[0][0] == ms_ranks[1][0] == ref_ranks[0][0]
+
+
+# ---------------------------------------------------------------------------------------------
+# What runs only on Ascend or inside SGLang: argument building, unit-tested on CPU
+# ---------------------------------------------------------------------------------------------
+
+
+def test_mindspore_reuses_the_hosts_hccl_communicator():
+    """On an NPU, create_group gets GroupOptions carrying the host group's HCCL handle (as SGLang's
+    own MindSpore runner passes it); without one, MindSpore makes its own communicator."""
+    if not available("mindspore"):
+        pytest.skip("mindspore is not available here")
+    from sglang_fx_mindspore.collectives import hccl_group_options
+
+    opts = hccl_group_options(Group("tp:0", (0, 1), 1, native=0x7F00DEAD))
+    assert opts.hccl_config == {"hccl_comm": 0x7F00DEAD}
+    assert hccl_group_options(Group("tp:0", (0, 1), 1)) is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_npu") is None, reason="needs Ascend NPUs (torch_npu): MindSpore's HCCL world")
+def test_mindspore_tp2_on_ascend():
+    """On an Ascend host: the model cases at tp=2 over MindSpore's HCCL world."""
+    from sglang_fx.conformance.runner import run
+
+    report = run("mindspore", device="npu", tp_size=2, progress=None)  # ranks on npu:0 and npu:1
+    assert report.passed, report.table()
+
+
+def test_mindspore_cluster_variables(monkeypatch):
+    if not available("mindspore"):
+        pytest.skip("mindspore is not available here")
+    from sglang_fx_mindspore.collectives import cluster_env
+
+    monkeypatch.delenv("MS_TOPO_TIMEOUT", raising=False)
+    monkeypatch.setenv("MS_CPU_COMM_OP_TIMEOUT", "60")  # the user's value wins
+    rank1 = Parallel(Group("tp:0", (0, 1), 1), rendezvous=Rendezvous("10.0.0.5", 4242, 2, 1))
+    assert cluster_env(rank1) == {"MS_ROLE": "MS_WORKER", "MS_WORKER_NUM": "2", "MS_SCHED_HOST": "10.0.0.5",
+                                  "MS_SCHED_PORT": "4242", "MS_TOPO_TIMEOUT": "300", "MS_CPU_COMM_OP_TIMEOUT": "60",
+                                  "MS_NODE_ID": "1"}  # fmt: skip
+    assert "MS_NODE_ID" not in cluster_env(rank1, "MS_SCHED")
+
+
+class _FakeCoordinator:
+    """SGLang's GroupCoordinator, as far as compat.parallel_layout reads it."""
+
+    unique_name, ranks, rank_in_group, world_size, local_rank = "tp:0", [0, 1], 1, 2, 1
+    cpu_group = device_group = object()
+
+
+def test_the_layout_sglang_publishes(monkeypatch):
+    """compat.parallel_layout on SGLang's runtime context: TP group by SGLang's name, ep from
+    moe_ep_size, the rendezvous TP rank 0 broadcast (the dist-init host across nodes), and on
+    NPU the group's HCCL handle."""
+    pytest.importorskip("sglang")
+    import types
+
+    import torch.distributed as dist
+    from sglang.srt import runtime_context
+
+    from sglang_fx.sglang import compat
+
+    published = types.SimpleNamespace(tp_size=2, tp_group=_FakeCoordinator(), moe_ep_size=2, dp_rank=1, nnodes=2,
+                                      dist_init_addr="10.1.2.3:5000")  # fmt: skip
+    monkeypatch.setattr(runtime_context, "get_parallel", lambda: published)
+    monkeypatch.setattr(runtime_context, "get_server_args", lambda: types.SimpleNamespace(dp_size=2))
+    seen = {}
+
+    def broadcast(objects, src, group):  # rank 0's offer arrives
+        seen.update(src=src, group=group)
+        objects[0] = ("10.1.2.3", 4711)
+
+    monkeypatch.setattr(dist, "broadcast_object_list", broadcast)
+    monkeypatch.setattr(compat, "hccl_communicator", lambda group: 0xABC)
+    p = compat.parallel_layout("npu:1")
+    assert (p.tp.name, p.tp.ranks, p.tp_rank, p.ep_size, p.ep_rank, p.dp_size, p.dp_rank) == ("tp:0", (0, 1), 1, 2, 1, 2, 1)
+    assert p.rendezvous == Rendezvous("10.1.2.3", 4711, 2, 1) and p.tp.native == 0xABC
+    assert seen == {"src": 0, "group": _FakeCoordinator.cpu_group}
+    assert compat.parallel_layout("cpu").tp.native is None
+
+
+@pytest.mark.parametrize("tp,dp,cpus,expected", [
+    (2, 1, [0, 1], "0|1"), (2, 2, [0, 1], "0|1|0|1"), (2, 1, [0, 1, 2, 3, 4, 5, 6, 7], "0-3|4-7"), (1, 1, [0, 1], None),
+])  # fmt: skip
+def test_cpu_thread_binding_for_sglang(monkeypatch, tp, dp, cpus, expected):
+    import types
+
+    from sglang_fx.sglang import compat
+
+    monkeypatch.delenv(compat.CPU_THREADS_BIND_ENV, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(cpus))
+    args = types.SimpleNamespace(tp_size=tp, dp_size=dp, pp_size=1)
+    assert compat.cpu_threads_binding(args) == expected
+    monkeypatch.setenv(compat.CPU_THREADS_BIND_ENV, "0-1|0-1")  # the user's own setting wins
+    assert compat.cpu_threads_binding(args) is None

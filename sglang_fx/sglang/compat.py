@@ -180,9 +180,7 @@ def parallel_layout(device: str) -> Parallel:
 
         offer = [(host, free_ports(1)[0])]
     dist.broadcast_object_list(offer, src=group.ranks[0], group=group.cpu_group)
-    native = None
-    if device.startswith("npu"):
-        native = group.device_group._get_backend(torch.device("npu")).get_hccl_comm(group.local_rank)
+    native = hccl_communicator(group) if device.startswith("npu") else None
     return Parallel(
         tp=Group(group.unique_name, tuple(group.ranks), group.rank_in_group, torch_group=group.device_group, native=native),
         ep_size=int(p.moe_ep_size or 1),
@@ -190,6 +188,12 @@ def parallel_layout(device: str) -> Parallel:
         dp_rank=p.dp_rank or 0,
         rendezvous=Rendezvous(offer[0][0], offer[0][1], world_size=group.world_size, rank=group.rank_in_group),
     )
+
+
+def hccl_communicator(group: Any) -> int:
+    """The HCCL communicator handle of an SGLang GroupCoordinator on Ascend (torch_npu's process
+    group backend), as SGLang's MindSpore runner reads it (mindspore_runner.py:99)."""
+    return group.device_group._get_backend(torch.device("npu")).get_hccl_comm(group.local_rank)
 
 
 def parallel_problems(server_args: Any) -> list[str]:

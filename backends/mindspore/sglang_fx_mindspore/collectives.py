@@ -149,7 +149,7 @@ def hccl_group_options(group: Group) -> Any:
     (MindSpore then makes its own communicator)."""
     if group.native is None:
         return None
-    from mindspore.communication import GroupOptions
+    from mindspore._c_expression import GroupOptions  # where MindSpore 2.10 (and SGLang's runner) take it from
 
     opts = GroupOptions()
     opts.hccl_config = {"hccl_comm": int(group.native)}
