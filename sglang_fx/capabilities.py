@@ -19,6 +19,9 @@ class Capabilities:
                     sharded weights, collectives over the TP group), "ep" (routed experts split
                     over the TP group). Empty: one process only. Data parallelism needs nothing
                     of a backend (each replica is a world of its own) and is always allowed.
+    options         the keys of RunnerOptions.extra the runner takes -> what each means (shown
+                    by `sglang-fx backends`); an unknown key is refused before loading. The
+                    runner checks the values.
     """
 
     dtypes: Mapping[str, frozenset[str]]
@@ -26,6 +29,7 @@ class Capabilities:
     page_sizes: frozenset[int] | None = None
     features: frozenset[str] = field(default_factory=frozenset)
     parallelism: frozenset[str] = field(default_factory=frozenset)
+    options: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def devices(self) -> frozenset[str]:
@@ -40,6 +44,7 @@ class Capabilities:
         page_size: int | None = None,
         tp_size: int = 1,
         ep_size: int = 1,
+        options: Mapping[str, str] | None = None,
     ) -> list[str]:
         """Every problem with running this configuration, as sentences naming the fix.
         An empty list means supported. Arguments left as None are not checked."""
@@ -70,6 +75,10 @@ class Capabilities:
                             "per model; use tp_size 1, or a backend that declares 'tp' in its parallelism")  # fmt: skip
         if ep_size > 1 and "ep" not in self.parallelism:
             problems.append(f"expert parallelism (ep_size {ep_size}) is not supported; use ep_size 1")
+        unknown = sorted(set(options or {}) - set(self.options))
+        if unknown:
+            takes = ", ".join(sorted(self.options)) or "none"
+            problems.append(f"unknown backend option(s) {', '.join(unknown)}; the options it takes: {takes}")
         return problems
 
     def describe(self) -> str:
@@ -78,5 +87,6 @@ class Capabilities:
         return (
             f"devices/dtypes [{devices}]; architectures [{', '.join(sorted(self.architectures))}]; "
             f"page sizes [{pages}]; features [{', '.join(sorted(self.features))}]; "
-            f"parallelism [{', '.join(sorted(self.parallelism)) or 'none'}]"
+            f"parallelism [{', '.join(sorted(self.parallelism)) or 'none'}]; "
+            f"options [{', '.join(f'{k}: {v}' for k, v in sorted(self.options.items())) or 'none'}]"
         )

@@ -65,3 +65,34 @@ def test_launch_server_sets_the_cpu_engine_only_for_cpu():
     assert wants_cpu(["--device=cpu"])
     assert not wants_cpu(["--device", "cuda"])
     assert not wants_cpu(["--model-path", "m"])
+
+
+def test_backend_options_from_the_environment(monkeypatch):
+    from sglang_fx.errors import UnsupportedConfigError
+    from sglang_fx.sglang import OPTIONS_ENV, backend_options
+
+    monkeypatch.delenv(OPTIONS_ENV, raising=False)
+    assert backend_options("mindspore") == {}
+    monkeypatch.setenv(OPTIONS_ENV, '{"mindspore": {"decode_batches": "1,2,4,8", "mode": "jit"}}')
+    assert backend_options("mindspore") == {"decode_batches": "1,2,4,8", "mode": "jit"}
+    assert backend_options("reference_torch") == {}  # options are per backend
+    monkeypatch.setenv(OPTIONS_ENV, "{mindspore: jit}")
+    with pytest.raises(UnsupportedConfigError, match=r"SGLANG_FX_OPTIONS is not valid JSON .*expected e.g. '\{\"mindspore\""):
+        backend_options("mindspore")
+    monkeypatch.setenv(OPTIONS_ENV, '{"mindspore": {"decode_batches": 8}}')
+    with pytest.raises(UnsupportedConfigError, match=r"SGLANG_FX_OPTIONS must map backend names to objects of string options"):
+        backend_options("mindspore")
+
+
+def test_unknown_backend_options_fail_at_startup(registry, monkeypatch):
+    """Checked in the launcher against the backend's declared Capabilities.options."""
+    from sglang_fx.sglang import OPTIONS_ENV
+
+    model_config = SimpleNamespace(hf_config=SimpleNamespace(architectures=["Qwen3ForCausalLM"]), dtype="torch.float32")
+    monkeypatch.setattr(compat, "server_model_config", lambda server_args: model_config)
+    args = SimpleNamespace(model_impl="reference_torch", device="cpu", page_size=1, tp_size=1, ep_size=1, disable_cuda_graph=True)
+    monkeypatch.setenv(OPTIONS_ENV, '{"reference_torch": {"mode": "jit"}}')
+    with pytest.raises(ValueError, match=r"sglang-fx backend 'reference_torch' cannot serve this: .*unknown backend option\(s\) mode; the options it takes: none"):
+        plugin.check_backend("reference_torch", args)
+    monkeypatch.setenv(OPTIONS_ENV, '{"mindspore": {"mode": "jit"}}')  # another backend's options
+    plugin.check_backend("reference_torch", args)

@@ -5,6 +5,8 @@
 - `model.SglangFxForCausalLM` is the torch module SGLang's ModelRunner calls.
 - `compat` holds every SGLang-version-sensitive lookup.
 - `launch_server` is `python -m sglang.launch_server` with the CPU environment set.
+- `backend_options` reads SGLANG_FX_OPTIONS: the backends' own options (`RunnerOptions.extra`)
+  for SGLang users, checked at start-up against what each backend declares.
 
 On a CPU-only host SGLang needs SGLANG_USE_CPU_ENGINE=1 in the environment *before* it is
 imported (it decides its device path at import time, in every process). `use_cpu_engine()`
@@ -14,10 +16,37 @@ for the server. Importing this package does not import SGLang.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
 CPU_ENGINE_ENV = "SGLANG_USE_CPU_ENGINE"
+
+#: Backend options for SGLang runs: a JSON object {backend name: {option: value}} (values are
+#: strings), e.g. '{"mindspore": {"decode_batches": "1,2,4,8"}}'. Read in the launcher (checked
+#: against each backend's declared Capabilities.options) and in every scheduler.
+OPTIONS_ENV = "SGLANG_FX_OPTIONS"
+
+
+def backend_options(backend: str) -> dict[str, str]:
+    """The options SGLANG_FX_OPTIONS gives `backend` ({} when unset or naming it not). Raises
+    UnsupportedConfigError naming the variable and the expected form when it is malformed."""
+    from ..errors import UnsupportedConfigError
+
+    text = os.environ.get(OPTIONS_ENV, "").strip()
+    if not text:
+        return {}
+    example = '\'{"mindspore": {"decode_batches": "1,2,4,8"}}\''
+    try:
+        table = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UnsupportedConfigError(f"{OPTIONS_ENV} is not valid JSON ({e}); expected e.g. {example}") from None
+    if not isinstance(table, dict) or not all(
+        isinstance(opts, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in opts.items())
+        for opts in table.values()
+    ):
+        raise UnsupportedConfigError(f"{OPTIONS_ENV} must map backend names to objects of string options, e.g. {example}; got {text!r}")
+    return dict(table.get(backend, {}))
 
 
 def use_cpu_engine() -> None:

@@ -28,7 +28,7 @@ from ..metadata import ForwardMetadata, ForwardMode
 from ..registry import Backend, load_backend
 from ..sharding import Shard
 from ..spi import KVCache, ModelRunner, RunnerOptions
-from . import compat
+from . import backend_options, compat
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,8 @@ class SglangFxForCausalLM(torch.nn.Module):
         SGLang's own weight iterator is not consumed (the backend gets HF-named tensors from
         `Checkpoint.load`)."""
         loaded = Checkpoint(self.model_path).load(self.spec, self.shard)  # this rank's slices only
-        self.runner = self.backend.runner(self.spec, loaded, RunnerOptions(device=self.device, parallel=self.parallel))
+        options = RunnerOptions(device=self.device, extra=backend_options(self.backend_name), parallel=self.parallel)
+        self.runner = self.backend.runner(self.spec, loaded, options)
 
     def _bind(self) -> KVCache:
         """Alias SGLang's KV buffers, on the first step (SGLang sizes its pools after loading

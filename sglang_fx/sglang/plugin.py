@@ -24,11 +24,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ..errors import SglangFxError, UnsupportedConfigError
 from .. import sharding
 from ..checkpoint import load_spec
+from ..errors import SglangFxError, UnsupportedConfigError
 from ..registry import default_registry
-from . import compat
+from . import backend_options, compat
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def bind_cpu_threads(server_args: Any) -> None:
     import os
 
     view = compat.server_view(server_args)
-    if str(view.device or "cpu") != "cpu":
+    if str(getattr(view, "device", None) or "cpu") != "cpu":
         return
     value = compat.cpu_threads_binding(view)
     if value is not None:
@@ -116,7 +116,7 @@ def check_backend(name: str, server_args: Any) -> None:
         tp, ep = int(view.tp_size or 1), int(getattr(view, "ep_size", 1) or 1)
         problems = backend.capabilities.validate(
             architecture=archs[0] if archs else None, dtype=dtype, device=device, page_size=view.page_size,
-            tp_size=tp, ep_size=ep,
+            tp_size=tp, ep_size=ep, options=backend_options(name),
         )
         problems += compat.parallel_problems(view)
         if not problems and (tp > 1 or ep > 1):

@@ -34,9 +34,10 @@ from .kernels import parameters
 from .kv_cache import MindSporeKVCache
 from .layers import gathers_experts
 from .llama import LlamaFamily
+from .plugin import CAPABILITIES
 from .runtime import DEVICE_TARGETS, ms_dtype
 
-OPTIONS = ("mode", "decode_batches")  # the keys of RunnerOptions.extra this backend takes
+OPTIONS = tuple(CAPABILITIES.options)  # the keys of RunnerOptions.extra this backend takes
 MODES = ("jit", "pynative")
 
 #: Default `decode_batches`: powers of two to 8, then steps of at most half the size.

@@ -31,6 +31,10 @@ CAPABILITIES = Capabilities(
     # MindSpore's own collectives inside the step's graph: mccl on CPU, HCCL on Ascend
     # (`collectives.py`); no GPU collectives are wired up.
     parallelism=frozenset({"tp", "ep"}),
+    options={
+        "mode": "jit (default): the step as compiled graphs; pynative: op by op",
+        "decode_batches": "batch sizes of the decode graphs, e.g. 1,2,4,8, or none (jit only)",
+    },
 )
 
 
