@@ -43,6 +43,10 @@ CHECK_SERVER_ARGS = "sglang.srt.arg_groups.validation_hook.check_server_args"
 #: path (`srt/utils/common.py::is_cpu`).
 CPU_ENGINE_ENV = "SGLANG_USE_CPU_ENGINE"
 
+#: SGLang's switch for triggering and awaiting CUDA core dumps when a scheduler crashes
+#: (`srt/managers/tokenizer_manager.py`: it then sleeps SGLANG_CUDA_COREDUMP_BEFORE_CRASH_WAIT_SECS, 60).
+CUDA_COREDUMP_ENV = "SGLANG_CUDA_COREDUMP_BEFORE_CRASH"
+
 #: The CPU sets of SGLang's schedulers on a CPU host, one "|"-separated entry per scheduler
 #: (`srt/utils/numa_utils.py`); see `cpu_threads_binding`.
 CPU_THREADS_BIND_ENV = "SGLANG_CPU_OMP_THREADS_BIND"

@@ -28,7 +28,7 @@ from ..metadata import ForwardMetadata, ForwardMode
 from ..registry import Backend, load_backend
 from ..sharding import Shard
 from ..spi import KVCache, ModelRunner, RunnerOptions
-from . import backend_options, compat
+from . import backend_options, compat, peer_watch
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ class SglangFxForCausalLM(torch.nn.Module):
         self.backend.check(architecture=self.spec.architecture, dtype=self.spec.dtype_name, device=self.device,
                            tp_size=self.parallel.tp_size, ep_size=self.parallel.ep_size)  # fmt: skip
         self.shard = Shard.of(self.spec, self.parallel)
+        if self.parallel.tp_size > 1:
+            peer_watch.watch(list(self.parallel.tp.ranks), self.parallel.tp.name)
         self.runner: ModelRunner | None = None
         self.cache: KVCache | None = None
         self._kv_identity: tuple | None = None

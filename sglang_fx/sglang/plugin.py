@@ -90,8 +90,9 @@ def check_server_args(original, server_args: Any, *args: Any, **kwargs: Any):
 def bind_cpu_threads(server_args: Any) -> None:
     """On a CPU host, give SGLang's schedulers the CPU sets it asserts exist when there are more
     schedulers than NUMA nodes (tp_size 2 on one node: "SGLANG_CPU_OMP_THREADS_BIND is not
-    set"). Runs in the launcher before any scheduler is spawned, for every --model-impl; the
-    schedulers inherit the variable. A value the user set is kept."""
+    set"), and skip SGLang's 60 s wait for CUDA core dumps after a crash. Runs in the launcher
+    before any scheduler is spawned, for every --model-impl; the schedulers inherit the
+    variables. Values the user set are kept."""
     import os
 
     view = compat.server_view(server_args)
@@ -101,6 +102,8 @@ def bind_cpu_threads(server_args: Any) -> None:
     if value is not None:
         os.environ[compat.CPU_THREADS_BIND_ENV] = value
         logger.info("sglang-fx: %s=%s (one CPU set per scheduler; set it yourself to choose)", compat.CPU_THREADS_BIND_ENV, value)
+    # There is no CUDA here: don't wait for CUDA core dumps after a crash (SGLang waits 60 s).
+    os.environ.setdefault(compat.CUDA_COREDUMP_ENV, "0")
 
 
 def check_backend(name: str, server_args: Any) -> None:
