@@ -74,9 +74,10 @@ class Decoder(nn.Cell):
 
     @classmethod
     def weights(cls, w: Mapping[str, torch.Tensor], shard: Shard) -> tuple:
-        """All weights of this rank (`shard`; w holds its slices) in the nested order construct unpacks: (embed, lm_head, (inv_freq, P, R)
-        for RoPE, layers); layer i is (`attention_weights`, MLP weights: `mlp_weights`, or the
-        post-attention norm's weight followed by `moe_weights`). Each RMSNorm's weight is folded
+        """All weights of this rank (`shard`; w holds its slices), in the nested order construct
+        unpacks: (embed, lm_head, (inv_freq, P, R) for RoPE, layers); layer i is
+        (`attention_weights`, MLP weights: `mlp_weights`, or the post-attention norm's weight
+        followed by `moe_weights`). Each RMSNorm's weight is folded
         into the projections that read its output (`layers.fold_norm`): the input norm into the
         attention's input projection, the post-attention norm into a dense MLP's, the final norm
         into lm_head. (Not into an MoE layer's: its router would see the normed activations
