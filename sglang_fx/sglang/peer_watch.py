@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 #: Seconds between barriers, and how long one may wait on a live but busy peer (a peer whose
 #: process is gone fails the barrier at once; this bounds a peer that hangs while alive).
 PERIOD, TIMEOUT = 1.0, 600.0
+#: Seconds between noticing a lost peer and acting: when SGLang shuts the server down it ends
+#: every scheduler within that time, and a rank that saw its peer go first must not report a crash.
+GRACE = 3.0
 
 
 def watch(ranks: list[int], name: str) -> threading.Thread:
@@ -46,6 +49,7 @@ def _loop(group: Any, name: str) -> None:
             dist.barrier(group=group)
             time.sleep(PERIOD)
     except Exception as e:  # a peer is gone (or hangs past TIMEOUT)
+        time.sleep(GRACE)  # still alive: not a shutdown
         logger.error("sglang-fx: a peer of TP group %s is gone (%s: %s); ending this scheduler",
                      name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")  # fmt: skip
         os.kill(os.getppid(), signal.SIGQUIT)  # as SGLang's scheduler does on an exception
