@@ -42,3 +42,4 @@ clean:
 bench: setup
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/sglang_decode.py
+	$(PY) benchmarks/parallel.py
