@@ -12,11 +12,11 @@ mccl inside the mindspore backend's graphs, torch.distributed for reference_torc
 - Servers: mindspore at --tp-size 2 --dp-size 2 (four schedulers, two MindSpore worlds): both
   replicas serve (meta_info.dp_rank), answers equal a tp=1 server's. Two launches with
   --nnodes 2 --node-rank 0/1 --tp-size 2 serve over HTTP. A model whose heads tp_size does not
-  divide fails at start-up with the numbers. Killing one scheduler mid-request ends the whole
-  server within 90 s, nothing left running.
-The engine comparisons run first, before the servers start: an idle MindSpore server keeps
-its scheduler's threads busy, which would slow them severalfold.
-Budget: about 7 minutes on a quiet 2-core machine.
+  divide, and an unknown backend option in SGLANG_FX_OPTIONS, fail at start-up with the numbers
+  and the names. Killing one scheduler mid-request ends the whole server within 90 s (about
+  15 s measured), nothing left running.
+The engine comparisons run first, before the servers start, so that no server's start-up or
+idle loop slows them. Budget: about 6 minutes on a quiet 2-core machine.
 """
 
 from __future__ import annotations
@@ -122,6 +122,8 @@ def servers(env, models, tmp_path_factory):
         "node0": node0,
         "node1": node1,
         "heads": Server("heads", models["six_heads"], ("--model-impl", "mindspore", "--tp-size", "4"), env, root),
+        "options": Server("options", models["qwen3"], ("--model-impl", "mindspore"),
+                          {**env, "SGLANG_FX_OPTIONS": '{"mindspore": {"decode_batch": "1,2"}}'}, root),
     }
     try:
         yield started
@@ -171,6 +173,15 @@ def test_heads_that_tp_size_does_not_divide_fail_at_startup(servers):
     assert code not in (None, 0), out[-4000:]
     assert "tp_size 4 does not divide the 6 attention heads of Qwen3ForCausalLM; use a tp_size among 1, 2, 3, 6" in out, out[-4000:]
     assert "tp_size 4 neither divides nor is a multiple of the 3 KV heads" in out, out[-4000:]
+
+
+def test_an_unknown_backend_option_fails_at_startup(servers):
+    """SGLANG_FX_OPTIONS is checked in the launcher against the options the backend declares."""
+    server = servers["options"]
+    code = server.wait_exit(240)
+    out = server.output(20000)
+    assert code not in (None, 0), out[-4000:]
+    assert "unknown backend option(s) decode_batch; the options it takes: decode_batches, mode" in out, out[-4000:]
 
 
 def test_a_dying_scheduler_ends_the_server(servers):
