@@ -275,10 +275,10 @@ def greedy_case(arch: str, variant: str = "") -> Case:
 KV_REPLICATION_ARCHES = ("Qwen3ForCausalLM",)
 
 
-def model_checkpoints(ctx: Context) -> list[tuple[str, str]]:
-    """(architecture, variant) of every tiny checkpoint the model cases of this run use."""
+def model_checkpoints(ctx: Context, tp_size: int) -> list[tuple[str, str]]:
+    """(architecture, variant) of every tiny checkpoint the model cases use at tp_size."""
     models = [(arch, "") for arch in ctx.architectures()]
-    if ctx.parallel.tp_size > 1:
+    if tp_size > 1:
         models += [(a, "kv1") for a in KV_REPLICATION_ARCHES if a in ctx.architectures()]
     return models
 
@@ -286,7 +286,7 @@ def model_checkpoints(ctx: Context) -> list[tuple[str, str]]:
 def cases_for(ctx: Context) -> list[Case]:
     if ctx.parallel.tp_size > 1:  # the model cases, sharded; the others run in one process
         cases = []
-        for arch, variant in model_checkpoints(ctx):
+        for arch, variant in model_checkpoints(ctx, ctx.parallel.tp_size):
             cases += [logits_case(arch, variant), logits_vs_tp1_case(arch, variant), greedy_case(arch, variant)]
             if not variant:
                 cases.append(logits_vs_reference_case(arch))

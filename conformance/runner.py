@@ -108,13 +108,11 @@ def run(
             ctx.close()
         return Report(backend, all(r.passed for r in results), results)
     from sglang_fx.distributed import run_parallel
-    from sglang_fx.parallel import Group, Parallel, Rendezvous
 
     with tempfile.TemporaryDirectory(prefix="sglang-fx-conformance-tp-") as workdir:
         # The checkpoints are made here once, before the ranks start (they only read them).
-        layout = Parallel(Group("tp", tuple(range(tp_size)), 0), ep_size, rendezvous=Rendezvous("", 0, tp_size, 0))
-        ctx = Context(backend, device=device, workdir=workdir, parallel=layout)
-        for arch, variant in model_checkpoints(ctx):
+        ctx = Context(backend, device=device, workdir=workdir)
+        for arch, variant in model_checkpoints(ctx, tp_size):
             ctx.checkpoint(arch, variant)
         per_rank = run_parallel(_rank_cases, tp_size, ep_size=ep_size, args=(backend, device, workdir, select, progress is not None))
     results = per_rank[0]

@@ -202,11 +202,10 @@ def hccl_communicator(group: Any) -> int:
 
 def parallel_problems(server_args: Any) -> list[str]:
     """SGLang parallel layouts sglang-fx does not run (launcher side, from the arguments)."""
-    view = server_args
     out = []
-    if int(getattr(view, "pp_size", 1) or 1) > 1:
+    if int(getattr(server_args, "pp_size", 1) or 1) > 1:
         out.append("pipeline parallelism (--pp-size > 1) is not supported; use --tp-size")
-    if getattr(view, "enable_dp_attention", False) or int(getattr(view, "attn_dp_size", 1) or 1) > 1:
+    if getattr(server_args, "enable_dp_attention", False) or int(getattr(server_args, "attn_dp_size", 1) or 1) > 1:
         out.append("attention data parallelism is not supported; use --dp-size (replicas) and --tp-size")
     return out
 
