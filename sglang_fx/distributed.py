@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import random
 import socket
 import sys
 import threading
@@ -30,16 +31,28 @@ HOST = "127.0.0.1"
 EXIT_GRACE = 30.0
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on the loopback interface."""
-    socks = [socket.socket() for _ in range(n)]
+def free_ports(n: int, low: int = 30000) -> list[int]:
+    """n distinct TCP ports, free now, for servers that bind them later (a rendezvous, an HTTP
+    server). They are taken below the kernel's ephemeral range and above the 22000-29999 where
+    SGLang takes its own: a port from bind(0) is ephemeral, and between this check and the later bind the OS may hand it to
+    any socket that binds port 0 (gloo's listeners do), which was seen to take an SGLang
+    server's HTTP port."""
     try:
-        for s in socks:
-            s.bind((HOST, 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            high = int(f.read().split()[0]) - 1
+    except (OSError, ValueError, IndexError):
+        high = 32767
+    ports: list[int] = []
+    for port in random.sample(range(low, high + 1), high + 1 - low):
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == n:
+            return ports
+    raise OSError(f"fewer than {n} free TCP ports between {low} and {high}")
 
 
 def run_parallel(

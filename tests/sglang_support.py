@@ -8,7 +8,6 @@ import contextlib
 import importlib.metadata as md
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -96,9 +95,10 @@ def entry_points_env(root: Path, backends: dict[str, str]) -> dict[str, str]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the ephemeral range (see sglang_fx.distributed.free_ports)."""
+    from sglang_fx.distributed import free_ports
+
+    return free_ports(1)[0]
 
 
 # --sleep-on-idle: an idle SGLang 0.5.23 scheduler on CPU otherwise spins at 75-100% of a core
