@@ -13,6 +13,10 @@ hooks (SGLang applies them right after):
   when several schedulers need it and the user has not (`bind_cpu_threads`).
 - AROUND `get_model_architecture` (every process): for an sglang-fx name, resolves the model
   class to the adapter (`sglang_fx.sglang.model`) instead of SGLang's own.
+- AROUND `TokenizerManager._validate_one_request` (the HTTP server's process): refuses a
+  prompt of no tokens with a 400. SGLang 0.5.23 lets it through, and its scheduler then dies
+  on the empty step (native models as well as ours: "cannot reshape tensor of 0 elements"),
+  taking every request in flight with it. Applied for every --model-impl, since all crash.
 
 Backend names equal to SGLang's own implementations (auto, sglang, transformers) are refused:
 they stay SGLang's. "mindspore" is SGLang's name for its Ascend-only external wrapper; when the
@@ -60,6 +64,7 @@ def register() -> None:
     _backends[:] = backend_names()
     HookRegistry.register(compat.CHECK_SERVER_ARGS, check_server_args, HookType.AROUND)
     HookRegistry.register(compat.GET_MODEL_ARCHITECTURE, get_model_architecture, HookType.AROUND)
+    HookRegistry.register(compat.VALIDATE_REQUEST, refuse_empty_prompt, HookType.AROUND)
     logger.info("sglang-fx: --model-impl can name the backends %s", ", ".join(_backends) or "(none installed)")
 
 
@@ -133,6 +138,13 @@ def check_backend(name: str, server_args: Any) -> None:
             raise UnsupportedConfigError("; ".join(problems))
     except SglangFxError as e:
         raise ValueError(f"--model-impl {name}: sglang-fx backend {name!r} cannot serve this: {e}") from e
+
+
+def refuse_empty_prompt(original, manager: Any, obj: Any, input_ids: Any, *args: Any, **kwargs: Any):
+    if input_ids is not None and len(input_ids) == 0 and getattr(obj, "input_embeds", None) is None:
+        raise ValueError("The input is empty (0 tokens): send a prompt of at least one token "
+                         "(`text` that the tokenizer turns into tokens, or non-empty `input_ids`).")  # fmt: skip
+    return original(manager, obj, input_ids, *args, **kwargs)
 
 
 def get_model_architecture(original, model_config: Any, *args: Any, **kwargs: Any):

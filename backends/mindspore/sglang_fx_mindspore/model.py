@@ -126,7 +126,7 @@ class MindSporeRunner:
 
     def _decode_batch(self, meta: ForwardMetadata) -> int | None:
         """The decode graph's batch size for this step, or None (the dynamic graph)."""
-        if max(meta.extend_lens_cpu) > 1:
+        if any(n != 1 for n in meta.extend_lens_cpu):
             return None
         return next((b for b in self.decode_batches if b >= meta.batch_size), None)
 
