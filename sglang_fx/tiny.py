@@ -111,7 +111,9 @@ def make_tiny_model(
     **overrides: Any,
 ) -> Path:
     """Write a random-weight checkpoint of `arch` (a PRESETS key) to `out` and return it.
-    The same seed gives the same weights. overrides replace preset sizes (e.g. hidden_size).
+    The same seed gives the same weights. overrides replace preset sizes (e.g. hidden_size); a
+    vocab_size above the tokenizer's VOCAB_SIZE gives ids no text encodes to (for tools that
+    send random ids).
     shards > 1 writes model-0000N-of-0000M.safetensors plus model.safetensors.index.json."""
     import torch
     import transformers
@@ -121,11 +123,9 @@ def make_tiny_model(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer()
-    settings = {**PRESETS[arch], **overrides}
+    settings = {"vocab_size": VOCAB_SIZE, "max_position_embeddings": 4096, **PRESETS[arch], **overrides}
     config_class = getattr(transformers, settings.pop("config_class"))
     config = config_class(
-        vocab_size=VOCAB_SIZE,
-        max_position_embeddings=4096,
         initializer_range=0.1,  # larger than usual: distinct logits make greedy decoding robust
         bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         eos_token_id=tokenizer.eos_token_id,
