@@ -3,6 +3,8 @@ logits and greedy decoding against Hugging Face transformers (float32 on CPU).""
 
 from __future__ import annotations
 
+import logging
+
 import sys
 
 import pytest
@@ -98,6 +100,9 @@ def test_bfloat16_on_cpu_is_refused_with_the_fix(tiny):
         ({"compile": "yes"}, r"unknown option\(s\) \['compile'\]; it takes mode, decode_batches"),
         ({"decode_batches": "1,two"}, "decode_batches '1,two' is not a comma-separated list of positive batch sizes"),
         ({"decode_batches": "0,4"}, "decode_batches '0,4' is not"),
+        ({"precompile": "3"}, "precompile '3' is not none, all, or a comma-separated list of decode batch sizes among 1,2,4,8,"),
+        ({"precompile": "all", "mode": "pynative"}, "precompile 'all' needs mode jit"),
+        ({"precompile": "1", "decode_batches": "none"}, r"among \(none: decode_batches is none\)"),
     ],
 )
 def test_bad_options_are_refused(tiny, extra, message):
@@ -455,6 +460,23 @@ def test_pynative_mode_gives_the_jit_logits(tiny):
         first = s.forward(seqs, prompts, logits="all")
         out.append(torch.cat([first, s.forward(seqs, [[3], [4]])]))
     torch.testing.assert_close(out[0], out[1], rtol=0, atol=1e-5)
+
+
+def test_precompile_compiles_before_the_first_step_and_changes_no_token(tiny, caplog, page_size=16):
+    prompts = [PROMPT[:30], PROMPT[40:45], PROMPT[7:9]]
+    plain = Session("mindspore", tiny("qwen3"), page_size=page_size).generate(prompts, 8)
+    ahead = Session("mindspore", tiny("qwen3"), page_size=page_size, options={"precompile": "1,4"})
+    with caplog.at_level(logging.INFO, logger="sglang_fx_mindspore.model"):
+        first = ahead.generate(prompts[:1], 8)
+        compiled = [r.getMessage() for r in caplog.records if "graph compiled in" in r.getMessage()]
+        assert [m.split(" graph")[0] for m in compiled] == ["sglang-fx mindspore: prefill (any step shape)",
+                                                            "sglang-fx mindspore: decode batch 1",
+                                                            "sglang-fx mindspore: decode batch 4"]  # fmt: skip
+        assert sorted(ahead.runner._graphs, key=str) == [1, 4, None]
+        rest = ahead.generate(prompts, 8)  # batch 3 runs the batch-4 graph: nothing new compiles
+        assert len([r for r in caplog.records if "graph compiled in" in r.getMessage()]) == 3
+    assert sorted(ahead.runner._graphs, key=str) == [1, 4, None]
+    assert first == plain[:1] and rest == plain
 
 
 def test_float16_on_cpu_matches_the_reference_backend(tiny):

@@ -39,35 +39,36 @@ def offline_env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "SGLANG_USE_CPU_ENGINE": "1", "GLOG_v": "3"}
 
 
-def run_tool(args: list[str]) -> str:
-    out = subprocess.run([PYTHON, "-m", *args], env=offline_env(), cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+def run_tool(args: list[str], cwd) -> str:
+    """Run `python -m ARGS` in `cwd` (the tools write their result files there)."""
+    out = subprocess.run([PYTHON, "-m", *args], env=offline_env(), cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-6000:]
     return text
 
 
-def test_one_batch_latency_with_mindspore(llama):
+def test_one_batch_latency_with_mindspore(llama, tmp_path):
     out = run_tool(["sglang_fx.sglang.bench_one_batch", "--model-path", llama, "--model-impl", "mindspore", *SERVER_FLAGS,
-                    "--batch-size", "1", "4", "--input-len", "16", "--output-len", "8"])  # fmt: skip
+                    "--batch-size", "1", "4", "--input-len", "16", "--output-len", "8"], tmp_path)  # fmt: skip
     assert "type=SglangFx_mindspore_ForCausalLM" in out, out[-4000:]  # the sglang-fx backend, not SGLang's wrapper
     table = out[out.index("Benchmark ..."):]  # after one_batch's warm-up: one prefill and decode run per batch size
     assert table.count("Decode.  median latency") == 2 and table.count("Prefill. latency") == 2, out[-4000:]
     assert "Decode 4. Batch size: 1," in table and "Decode 4. Batch size: 4," in table, table
 
 
-def test_one_batch_refuses_an_unknown_model_impl(llama):
+def test_one_batch_refuses_an_unknown_model_impl(llama, tmp_path):
     out = subprocess.run([PYTHON, "-m", "sglang_fx.sglang.bench_one_batch", "--model-path", llama, "--model-impl", "mindspor",
                           *SERVER_FLAGS, "--batch-size", "1", "--input-len", "8", "--output-len", "2"],
-                         env=offline_env(), cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)  # fmt: skip
+                         env=offline_env(), cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)  # fmt: skip
     assert out.returncode != 0
     assert "--model-impl 'mindspor' is neither an SGLang implementation nor an installed sglang-fx backend" in out.stderr
 
 
-def test_offline_throughput_with_mindspore(llama):
+def test_offline_throughput_with_mindspore(llama, tmp_path):
     out = run_tool(["sglang.benchmark.offline_throughput", "--model-path", llama, "--model-impl", "mindspore", *SERVER_FLAGS,
                     "--dataset-name", "generated-shared-prefix", "--gsp-num-groups", "2", "--gsp-prompts-per-group", "4",
                     "--gsp-system-prompt-len", "64", "--gsp-question-len", "16", "--gsp-output-len", "8",
-                    "--dataset-path", str(LOCAL_SHAREGPT)])  # fmt: skip
+                    "--dataset-path", str(LOCAL_SHAREGPT)], tmp_path)  # fmt: skip
     assert "Offline Throughput Benchmark Result" in out, out[-4000:]
     assert "Successful requests:                     8" in out, out[-4000:]
     assert "type=SglangFx_mindspore_ForCausalLM" in out, out[-4000:]
@@ -79,7 +80,7 @@ def test_bench_serving_against_a_mindspore_server(llama, tmp_path):
         server.wait_ready(TIMEOUT)
         out = run_tool(["sglang.bench_serving", "--backend", "sglang", "--base-url", server.url, "--dataset-name", "random-ids",
                         "--num-prompts", "8", "--random-input-len", "32", "--random-output-len", "8",
-                        "--random-range-ratio", "1"])  # fmt: skip
+                        "--random-range-ratio", "1"], tmp_path)  # fmt: skip
     finally:
         server.stop()
     assert "Serving Benchmark Result" in out, out[-4000:]

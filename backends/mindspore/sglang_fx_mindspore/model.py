@@ -8,10 +8,18 @@ Graphs are compiled on first use, so that no step shape compiles again:
   batch size where only the sequence length is dynamic. That graph's kernels skip MindSpore's
   per-launch shape work, which made decode about 20% faster (Qwen3, hidden 512, batch 8, CPU);
   a new size in a bucket reuses its graph, as SGLang's CUDA graphs do.
+
+A graph compiles in seconds (about 7 s each for SmolLM2-135M's 30 layers on 2 CPU cores), so
+the first step at a new decode size stalls that long. The `precompile` option compiles the
+prefill graph and the chosen decode graphs before the first step instead (one log line each),
+as SGLang captures CUDA graphs at start-up; in SGLang that is during the server's warm-up
+request, before it reports ready.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Mapping
 
 import mindspore as ms
@@ -37,6 +45,8 @@ from .llama import LlamaFamily
 from .plugin import CAPABILITIES
 from .runtime import DEVICE_TARGETS, ms_dtype
 
+logger = logging.getLogger(__name__)
+
 OPTIONS = tuple(CAPABILITIES.options)  # the keys of RunnerOptions.extra this backend takes
 MODES = ("jit", "pynative")
 
@@ -57,7 +67,10 @@ class MindSporeRunner:
     """`spi.ModelRunner` over the architecture's Decoder (ARCHITECTURES). options.extra:
     "mode": "jit" (default) | "pynative";
     "decode_batches": the decode graphs' batch sizes, comma-separated ("1,2,4,8"), or "none"
-    (decode runs the dynamic graph); default DECODE_BATCHES; jit only.
+    (decode runs the dynamic graph); default DECODE_BATCHES; jit only;
+    "precompile": "none" (default: compile each graph on first use), "all" (the prefill graph and
+    every decode graph), or decode batch sizes ("1,2,4,8", each one of decode_batches): compiled
+    on the first forward, before its step; jit only.
 
     Weights are placed at construction; the attention tier, the step Cell and its compiled graph
     depend on the KV layout, so they are built on the first forward (and again only if a cache
@@ -71,6 +84,7 @@ class MindSporeRunner:
         if mode not in MODES:
             raise UnsupportedConfigError(f"mindspore backend: mode {mode!r} is not one of {' | '.join(MODES)}")
         self.decode_batches = decode_batches(options.extra.get("decode_batches")) if mode == "jit" else ()
+        self.precompile = precompile_batches(options.extra.get("precompile"), self.decode_batches, mode)
         if spec.architecture not in ARCHITECTURES:
             raise UnsupportedConfigError(
                 f"mindspore backend: architecture {spec.architecture!r} is not supported; it runs {', '.join(ARCHITECTURES)}"
@@ -130,9 +144,25 @@ class MindSporeRunner:
             return None
         return next((b for b in self.decode_batches if b >= meta.batch_size), None)
 
+    def _compile_ahead(self, cache: MindSporeKVCache, device: torch.device) -> None:
+        """Compile the prefill graph and the `precompile` decode graphs by running a dummy step
+        on each. Only on the first forward: the pool holds no K/V yet, so the dummy steps' writes
+        (page 0) touch nothing a sequence owns, and the real step then writes its own slots."""
+        page = self.layout.page_size
+        two = [0, 1 if page > 1 else 0]  # two token slots in page 0, at positions 0 and 1
+        steps = [("prefill (any step shape)", [two], [0])] + [(f"decode batch {b}", [two] * b, [1] * b) for b in self.precompile]
+        for label, slots, prefix in steps:
+            meta = ForwardMetadata.from_lists(token_slots=slots, prefix_lens=prefix, page_size=page, device=device)
+            start = time.perf_counter()
+            self.forward(torch.zeros(meta.num_tokens, dtype=torch.int64, device=device), meta, cache)
+            logger.info("sglang-fx mindspore: %s graph compiled in %.1f s", label, time.perf_counter() - start)
+
     def forward(self, input_ids: torch.Tensor, meta: ForwardMetadata, cache: MindSporeKVCache) -> torch.Tensor:
         if cache.layout != self.layout:
+            first = self.layout is None
             self._bind(cache.layout)
+            if first and self.precompile is not None:
+                self._compile_ahead(cache, meta.positions.device)
         wanted, batch = len(meta.logits_indices), self._decode_batch(meta)
         if batch is not None:
             meta, input_ids = meta.padded_decode(input_ids, batch)
@@ -145,6 +175,25 @@ class MindSporeRunner:
         out = self._step(batch, keys, values, cache.slot_views, ex(ids), ex(meta.positions), ex(logits_indices),
                          ex(meta.out_cache_loc), self.attn.inputs, self.attn.variant, gather_experts, batch is not None)  # fmt: skip
         return self.exchange.output_to_torch(out)[:wanted]
+
+
+def precompile_batches(text: str | None, batches: tuple[int, ...], mode: str) -> tuple[int, ...] | None:
+    """The `precompile` option: None (compile on first use), else the decode batch sizes to
+    compile ahead (the prefill graph always is)."""
+    if text is None or text.strip().lower() == "none":
+        return None
+    if mode != "jit":
+        raise UnsupportedConfigError(f"mindspore backend: precompile {text!r} needs mode jit (mode {mode} compiles nothing)")
+    if text.strip().lower() == "all":
+        return batches
+    try:
+        sizes = tuple(sorted({int(b) for b in text.split(",")}))
+    except ValueError:
+        sizes = ()
+    if not sizes or any(b not in batches for b in sizes):
+        raise UnsupportedConfigError(f"mindspore backend: precompile {text!r} is not none, all, or a comma-separated list "
+                                     f"of decode batch sizes among {','.join(map(str, batches)) or '(none: decode_batches is none)'}")  # fmt: skip
+    return sizes
 
 
 def decode_batches(text: str | None) -> tuple[int, ...]:

@@ -34,6 +34,8 @@ CAPABILITIES = Capabilities(
     options={
         "mode": "jit (default): the step as compiled graphs; pynative: op by op",
         "decode_batches": "batch sizes of the decode graphs, e.g. 1,2,4,8, or none (jit only)",
+        "precompile": "graphs to compile before the first step instead of on first use: none (default), all "
+        "(the prefill graph and every decode batch size), or decode batch sizes, e.g. 1,2,4,8 (jit only)",
     },
 )
 
