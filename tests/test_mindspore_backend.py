@@ -462,6 +462,14 @@ def test_pynative_mode_gives_the_jit_logits(tiny):
     torch.testing.assert_close(out[0], out[1], rtol=0, atol=1e-5)
 
 
+def test_mindspores_compile_cache_switch_is_refused(tiny, monkeypatch):
+    """MindSpore's own persistent compile cache loads this backend's graphs with wrong weights
+    (every greedy token 0 on a warm cache, measured): the runner refuses to start under it."""
+    monkeypatch.setenv("MS_COMPILER_CACHE_ENABLE", "1")
+    with pytest.raises(UnsupportedConfigError, match="MS_COMPILER_CACHE_ENABLE=1 is set.*unset it.*precompile"):
+        Session("mindspore", tiny("qwen3"))
+
+
 def test_precompile_compiles_before_the_first_step_and_changes_no_token(tiny, caplog, page_size=16):
     prompts = [PROMPT[:30], PROMPT[40:45], PROMPT[7:9]]
     plain = Session("mindspore", tiny("qwen3"), page_size=page_size).generate(prompts, 8)

@@ -77,6 +77,7 @@ class MindSporeRunner:
     of another layout arrives)."""
 
     def __init__(self, spec: ModelSpec, weights: Mapping[str, torch.Tensor], options: RunnerOptions, exchange: MindSporeExchange):
+        refuse_compile_cache_env()
         unknown = sorted(set(options.extra) - set(OPTIONS))
         if unknown:
             raise UnsupportedConfigError(f"mindspore backend: unknown option(s) {unknown}; it takes {', '.join(OPTIONS)}")
@@ -175,6 +176,27 @@ class MindSporeRunner:
         out = self._step(batch, keys, values, cache.slot_views, ex(ids), ex(meta.positions), ex(logits_indices),
                          ex(meta.out_cache_loc), self.attn.inputs, self.attn.variant, gather_experts, batch is not None)  # fmt: skip
         return self.exchange.output_to_torch(out)[:wanted]
+
+
+#: MindSpore's persistent compile cache switch (and its older context option). MindSpore 2.10
+#: binds a cached graph's weights by the parameter names of the Cell whose construct was jitted,
+#: and picks cached graphs by the order they compile in: this runner's graphs get neither right
+#: (measured: a warm cache decoded token 0 at every step), so the variable is refused.
+COMPILE_CACHE_ENV = "MS_COMPILER_CACHE_ENABLE"
+
+
+def refuse_compile_cache_env() -> None:
+    import os
+
+    value = os.environ.get(COMPILE_CACHE_ENV, "").strip().lower()
+    if value not in ("", "0", "false", "off", "no") or ms.get_context("enable_compile_cache"):
+        setting = f"{COMPILE_CACHE_ENV}={os.environ[COMPILE_CACHE_ENV]}" if value else "set_context(enable_compile_cache=True)"
+        raise UnsupportedConfigError(
+            f"mindspore backend: {setting} is set, and MindSpore 2.10's compile "
+            "cache gives this backend's graphs wrong weights when it loads them (every token 0); unset it. To compile "
+            "the graphs before the first request instead, use the backend option precompile (e.g. SGLANG_FX_OPTIONS="
+            '\'{"mindspore": {"precompile": "1,2,4,8"}}\')'
+        )
 
 
 def precompile_batches(text: str | None, batches: tuple[int, ...], mode: str) -> tuple[int, ...] | None:
