@@ -42,6 +42,6 @@ clean:
 bench: setup
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/sglang_decode.py
-	$(PY) benchmarks/sglang_decode.py --model smollm2 --batch 1 --batch 8 --batch 32 --steps 16 --repeats 3
+	$(PY) benchmarks/sglang_decode.py --model smollm2 --batch 1 --batch 8 --batch 32 --steps 32 --repeats 3
 	$(PY) benchmarks/parallel.py
 	$(PY) benchmarks/warmup.py

@@ -25,6 +25,7 @@ from .collectives import Collectives
 from .kernels import cast, write_rows
 from .layers import (
     fold_norm, linear, mlp, mlp_weights, moe, moe_weights, rms_norm, rope_angles, rope_matrices, rope_rotations,
+    widened,
 )  # fmt: skip
 
 
@@ -135,7 +136,8 @@ class Decoder(nn.Cell):
             return ops.gather(table, input_ids, 0)
         local = input_ids - self.vocab.start
         mine = ((local >= 0) & (local < len(self.vocab))).astype(table.dtype).reshape(-1, 1)
-        return self.comm.all_reduce(ops.gather(table, ops.clamp(local, 0, len(self.vocab) - 1), 0) * mine)
+        rows = ops.gather(table, ops.clamp(local, 0, len(self.vocab) - 1), 0)
+        return self.comm.all_reduce(rows * widened(mine, rows))
 
     def attend(self, q: Tensor, k: Tensor, v, kv: tuple) -> Tensor:
         """Layer kv[0]'s attention over the pool, after storing this step's k and v (v None
