@@ -76,12 +76,14 @@ class Decoder(nn.Cell):
     @classmethod
     def weights(cls, w: Mapping[str, torch.Tensor], shard: Shard) -> tuple:
         """All weights of this rank (`shard`; w holds its slices), in the nested order construct
-        unpacks: (embed, lm_head, (inv_freq, P, R) for RoPE, layers); layer i is
+        unpacks: (embed, head, (inv_freq, P, R) for RoPE, layers); layer i is
         (`attention_weights`, MLP weights: `mlp_weights`, or the post-attention norm's weight
         followed by `moe_weights`). Each RMSNorm's weight is folded
         into the projections that read its output (`layers.fold_norm`): the input norm into the
         attention's input projection, the post-attention norm into a dense MLP's, the final norm
-        into lm_head. (Not into an MoE layer's: its router would see the normed activations
+        into lm_head: head is (lm_head,), or (embed, final norm weight) when the embedding is
+        tied, which stays shared rather than copied (a vocabulary-sized matrix) and has the norm
+        applied to the N logit rows. (Not into an MoE layer's: its router would see the normed activations
         rounded otherwise than the reference's, and in half precision a near-tie between two
         experts would then route differently.) Fusing and folding copy those tensors once here
         and save kernel launches on every step."""
@@ -100,8 +102,9 @@ class Decoder(nn.Cell):
             else:
                 mlp_w = mlp_weights(w, pre + "mlp.", norm)
             layers.append((attn_w, mlp_w))
-        lm_head = fold_norm(w["lm_head.weight"], w["model.norm.weight"])
-        return (w["model.embed_tokens.weight"], lm_head, (inv_freq, p, r), tuple(layers))
+        embed, lm_head, norm = w["model.embed_tokens.weight"], w["lm_head.weight"], w["model.norm.weight"]
+        head = (embed, norm) if lm_head.data_ptr() == embed.data_ptr() else (fold_norm(lm_head, norm),)
+        return (embed, head, (inv_freq, p, r), tuple(layers))
 
     def construct(self, keys, values, kv_store, input_ids, positions, logits_indices, slots, attn_inputs, attn_variant,
                   gather_experts, few_tokens):  # fmt: skip
@@ -111,7 +114,7 @@ class Decoder(nn.Cell):
         compute (`layers.gathers_experts`); few_tokens: RoPE by per-token rotation matrices
         (`layers.rope_rotations`). Like attn_variant, both are Python constants that pick a path
         of the graph."""
-        embed, lm_head, (inv_freq, p, r), layers = self.params
+        embed, head, (inv_freq, p, r), layers = self.params
         cos, sin = rope_angles(positions, inv_freq, embed.dtype)
         rot = (rope_rotations(cos, sin, p, r),) if few_tokens else (cos, sin, p, r)
         x = self.embed(embed, input_ids)  # [T, H]
@@ -125,8 +128,8 @@ class Decoder(nn.Cell):
                 x = x + comm.all_reduce(moe(rms_norm(x, mlp_w[0], self.eps), mlp_w[1:], self.spec.moe, gather_experts, self.held))
             else:
                 x = x + comm.all_reduce(mlp(rms_norm(x, None, self.eps), *mlp_w))
-        x = rms_norm(ops.gather(x, logits_indices, 0), None, self.eps)  # [N, H]
-        logits = comm.gather_columns(cast(linear(x, lm_head), ms.float32))  # [N, tp * ceil(V / tp)]
+        x = rms_norm(ops.gather(x, logits_indices, 0), head[1] if len(head) > 1 else None, self.eps)  # [N, H]
+        logits = comm.gather_columns(cast(linear(x, head[0]), ms.float32))  # [N, tp * ceil(V / tp)]
         return logits if comm.size == 1 else logits[:, : self.spec.vocab_size]  # [N, V]
 
     def embed(self, table: Tensor, input_ids: Tensor) -> Tensor:
