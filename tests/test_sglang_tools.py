@@ -56,6 +56,15 @@ def test_one_batch_latency_with_mindspore(llama, tmp_path):
     assert "Decode 4. Batch size: 1," in table and "Decode 4. Batch size: 4," in table, table
 
 
+def test_one_batch_at_tp_size_2_loads_the_plugins_in_every_rank(llama, tmp_path):
+    """one_batch spawns one process per rank; each must run the sglang-fx backend (SGLang's own
+    "mindspore" wrapper would fail with NameError: name 'ms' is not defined)."""
+    out = run_tool(["sglang_fx.sglang.bench_one_batch", "--model-path", llama, "--model-impl", "mindspore", *SERVER_FLAGS,
+                    "--tp-size", "2", "--batch-size", "2", "--input-len", "8", "--output-len", "4"], tmp_path)  # fmt: skip
+    assert out.count("type=SglangFx_mindspore_ForCausalLM") == 2, out[-4000:]  # TP0 and TP1
+    assert "Decode 2. Batch size: 2," in out[out.index("Benchmark ..."):], out[-4000:]
+
+
 def test_one_batch_refuses_an_unknown_model_impl(llama, tmp_path):
     out = subprocess.run([PYTHON, "-m", "sglang_fx.sglang.bench_one_batch", "--model-path", llama, "--model-impl", "mindspor",
                           *SERVER_FLAGS, "--batch-size", "1", "--input-len", "8", "--output-len", "2"],
