@@ -103,7 +103,7 @@ class Decoder(nn.Cell):
                 mlp_w = mlp_weights(w, pre + "mlp.", norm)
             layers.append((attn_w, mlp_w))
         embed, lm_head, norm = w["model.embed_tokens.weight"], w["lm_head.weight"], w["model.norm.weight"]
-        head = (embed, norm) if lm_head.data_ptr() == embed.data_ptr() else (fold_norm(lm_head, norm),)
+        head = (embed, norm) if lm_head is embed else (fold_norm(lm_head, norm),)  # Checkpoint.load ties by identity
         return (embed, head, (inv_freq, p, r), tuple(layers))
 
     def construct(self, keys, values, kv_store, input_ids, positions, logits_indices, slots, attn_inputs, attn_variant,

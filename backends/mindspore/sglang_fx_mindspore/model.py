@@ -97,11 +97,15 @@ class MindSporeRunner:
         self.layout: KVLayout | None = None  # the layout the step below was built for
         target = DEVICE_TARGETS[options.device.partition(":")[0]]
 
+        placed: dict[int, Tensor] = {}  # id(torch tensor) -> its MindSpore tensor: a tied embedding is placed once
+
         def load(t):  # nested tuples of torch tensors -> MindSpore; aliases host memory on CPU, copies to a device
             if isinstance(t, tuple):
                 return tuple(load(x) for x in t)
-            x = exchange.from_torch(t)
-            return x if target == "CPU" else x.move_to(target)
+            if id(t) not in placed:
+                x = exchange.from_torch(t)
+                placed[id(t)] = x if target == "CPU" else x.move_to(target)
+            return placed[id(t)]
 
         self.weights = parameters(load(self.decoder.weights(weights, self.shard)))
 
@@ -146,12 +150,18 @@ class MindSporeRunner:
         return next((b for b in self.decode_batches if b >= meta.batch_size), None)
 
     def _compile_ahead(self, cache: MindSporeKVCache, device: torch.device) -> None:
-        """Compile the prefill graph and the `precompile` decode graphs by running a dummy step
-        on each. Only on the first forward: the pool holds no K/V yet, so the dummy steps' writes
-        (page 0) touch nothing a sequence owns, and the real step then writes its own slots."""
+        """Compile the prefill graph (without a cached prefix; for MoE both expert paths) and the
+        `precompile` decode graphs by running a dummy step on each. Still compiled on first use:
+        variants of the dynamic graph that the dummies do not take (the Ascend tier's prefix-hit
+        and large-decode kernels; decode above the largest bucket). Only on the first forward:
+        the pool holds no K/V yet, so the dummy steps' writes (page 0) touch nothing a sequence
+        owns, and the real step then writes its own slots."""
         page = self.layout.page_size
-        two = [0, 1 if page > 1 else 0]  # two token slots in page 0, at positions 0 and 1
-        steps = [("prefill (any step shape)", [two], [0])] + [(f"decode batch {b}", [two] * b, [1] * b) for b in self.precompile]
+        slots = lambda n: [j % page for j in range(n)]  # noqa: E731  (n token slots in page 0, positions 0..n-1)
+        steps = [("prefill", [slots(2)], [0])]
+        if self.spec.moe is not None:  # a long prefill computes the experts densely: another graph
+            steps.append(("prefill (dense experts)", [slots(-(-self.spec.moe.num_experts // self.spec.moe.top_k))], [0]))
+        steps += [(f"decode batch {b}", [slots(2)] * b, [1] * b) for b in self.precompile]
         for label, slots, prefix in steps:
             meta = ForwardMetadata.from_lists(token_slots=slots, prefix_lens=prefix, page_size=page, device=device)
             start = time.perf_counter()
