@@ -299,7 +299,8 @@ def test_bad_input_gets_a_clear_4xx_and_disturbs_nothing(servers, backend):
 
 def test_sigterm_under_load_ends_every_process(servers):
     """The launcher gets SIGTERM (as from systemd or `kill`) while 32 clients stream: it and
-    every child process must be gone within a minute."""
+    every child process must be gone within a minute. It ends the shared mindspore "roomy"
+    server, so it is the module's last test (pytest runs a module's tests in file order)."""
     server = ready(servers, BACKENDS[0], "roomy")
     tree = [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children(recursive=True)]
     assert len(tree) >= 3, tree  # launcher, scheduler, detokenizer

@@ -14,8 +14,8 @@ HF_HUB_OFFLINE=1 throughout: nothing may come from the hub. Budget: about 3 minu
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
-import sys
 
 import pytest
 
@@ -39,16 +39,30 @@ def offline_env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "SGLANG_USE_CPU_ENGINE": "1", "GLOG_v": "3"}
 
 
-def run_tool(args: list[str], cwd) -> str:
-    """Run `python -m ARGS` in `cwd` (the tools write their result files there)."""
-    out = subprocess.run([PYTHON, "-m", *args], env=offline_env(), cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT)
-    text = out.stdout + out.stderr
-    assert out.returncode == 0, text[-6000:]
-    return text
+def run_tool(args: list[str], cwd, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    """Run `python -m ARGS` in `cwd` (the tools write their result files there), in a session of
+    its own: on a timeout the whole group goes (one_batch's spawned ranks too)."""
+    proc = subprocess.Popen([PYTHON, "-m", *args], env=offline_env(), cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"{args[0]} still running after {TIMEOUT} s:\n{(stdout + stderr)[-6000:]}") from None
+    out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    if expect_ok:
+        assert out.returncode == 0, (stdout + stderr)[-6000:]
+    return out
+
+
+def tool_output(args: list[str], cwd) -> str:
+    out = run_tool(args, cwd)
+    return out.stdout + out.stderr
 
 
 def test_one_batch_latency_with_mindspore(llama, tmp_path):
-    out = run_tool(["sglang_fx.sglang.bench_one_batch", "--model-path", llama, "--model-impl", "mindspore", *SERVER_FLAGS,
+    out = tool_output(["sglang_fx.sglang.bench_one_batch", "--model-path", llama, "--model-impl", "mindspore", *SERVER_FLAGS,
                     "--batch-size", "1", "4", "--input-len", "16", "--output-len", "8"], tmp_path)  # fmt: skip
     assert "type=SglangFx_mindspore_ForCausalLM" in out, out[-4000:]  # the sglang-fx backend, not SGLang's wrapper
     table = out[out.index("Benchmark ..."):]  # after one_batch's warm-up: one prefill and decode run per batch size
@@ -59,22 +73,21 @@ def test_one_batch_latency_with_mindspore(llama, tmp_path):
 def test_one_batch_at_tp_size_2_loads_the_plugins_in_every_rank(llama, tmp_path):
     """one_batch spawns one process per rank; each must run the sglang-fx backend (SGLang's own
     "mindspore" wrapper would fail with NameError: name 'ms' is not defined)."""
-    out = run_tool(["sglang_fx.sglang.bench_one_batch", "--model-path", llama, "--model-impl", "mindspore", *SERVER_FLAGS,
+    out = tool_output(["sglang_fx.sglang.bench_one_batch", "--model-path", llama, "--model-impl", "mindspore", *SERVER_FLAGS,
                     "--tp-size", "2", "--batch-size", "2", "--input-len", "8", "--output-len", "4"], tmp_path)  # fmt: skip
     assert out.count("type=SglangFx_mindspore_ForCausalLM") == 2, out[-4000:]  # TP0 and TP1
     assert "Decode 2. Batch size: 2," in out[out.index("Benchmark ..."):], out[-4000:]
 
 
 def test_one_batch_refuses_an_unknown_model_impl(llama, tmp_path):
-    out = subprocess.run([PYTHON, "-m", "sglang_fx.sglang.bench_one_batch", "--model-path", llama, "--model-impl", "mindspor",
-                          *SERVER_FLAGS, "--batch-size", "1", "--input-len", "8", "--output-len", "2"],
-                         env=offline_env(), cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT)  # fmt: skip
+    out = run_tool(["sglang_fx.sglang.bench_one_batch", "--model-path", llama, "--model-impl", "mindspor", *SERVER_FLAGS,
+                    "--batch-size", "1", "--input-len", "8", "--output-len", "2"], tmp_path, expect_ok=False)  # fmt: skip
     assert out.returncode != 0
     assert "--model-impl 'mindspor' is neither an SGLang implementation nor an installed sglang-fx backend" in out.stderr
 
 
 def test_offline_throughput_with_mindspore(llama, tmp_path):
-    out = run_tool(["sglang.benchmark.offline_throughput", "--model-path", llama, "--model-impl", "mindspore", *SERVER_FLAGS,
+    out = tool_output(["sglang.benchmark.offline_throughput", "--model-path", llama, "--model-impl", "mindspore", *SERVER_FLAGS,
                     "--dataset-name", "generated-shared-prefix", "--gsp-num-groups", "2", "--gsp-prompts-per-group", "4",
                     "--gsp-system-prompt-len", "64", "--gsp-question-len", "16", "--gsp-output-len", "8",
                     "--dataset-path", str(LOCAL_SHAREGPT)], tmp_path)  # fmt: skip
@@ -87,7 +100,7 @@ def test_bench_serving_against_a_mindspore_server(llama, tmp_path):
     server = Server("tools-mindspore", llama, ("--model-impl", "mindspore"), offline_env(), tmp_path)
     try:
         server.wait_ready(TIMEOUT)
-        out = run_tool(["sglang.bench_serving", "--backend", "sglang", "--base-url", server.url, "--dataset-name", "random-ids",
+        out = tool_output(["sglang.bench_serving", "--backend", "sglang", "--base-url", server.url, "--dataset-name", "random-ids",
                         "--num-prompts", "8", "--random-input-len", "32", "--random-output-len", "8",
                         "--random-range-ratio", "1"], tmp_path)  # fmt: skip
     finally:
