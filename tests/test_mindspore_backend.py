@@ -3,8 +3,11 @@ logits and greedy decoding against Hugging Face transformers (float32 on CPU).""
 
 from __future__ import annotations
 
+import json
 import logging
-
+import os
+import re
+import subprocess
 import sys
 
 import pytest
@@ -103,6 +106,7 @@ def test_bfloat16_on_cpu_is_refused_with_the_fix(tiny):
         ({"precompile": "3"}, "precompile '3' is not none, all, or a comma-separated list of decode batch sizes among 1,2,4,8,"),
         ({"precompile": "all", "mode": "pynative"}, "precompile 'all' needs mode jit"),
         ({"precompile": "1", "decode_batches": "none"}, r"among \(none: decode_batches is none\)"),
+        ({"compile_cache": "/tmp/x"}, "compile_cache keeps the precompiled graphs; set precompile too"),
     ],
 )
 def test_bad_options_are_refused(tiny, extra, message):
@@ -484,6 +488,41 @@ def test_precompile_compiles_before_the_first_step_and_changes_no_token(tiny, ca
     rest = ahead.generate(prompts, 8)  # batch 3 runs the batch-4 graph: no new graph
     assert sorted(ahead.runner._graphs, key=str) == [1, 4, None]
     assert first == plain[:1] and rest == plain
+
+
+CACHED_RUN = """
+import json, logging, os, sys
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from sglang_fx.generate import Session
+options = {"precompile": "1,4", "compile_cache": sys.argv[2]} if sys.argv[2] != "none" else {}
+s = Session("mindspore", sys.argv[1], page_size=16, options=options)
+out = s.generate([list(range(5, 35)), [7, 8, 9]], 8) + s.generate([[40, 41], [42], [43, 44, 45]], 6)
+print("RESULT", json.dumps({"tokens": out, "enabled": os.environ.get("MS_COMPILER_CACHE_ENABLE")}))
+"""
+
+
+def test_compile_cache_gives_a_restarted_process_the_same_graphs(tiny, tmp_path):
+    """Two processes with compile_cache: the first compiles and stores the precompiled graphs
+    (cold), the second loads them (warm); both give the tokens of a run without the cache, and
+    MindSpore's cache is off again after the precompile."""
+    script = tmp_path / "run.py"  # MindSpore's cache needs the program to be a file
+    script.write_text(CACHED_RUN)
+    model, cache = str(tiny("qwen3")), str(tmp_path / "cache")
+
+    def run(cache_dir):
+        out = subprocess.run([sys.executable, str(script), model, cache_dir], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "GLOG_v": "3"})  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        result = json.loads(out.stdout.split("RESULT ", 1)[1])
+        states = re.findall(r"graph compiled in [0-9.]+ s \(compile cache: (\w+)\)", out.stderr)
+        return result, states
+
+    plain, _ = run("none")
+    cold, cold_states = run(cache)
+    warm, warm_states = run(cache)
+    assert cold_states == ["cold"] * 3 and warm_states == ["warm"] * 3, (cold_states, warm_states)
+    assert cold["tokens"] == warm["tokens"] == plain["tokens"]
+    assert cold["enabled"] == warm["enabled"] == "0"
 
 
 def test_float16_on_cpu_matches_the_reference_backend(tiny):

@@ -15,14 +15,14 @@ from collections.abc import Mapping
 
 import mindspore as ms
 import torch
-from mindspore import Tensor, nn, ops
+from mindspore import ParameterTuple, Tensor, nn, ops
 
 from sglang_fx.checkpoint import ModelSpec
 from sglang_fx.sharding import Shard
 from sglang_fx.spi import AttentionSpec
 
 from .collectives import Collectives
-from .kernels import cast, write_rows
+from .kernels import cast, flat_parameters, write_rows
 from .layers import (
     fold_norm, linear, mlp, mlp_weights, moe, moe_weights, rms_norm, rope_angles, rope_matrices, rope_rotations,
     widened,
@@ -44,6 +44,9 @@ class Decoder(nn.Cell):
         self.spec, self.attn, self.kv_dtype, self.has_values = spec, attention, kv_dtype, has_values
         self.comm, self.held, self.vocab = comm, shard.experts, shard.vocab
         self.params = weights
+        # The same Parameters registered on the Cell (named by their place in the tree): a graph
+        # loaded from MindSpore's compile cache gets its weights from these.
+        self.registered = ParameterTuple(flat_parameters(weights))
         self.stores_kv, self.in_graph = not attention.writes_kv, in_graph
         self.num_layers, self.eps = spec.num_layers, spec.rms_norm_eps
         self.moe_layers = tuple(spec.is_moe_layer(i) for i in range(spec.num_layers))

@@ -47,6 +47,16 @@ def cast(x: Tensor, dtype) -> Tensor:
     return x.astype(dtype)
 
 
+def flat_parameters(tree) -> tuple[Parameter, ...]:
+    """The Parameters of a `parameters` tree, in order, each once."""
+    if isinstance(tree, tuple):
+        seen = {}
+        for p in (q for t in tree for q in flat_parameters(t)):
+            seen.setdefault(id(p), p)
+        return tuple(seen.values())
+    return (tree,)
+
+
 def parameters(tree, name: str = "w"):
     """Nested tuples of tensors as the same tree of Parameters over the same memory (named by
     their place in the tree). A Cell's Parameters reach its compiled graph at no per-call cost,

@@ -18,8 +18,11 @@ request, before it reports ready.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import time
+import types
 from collections.abc import Mapping
 
 import mindspore as ms
@@ -34,6 +37,7 @@ from sglang_fx.sharding import Shard
 from sglang_fx.spi import RunnerOptions
 
 from . import collectives
+from .compile_cache import CompileCache
 from .attention import make_attention
 from .decoder import Decoder
 from .deepseek_v3 import DeepseekV3
@@ -70,7 +74,9 @@ class MindSporeRunner:
     (decode runs the dynamic graph); default DECODE_BATCHES; jit only;
     "precompile": "none" (default: compile each graph on first use), "all" (the prefill graph and
     every decode graph), or decode batch sizes ("1,2,4,8", each one of decode_batches): compiled
-    on the first forward, before its step; jit only.
+    on the first forward, before its step; jit only;
+    "compile_cache": a directory where the precompiled graphs are kept across restarts
+    (`compile_cache.CompileCache`); needs precompile.
 
     Weights are placed at construction; the attention tier, the step Cell and its compiled graph
     depend on the KV layout, so they are built on the first forward (and again only if a cache
@@ -86,6 +92,10 @@ class MindSporeRunner:
             raise UnsupportedConfigError(f"mindspore backend: mode {mode!r} is not one of {' | '.join(MODES)}")
         self.decode_batches = decode_batches(options.extra.get("decode_batches")) if mode == "jit" else ()
         self.precompile = precompile_batches(options.extra.get("precompile"), self.decode_batches, mode)
+        self.cache_root = options.extra.get("compile_cache")
+        if self.cache_root is not None and self.precompile is None:
+            raise UnsupportedConfigError("mindspore backend: compile_cache keeps the precompiled graphs; set precompile too "
+                                         "(e.g. precompile=all)")  # fmt: skip
         if spec.architecture not in ARCHITECTURES:
             raise UnsupportedConfigError(
                 f"mindspore backend: architecture {spec.architecture!r} is not supported; it runs {', '.join(ARCHITECTURES)}"
@@ -129,19 +139,19 @@ class MindSporeRunner:
         """The step as a jit graph for one-token steps of `batch` sequences, whose sizes are all
         fixed but the sequence length; batch None: for any step, every size dynamic."""
         model = self.model
-
-        # A function of its own per graph: enable_dynamic marks the function it decorates.
-        def step(keys, values, kv_store, input_ids, positions, logits_indices, slots, attn_inputs, attn_variant,
-                 gather_experts, few_tokens):  # fmt: skip
-            return model.construct(keys, values, kv_store, input_ids, positions, logits_indices, slots, attn_inputs,
-                                   attn_variant, gather_experts, few_tokens)  # fmt: skip
-
+        # The Cell's own construct, as a function object of its own per graph (enable_dynamic marks
+        # the function it decorates), called with the Cell as `self`: so MindSpore knows the graph
+        # belongs to this Cell and binds the Cell's registered Parameters by name, which its
+        # compile cache needs to give a loaded graph its weights.
+        construct = type(model).construct
+        step = types.FunctionType(construct.__code__, construct.__globals__, "construct", construct.__defaults__,
+                                  construct.__closure__)  # fmt: skip
         tokens = {}
         if batch is None:
             i32, i64 = ms.int32, ms.int64
             tokens = dict(input_ids=Tensor(shape=[None], dtype=i32), positions=Tensor(shape=[None], dtype=i64),
                           logits_indices=Tensor(shape=[None], dtype=i32), slots=Tensor(shape=[None], dtype=i64))  # fmt: skip
-        return enable_dynamic(**tokens, attn_inputs=self.attn.signature(batch))(ms.jit(step))
+        return functools.partial(enable_dynamic(**tokens, attn_inputs=self.attn.signature(batch))(ms.jit(step)), model)
 
     def _decode_batch(self, meta: ForwardMetadata) -> int | None:
         """The decode graph's batch size for this step, or None (the dynamic graph)."""
@@ -162,11 +172,18 @@ class MindSporeRunner:
         if self.spec.moe is not None:  # a long prefill computes the experts densely: another graph
             steps.append(("prefill (dense experts)", [slots(-(-self.spec.moe.num_experts // self.spec.moe.top_k))], [0]))
         steps += [(f"decode batch {b}", [slots(2)] * b, [1] * b) for b in self.precompile]
-        for label, slots, prefix in steps:
-            meta = ForwardMetadata.from_lists(token_slots=slots, prefix_lens=prefix, page_size=page, device=device)
-            start = time.perf_counter()
-            self.forward(torch.zeros(meta.num_tokens, dtype=torch.int64, device=device), meta, cache)
-            logger.info("sglang-fx mindspore: %s graph compiled in %.1f s", label, time.perf_counter() - start)
+        store = None
+        if self.cache_root is not None:
+            key = [repr(self.spec), repr(self.layout), self.mode, self.device, self.decode_batches, [label for label, _, _ in steps],
+                   self.shard.parallel.tp_rank, self.shard.parallel.tp_size, self.shard.parallel.ep_size]  # fmt: skip
+            store = CompileCache(self.cache_root, key)
+        with store if store is not None else contextlib.nullcontext():
+            for label, slots, prefix in steps:
+                meta = ForwardMetadata.from_lists(token_slots=slots, prefix_lens=prefix, page_size=page, device=device)
+                start = time.perf_counter()
+                self.forward(torch.zeros(meta.num_tokens, dtype=torch.int64, device=device), meta, cache)
+                logger.info("sglang-fx mindspore: %s graph compiled in %.1f s%s", label, time.perf_counter() - start,
+                            f" (compile cache: {store.state})" if store is not None else "")  # fmt: skip
 
     def forward(self, input_ids: torch.Tensor, meta: ForwardMetadata, cache: MindSporeKVCache) -> torch.Tensor:
         if cache.layout != self.layout:
@@ -188,10 +205,10 @@ class MindSporeRunner:
         return self.exchange.output_to_torch(out)[:wanted]
 
 
-#: MindSpore's persistent compile cache switch (and its older context option). MindSpore 2.10
-#: binds a cached graph's weights by the parameter names of the Cell whose construct was jitted,
-#: and picks cached graphs by the order they compile in: this runner's graphs get neither right
-#: (measured: a warm cache decoded token 0 at every step), so the variable is refused.
+#: MindSpore's persistent compile cache switch (and its older context option). Switched on for a
+#: whole process it gives cached graphs to whatever compiles in the same order (see
+#: compile_cache.py; measured: a warm cache decoded token 0 at every step), so the user's switch is
+#: refused; the compile_cache option turns it on only around the precompile.
 COMPILE_CACHE_ENV = "MS_COMPILER_CACHE_ENABLE"
 
 
@@ -203,9 +220,9 @@ def refuse_compile_cache_env() -> None:
         setting = f"{COMPILE_CACHE_ENV}={os.environ[COMPILE_CACHE_ENV]}" if value else "set_context(enable_compile_cache=True)"
         raise UnsupportedConfigError(
             f"mindspore backend: {setting} is set, and MindSpore 2.10's compile "
-            "cache gives this backend's graphs wrong weights when it loads them (every token 0); unset it. To compile "
-            "the graphs before the first request instead, use the backend option precompile (e.g. SGLANG_FX_OPTIONS="
-            '\'{"mindspore": {"precompile": "1,2,4,8"}}\')'
+            "cache, switched on for the whole process, gives this backend's graphs wrong weights when it loads them "
+            "(every token 0); unset it and use the backend options precompile and compile_cache, which use it safely "
+            '(e.g. SGLANG_FX_OPTIONS=\'{"mindspore": {"precompile": "all", "compile_cache": "~/.cache/sglang-fx/mindspore"}}\')'
         )
 
 

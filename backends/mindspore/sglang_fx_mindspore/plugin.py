@@ -36,6 +36,7 @@ CAPABILITIES = Capabilities(
         "decode_batches": "batch sizes of the decode graphs, e.g. 1,2,4,8, or none (jit only)",
         "precompile": "graphs to compile before the first step instead of on first use: none (default), all "
         "(the prefill graph and every decode batch size), or decode batch sizes, e.g. 1,2,4,8 (jit only)",
+        "compile_cache": "a directory that keeps the precompiled graphs across restarts (needs precompile)",
     },
 )
 
