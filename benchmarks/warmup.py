@@ -1,14 +1,17 @@
 """Time to first token right after start-up: an SGLang server with --model-impl mindspore, with
-and without the backend's `precompile` option, on the real SmolLM2-135M-Instruct.
+and without the backend's `precompile` and `compile_cache` options, on the real
+SmolLM2-135M-Instruct.
 
     python benchmarks/warmup.py [--precompile 1,2,4,8] [--model DIR]
 
-For each setting, one server after the other (the other is stopped): the start-up time
-(launch to /health_generate answering) and then, in this order, the time to the first and to
-the 16th token of one streamed request, of 4 concurrent ones (the slowest), of 8 concurrent
-ones, and of one request again once every size has run. Without precompiling, the first decode at each new
-batch size compiles its graph inside the request; with it, those graphs were compiled during
-start-up (SGLang's warm-up request), one log line each. Compare the columns of one run.
+Four servers, one after the other: compiling on first use; precompiling; precompiling with
+`compile_cache` into an empty directory (cold); and the same again (warm: the graphs load from
+the cache). For each: the start-up time (launch to /health_generate answering), then, in this
+order, the time to the first and to the 16th token of one streamed request, of 4 concurrent
+ones (the slowest), of 8 concurrent ones, and of one request again once every size has run.
+Without precompiling, the first decode at each new batch size compiles its graph inside the
+request; with it, those graphs were compiled during start-up (SGLang's warm-up request), one
+log line each. Compare the columns of one run.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -57,13 +61,14 @@ def concurrent_ttft(url: str, n: int) -> tuple[float, float]:
     return max(t[0] for t in times), max(t[1] for t in times)
 
 
-def run(model: str, precompile: str | None) -> dict:
+def run(model: str, precompile: str | None, cache: str | None = None, name: str = "none") -> dict:
     port = free_ports(1)[0]
     cmd = server_command(model, "mindspore", "cpu", port)
     env_before = os.environ.get("SGLANG_FX_OPTIONS")
     if precompile:
-        os.environ["SGLANG_FX_OPTIONS"] = json.dumps({"mindspore": {"precompile": precompile}})
-    log = Path(".cache/logs") / f"warmup-{precompile or 'none'}.log"
+        options = {"precompile": precompile, **({"compile_cache": cache} if cache else {})}
+        os.environ["SGLANG_FX_OPTIONS"] = json.dumps({"mindspore": options})
+    log = Path(".cache/logs") / f"warmup-{name}.log"
     start = time.perf_counter()
     proc = start_server(cmd, log)
     if env_before is None:
@@ -95,7 +100,13 @@ def main() -> int:
         from sglang_fx.models import fetch
 
         args.model = str(fetch("smollm2"))
-    rows = {"compile on first use": run(args.model, None), f"precompile={args.precompile}": run(args.model, args.precompile)}
+    with tempfile.TemporaryDirectory() as cache:
+        rows = {
+            "compile on first use": run(args.model, None),
+            f"precompile={args.precompile}": run(args.model, args.precompile, name="precompile"),
+            "+ compile_cache, cold": run(args.model, args.precompile, cache, name="cache-cold"),
+            "+ compile_cache, warm": run(args.model, args.precompile, cache, name="cache-warm"),
+        }
     print(f"\nmodel: {args.model}; SGLang server, --model-impl mindspore, CPU; seconds")
     phases = (("1", "1st request"), ("4", "then 4 at once"), ("8", "then 8 at once"), ("again", "then 1 again"))
     head = f"{'setting':<24}{'start-up':>10}" + "".join(f"{label:>20}" for _, label in phases)
