@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import tempfile
@@ -64,17 +63,13 @@ def concurrent_ttft(url: str, n: int) -> tuple[float, float]:
 def run(model: str, precompile: str | None, cache: str | None = None, name: str = "none") -> dict:
     port = free_ports(1)[0]
     cmd = server_command(model, "mindspore", "cpu", port)
-    env_before = os.environ.get("SGLANG_FX_OPTIONS")
+    env = {}
     if precompile:
         options = {"precompile": precompile, **({"compile_cache": cache} if cache else {})}
-        os.environ["SGLANG_FX_OPTIONS"] = json.dumps({"mindspore": options})
+        env["SGLANG_FX_OPTIONS"] = json.dumps({"mindspore": options})
     log = Path(".cache/logs") / f"warmup-{name}.log"
     start = time.perf_counter()
-    proc = start_server(cmd, log)
-    if env_before is None:
-        os.environ.pop("SGLANG_FX_OPTIONS", None)
-    else:
-        os.environ["SGLANG_FX_OPTIONS"] = env_before
+    proc = start_server(cmd, log, env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc, timeout=900, log=log)

@@ -64,10 +64,11 @@ def server_command(model_path: str, model_impl: str = "mindspore", device: str =
     return cmd
 
 
-def start_server(cmd: list[str], log: Path) -> subprocess.Popen:
-    """Start the server in its own process group, output to `log`. On the CPU, SGLang needs
-    SGLANG_USE_CPU_ENGINE=1 in its environment before it is imported."""
-    env = dict(os.environ)
+def start_server(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start the server in its own process group, output to `log`, with this environment plus
+    `env`. On the CPU, SGLang needs SGLANG_USE_CPU_ENGINE=1 in its environment before it is
+    imported."""
+    env = {**os.environ, **(env or {})}
     if "--device" in cmd and cmd[cmd.index("--device") + 1] == "cpu":
         env["SGLANG_USE_CPU_ENGINE"] = "1"
     log.parent.mkdir(parents=True, exist_ok=True)

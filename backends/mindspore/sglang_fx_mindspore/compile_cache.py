@@ -29,10 +29,26 @@ from pathlib import Path
 from typing import Any
 
 import mindspore as ms
+from sglang_fx.errors import UnsupportedConfigError
 
 logger = logging.getLogger(__name__)
 
 ENABLE, PATH = "MS_COMPILER_CACHE_ENABLE", "MS_COMPILER_CACHE_PATH"
+
+
+def refuse_process_wide_cache() -> None:
+    """Raise UnsupportedConfigError when MindSpore's cache is switched on for the whole process
+    (ENABLE, or the older set_context(enable_compile_cache=True)): it would hand graphs to
+    whatever compiles in the same order (measured: a warm cache decoded token 0 at every step)."""
+    value = os.environ.get(ENABLE, "").strip().lower()
+    if value not in ("", "0", "false", "off", "no") or ms.get_context("enable_compile_cache"):
+        setting = f"{ENABLE}={os.environ[ENABLE]}" if value else "set_context(enable_compile_cache=True)"
+        raise UnsupportedConfigError(
+            f"mindspore backend: {setting} is set, and MindSpore 2.10's compile "
+            "cache, switched on for the whole process, gives this backend's graphs wrong weights when it loads them "
+            "(every token 0); unset it and use the backend options precompile and compile_cache, which use it safely "
+            '(e.g. SGLANG_FX_OPTIONS=\'{"mindspore": {"precompile": "all", "compile_cache": "~/.cache/sglang-fx/mindspore"}}\')'
+        )
 
 
 def key_hash(key: Any) -> str:

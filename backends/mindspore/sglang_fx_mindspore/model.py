@@ -37,8 +37,8 @@ from sglang_fx.sharding import Shard
 from sglang_fx.spi import RunnerOptions
 
 from . import collectives
-from .compile_cache import CompileCache
 from .attention import make_attention
+from .compile_cache import CompileCache, refuse_process_wide_cache
 from .decoder import Decoder
 from .deepseek_v3 import DeepseekV3
 from .exchange import MindSporeExchange
@@ -83,7 +83,7 @@ class MindSporeRunner:
     of another layout arrives)."""
 
     def __init__(self, spec: ModelSpec, weights: Mapping[str, torch.Tensor], options: RunnerOptions, exchange: MindSporeExchange):
-        refuse_compile_cache_env()
+        refuse_process_wide_cache()
         unknown = sorted(set(options.extra) - set(OPTIONS))
         if unknown:
             raise UnsupportedConfigError(f"mindspore backend: unknown option(s) {unknown}; it takes {', '.join(OPTIONS)}")
@@ -178,8 +178,8 @@ class MindSporeRunner:
                    self.shard.parallel.tp_rank, self.shard.parallel.tp_size, self.shard.parallel.ep_size]  # fmt: skip
             store = CompileCache(self.cache_root, key)
         with store if store is not None else contextlib.nullcontext():
-            for label, slots, prefix in steps:
-                meta = ForwardMetadata.from_lists(token_slots=slots, prefix_lens=prefix, page_size=page, device=device)
+            for label, token_slots, prefix in steps:
+                meta = ForwardMetadata.from_lists(token_slots=token_slots, prefix_lens=prefix, page_size=page, device=device)
                 start = time.perf_counter()
                 self.forward(torch.zeros(meta.num_tokens, dtype=torch.int64, device=device), meta, cache)
                 logger.info("sglang-fx mindspore: %s graph compiled in %.1f s%s", label, time.perf_counter() - start,
@@ -203,27 +203,6 @@ class MindSporeRunner:
         out = self._step(batch, keys, values, cache.slot_views, ex(ids), ex(meta.positions), ex(logits_indices),
                          ex(meta.out_cache_loc), self.attn.inputs, self.attn.variant, gather_experts, batch is not None)  # fmt: skip
         return self.exchange.output_to_torch(out)[:wanted]
-
-
-#: MindSpore's persistent compile cache switch (and its older context option). Switched on for a
-#: whole process it gives cached graphs to whatever compiles in the same order (see
-#: compile_cache.py; measured: a warm cache decoded token 0 at every step), so the user's switch is
-#: refused; the compile_cache option turns it on only around the precompile.
-COMPILE_CACHE_ENV = "MS_COMPILER_CACHE_ENABLE"
-
-
-def refuse_compile_cache_env() -> None:
-    import os
-
-    value = os.environ.get(COMPILE_CACHE_ENV, "").strip().lower()
-    if value not in ("", "0", "false", "off", "no") or ms.get_context("enable_compile_cache"):
-        setting = f"{COMPILE_CACHE_ENV}={os.environ[COMPILE_CACHE_ENV]}" if value else "set_context(enable_compile_cache=True)"
-        raise UnsupportedConfigError(
-            f"mindspore backend: {setting} is set, and MindSpore 2.10's compile "
-            "cache, switched on for the whole process, gives this backend's graphs wrong weights when it loads them "
-            "(every token 0); unset it and use the backend options precompile and compile_cache, which use it safely "
-            '(e.g. SGLANG_FX_OPTIONS=\'{"mindspore": {"precompile": "all", "compile_cache": "~/.cache/sglang-fx/mindspore"}}\')'
-        )
 
 
 def precompile_batches(text: str | None, batches: tuple[int, ...], mode: str) -> tuple[int, ...] | None:
