@@ -29,6 +29,7 @@ import mindspore as ms
 import torch
 from mindspore import Tensor, enable_dynamic
 
+from sglang_fx import buckets
 from sglang_fx.checkpoint import ModelSpec
 from sglang_fx.errors import UnsupportedConfigError
 from sglang_fx.kv_pool import KVLayout
@@ -54,9 +55,6 @@ logger = logging.getLogger(__name__)
 OPTIONS = tuple(CAPABILITIES.options)  # the keys of RunnerOptions.extra this backend takes
 MODES = ("jit", "pynative")
 
-#: Default `decode_batches`: powers of two to 8, then steps of at most half the size.
-DECODE_BATCHES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-
 #: HF architecture -> its Decoder; the plugin's Capabilities.architectures lists the same names.
 ARCHITECTURES: dict[str, type[Decoder]] = {
     "Qwen3ForCausalLM": LlamaFamily,
@@ -71,7 +69,7 @@ class MindSporeRunner:
     """`spi.ModelRunner` over the architecture's Decoder (ARCHITECTURES). options.extra:
     "mode": "jit" (default) | "pynative";
     "decode_batches": the decode graphs' batch sizes, comma-separated ("1,2,4,8"), or "none"
-    (decode runs the dynamic graph); default DECODE_BATCHES; jit only;
+    (decode runs the dynamic graph); default `sglang_fx.buckets.DECODE_BATCHES`; jit only;
     "precompile": "none" (default: compile each graph on first use), "all" (the prefill graph and
     every decode graph), or decode batch sizes ("1,2,4,8", each one of decode_batches): compiled
     on the first forward, before its step; jit only;
@@ -90,8 +88,11 @@ class MindSporeRunner:
         mode = options.extra.get("mode", "jit")
         if mode not in MODES:
             raise UnsupportedConfigError(f"mindspore backend: mode {mode!r} is not one of {' | '.join(MODES)}")
-        self.decode_batches = decode_batches(options.extra.get("decode_batches")) if mode == "jit" else ()
-        self.precompile = precompile_batches(options.extra.get("precompile"), self.decode_batches, mode)
+        self.decode_batches = buckets.decode_batches(options.extra.get("decode_batches"), "mindspore") if mode == "jit" else ()
+        precompile = options.extra.get("precompile")
+        if mode != "jit" and precompile not in (None, "none"):
+            raise UnsupportedConfigError(f"mindspore backend: precompile {precompile!r} needs mode jit (mode {mode} compiles nothing)")
+        self.precompile = buckets.precompile_batches(precompile, self.decode_batches, "mindspore")
         self.cache_root = options.extra.get("compile_cache")
         if self.cache_root is not None and self.precompile is None:
             raise UnsupportedConfigError("mindspore backend: compile_cache keeps the precompiled graphs; set precompile too "
@@ -157,7 +158,7 @@ class MindSporeRunner:
         """The decode graph's batch size for this step, or None (the dynamic graph)."""
         if any(n != 1 for n in meta.extend_lens_cpu):
             return None
-        return next((b for b in self.decode_batches if b >= meta.batch_size), None)
+        return buckets.fit(meta.batch_size, self.decode_batches)
 
     def _compile_ahead(self, cache: MindSporeKVCache, device: torch.device) -> None:
         """Compile the prefill graph (without a cached prefix; for MoE both expert paths) and the
@@ -203,39 +204,3 @@ class MindSporeRunner:
         out = self._step(batch, keys, values, cache.slot_views, ex(ids), ex(meta.positions), ex(logits_indices),
                          ex(meta.out_cache_loc), self.attn.inputs, self.attn.variant, gather_experts, batch is not None)  # fmt: skip
         return self.exchange.output_to_torch(out)[:wanted]
-
-
-def precompile_batches(text: str | None, batches: tuple[int, ...], mode: str) -> tuple[int, ...] | None:
-    """The `precompile` option: None (compile on first use), else the decode batch sizes to
-    compile ahead (the prefill graph always is)."""
-    if text is None or text.strip().lower() == "none":
-        return None
-    if mode != "jit":
-        raise UnsupportedConfigError(f"mindspore backend: precompile {text!r} needs mode jit (mode {mode} compiles nothing)")
-    if text.strip().lower() == "all":
-        return batches
-    try:
-        sizes = tuple(sorted({int(b) for b in text.split(",")}))
-    except ValueError:
-        sizes = ()
-    if not sizes or any(b not in batches for b in sizes):
-        raise UnsupportedConfigError(f"mindspore backend: precompile {text!r} is not none, all, or a comma-separated list "
-                                     f"of decode batch sizes among {','.join(map(str, batches)) or '(none: decode_batches is none)'}")  # fmt: skip
-    return sizes
-
-
-def decode_batches(text: str | None) -> tuple[int, ...]:
-    """The `decode_batches` option as sorted sizes: None -> DECODE_BATCHES, "none" -> ()."""
-    if text is None:
-        return DECODE_BATCHES
-    if text.strip().lower() == "none":
-        return ()
-    try:
-        sizes = sorted({int(b) for b in text.split(",")})
-    except ValueError:
-        sizes = []
-    if not sizes or sizes[0] < 1:
-        raise UnsupportedConfigError(
-            f"mindspore backend: decode_batches {text!r} is not a comma-separated list of positive batch sizes (e.g. '1,2,4,8') or 'none'"
-        )
-    return tuple(sizes)

@@ -1,0 +1,1 @@
+"""sglang-fx backend in JAX. The plugin lives in `.plugin`."""

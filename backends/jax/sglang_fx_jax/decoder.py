@@ -1,0 +1,151 @@
+"""The pre-norm decoder every JAX model shares, as two pure functions the runner jits per shape
+bucket: `Decoder.body` (embed, then per layer x += attention(norm(x)) and x += mlp(norm(x)))
+and `Decoder.head` (norm and lm_head of the wanted rows). A model file supplies its attention
+block (`Block`), its RoPE and its AttentionSpec.
+
+Layers run under `lax.scan` over weights stacked by layer: one layer is traced and compiled,
+not one per layer (on 2 cores a 30-layer model compiles in seconds, not minutes). Layers of
+different kinds (DeepSeek-V3's dense layers before its MoE ones) form consecutive segments,
+one scan each. Each layer reads its own KV pool: a `lax.switch` on the layer index picks the
+gather from that layer's buffer (the pools stay separate host buffers; stacking them would copy
+the whole pool every step).
+
+The body returns the new K/V of every layer, [layers, T, Hkv, D] (V likewise, or None), which
+the runner stores into the pool from the host (`JaxKVCache.write_layers`).
+
+Under tensor parallelism the weights are this rank's shard (`sglang_fx.sharding`), and the body
+and head run under `shard_map`; `Collectives` adds the collectives of the sharding rules: the
+vocabulary-parallel embedding's psum, one after each attention block and MLP, and the logits'
+all-gather.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+import torch
+from jax import lax
+
+from sglang_fx.checkpoint import ModelSpec
+from sglang_fx.sharding import Shard
+from sglang_fx.spi import AttentionSpec
+
+from .attention import Inputs, attend, gather
+from .layers import Collectives, Rope, mlp, moe, rms_norm
+
+Weights = Mapping[str, jax.Array]
+AttentionCall = Callable[[jax.Array, jax.Array, "jax.Array | None"], jax.Array]
+
+
+class Block(Protocol):
+    """One layer's attention: x [T, H] (normed) -> (out [T, H], k [T, Hkv, D], v [T, Hkv, Dv]
+    or None), calling attn(q, k, v) -> [T, Hq, Dv] for the attention itself."""
+
+    def __call__(self, spec: ModelSpec, w: Weights, x: jax.Array, rope: Rope, cos: jax.Array, sin: jax.Array,
+                 attn: AttentionCall) -> tuple[jax.Array, jax.Array, jax.Array | None]: ...  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive layers [start, stop) of one kind (MoE or dense MLP), scanned together."""
+
+    start: int
+    stop: int
+    moe: bool
+
+
+def segments(spec: ModelSpec) -> tuple[Segment, ...]:
+    out: list[Segment] = []
+    for i in range(spec.num_layers):
+        if out and out[-1].moe == spec.is_moe_layer(i):
+            out[-1] = Segment(out[-1].start, i + 1, out[-1].moe)
+        else:
+            out.append(Segment(i, i + 1, spec.is_moe_layer(i)))
+    return tuple(out)
+
+
+class Decoder:
+    """spec: this rank's sizes (`Shard.local`); shard: what it holds; block/rope/attn_spec: the
+    architecture's. Holds only static facts: the weights are an argument of body and head."""
+
+    def __init__(self, shard: Shard, block: Block, rope: Rope, attn_spec: AttentionSpec, comm: Collectives):
+        self.spec, self.shard, self.block, self.rope, self.attn_spec, self.comm = shard.local, shard, block, rope, attn_spec, comm
+        self.segments = segments(self.spec)
+
+    # --- weights: HF names -> the pytree body and head take --------------------------------------
+
+    def arrange(self, weights: Mapping[str, torch.Tensor]) -> dict:
+        """Torch weights (this rank's) -> {"embed", "norm", "lm_head": tensors, "layers": one dict
+        per segment of per-layer tensors stacked on a new leading axis (experts stacked too, on
+        the next: "mlp.experts.gate_proj.weight" [layers, experts, I, H])}. Torch tensors still:
+        the runner places them."""
+        held = self.shard.experts
+        out = {"embed": weights["model.embed_tokens.weight"], "norm": weights["model.norm.weight"], "lm_head": weights["lm_head.weight"]}
+        layers = []
+        for seg in self.segments:
+            names = [n.removeprefix(f"model.layers.{seg.start}.") for n in weights if n.startswith(f"model.layers.{seg.start}.")]
+            per_layer = {}
+            for name in names:
+                if ".experts." in name:
+                    rest = name.split(".experts.", 1)[1].split(".", 1)[1]
+                    stacked = "mlp.experts." + rest
+                    if stacked not in per_layer:
+                        per_layer[stacked] = torch.stack([torch.stack([weights[f"model.layers.{i}.mlp.experts.{e}.{rest}"] for e in held])
+                                                          for i in range(seg.start, seg.stop)])  # fmt: skip
+                    continue
+                per_layer[name] = torch.stack([weights[f"model.layers.{i}.{name}"] for i in range(seg.start, seg.stop)])
+            layers.append(per_layer)
+        out["layers"] = layers
+        return out
+
+    # --- the step --------------------------------------------------------------------------------
+
+    def body(self, w: dict, k_pools: tuple[jax.Array, ...], v_pools: tuple[jax.Array, ...] | None, input_ids: jax.Array,
+             positions: jax.Array, inputs: Inputs) -> tuple[jax.Array, jax.Array, jax.Array | None]:  # fmt: skip
+        """input_ids, positions [T] (padded); pools: every layer's [S, Hkv, D] pool (read only).
+        Returns (hidden [T, H] before the final norm, k [layers, T, Hkv, D], v likewise or None)."""
+        spec, eps, comm = self.spec, self.spec.rms_norm_eps, self.comm
+        x = self.embed(w["embed"], input_ids)
+        cos, sin = self.rope.angles(positions, x.dtype)
+        new_k, new_v = [], []
+        for seg, lw in zip(self.segments, w["layers"]):
+            reads = [lambda i=i: gather(k_pools[i], None if v_pools is None else v_pools[i], inputs) for i in range(seg.start, seg.stop)]
+
+            def layer(x, args, seg=seg, reads=reads):
+                p, index = args
+
+                def attn(q, k, v):
+                    keys, values = lax.switch(index, reads) if len(reads) > 1 else reads[0]()
+                    return attend(q, k, v, keys, values, inputs, self.attn_spec.scale, self.attn_spec.v_head_dim)
+
+                h, k, v = self.block(spec, p, rms_norm(x, p["input_layernorm.weight"], eps), self.rope, cos, sin, attn)
+                x = x + comm.psum(h)
+                h = rms_norm(x, p["post_attention_layernorm.weight"], eps)
+                x = x + comm.psum(moe(spec.moe, self.shard.experts, p, h) if seg.moe else mlp(p, h))
+                return x, (k, v)
+
+            x, (k, v) = lax.scan(layer, x, (lw, jnp.arange(seg.stop - seg.start)))
+            new_k.append(k)
+            new_v.append(v)
+        cat = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts)  # noqa: E731
+        return x, cat(new_k), None if v_pools is None else cat(new_v)
+
+    def head(self, w: dict, hidden: jax.Array, rows: jax.Array) -> jax.Array:
+        """hidden [T, H], rows [N] -> float32 logits [N, V] of those rows."""
+        x = rms_norm(hidden[rows], w["norm"], self.spec.rms_norm_eps)
+        logits = self.comm.gather_columns(jnp.einsum("nh,vh->nv", x, w["lm_head"]))  # [N, tp * ceil(V / tp)]
+        return logits[:, : self.spec.vocab_size].astype(jnp.float32)
+
+    def embed(self, table: jax.Array, input_ids: jax.Array) -> jax.Array:
+        """[T] -> [T, H]. Tokens outside this rank's vocabulary rows embed as zeros; the sum over
+        the TP group is then the full embedding."""
+        vocab = self.shard.vocab
+        if len(vocab) == self.spec.vocab_size:
+            return table[input_ids]
+        local = input_ids - vocab.start
+        mine = (local >= 0) & (local < len(vocab))
+        return self.comm.psum(table[jnp.clip(local, 0, len(vocab) - 1)] * mine[:, None].astype(table.dtype))

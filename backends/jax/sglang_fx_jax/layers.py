@@ -1,0 +1,115 @@
+"""Building blocks of the JAX models, as plain functions over HF-named weights: norms, RoPE,
+dense and MoE MLPs, and the TP collectives. Linear weights keep HF's [out, in] layout
+(`linear` contracts their last axis). Shapes: T tokens, H hidden, I MLP width, E experts, k
+experts per token."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from jax import lax
+
+from sglang_fx.checkpoint import MoESpec
+
+f32 = jnp.float32
+
+
+def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
+    """x [..., in] @ w[out, in].T (+ b [out])."""
+    y = jnp.einsum("...i,oi->...o", x, w)
+    return y if b is None else y + b
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(f32)
+    x32 = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+@dataclass(frozen=True)
+class Rope:
+    """Rotary position embedding over `dim` channels; interleaved as in the reference backend's
+    Rope (adjacent pairs, returned evens then odds) or halves (Llama, Qwen)."""
+
+    dim: int
+    theta: float
+    interleaved: bool
+
+    def inv_freq(self) -> np.ndarray:
+        """[dim/2] float32, computed as the reference does (torch, on the host)."""
+        return (1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.int64).float() / self.dim))).numpy()
+
+    def angles(self, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+        """cos, sin [T, 1, dim/2] in dtype."""
+        freqs = (positions.astype(f32)[:, None] * jnp.asarray(self.inv_freq())[None, :])[:, None, :]
+        return jnp.cos(freqs).astype(dtype), jnp.sin(freqs).astype(dtype)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """x [T, heads, dim] -> rotated, same shape."""
+        if self.interleaved:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+        else:
+            x1, x2 = jnp.split(x, 2, axis=-1)
+        return jnp.concatenate((x1 * cos - x2 * sin, x2 * cos + x1 * sin), axis=-1)
+
+
+def mlp(w: Mapping[str, jax.Array], x: jax.Array, prefix: str = "mlp.") -> jax.Array:
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    gate, up, down = (w[f"{prefix}{n}_proj.weight"] for n in ("gate", "up", "down"))
+    return linear(jax.nn.silu(linear(x, gate)) * linear(x, up), down)
+
+
+def route(spec: MoESpec, w: Mapping[str, jax.Array], x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [T, H] -> (weights [T, k] float32, expert ids [T, k]), as the reference routes."""
+    logits = linear(x.astype(f32), w["mlp.gate.weight"].astype(f32))  # [T, E]
+    if spec.scoring == "softmax":
+        weights, experts = lax.top_k(jax.nn.softmax(logits, axis=-1), spec.top_k)
+    else:  # sigmoid scores; experts chosen among the best groups by the bias-corrected scores
+        scores = jax.nn.sigmoid(logits)
+        choice = scores + w["mlp.gate.e_score_correction_bias"].astype(f32) if spec.score_correction_bias else scores
+        per_group = choice.reshape(len(x), spec.num_groups, -1)  # [T, G, E/G]
+        group_score = lax.top_k(per_group, 2)[0].sum(-1)  # [T, G]
+        best = lax.top_k(group_score, spec.topk_groups)[1]  # [T, g]
+        allowed = jax.nn.one_hot(best, spec.num_groups, dtype=jnp.bool_).any(axis=1)  # [T, G]
+        choice = jnp.where(jnp.repeat(allowed, per_group.shape[-1], axis=1), choice, -jnp.inf)
+        experts = lax.top_k(choice, spec.top_k)[1]
+        weights = jnp.take_along_axis(scores, experts, axis=1)
+    if spec.norm_topk_prob:
+        weights = weights / weights.sum(-1, keepdims=True)
+    return weights * spec.routed_scaling_factor, experts
+
+
+def moe(spec: MoESpec, held: range, w: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
+    """Routed experts (+ shared experts). Every token runs through each of the `held` experts
+    (this rank's: w["mlp.experts.*"] are [len(held), ...]) and is weighted by its routing weight,
+    zero for experts it was not routed to: static shapes, at the cost of E/k times the expert
+    compute of a dispatch. The result is this rank's partial sum."""
+    weights, experts = route(spec, w, x)
+    combine = (jax.nn.one_hot(experts, spec.num_experts, dtype=f32) * weights[..., None]).sum(1)  # [T, E]
+    combine = combine[:, held.start : held.stop].astype(x.dtype)
+    gate, up, down = (w[f"mlp.experts.{n}_proj.weight"] for n in ("gate", "up", "down"))  # [e, I, H], [e, I, H], [e, H, I]
+    h = jax.nn.silu(jnp.einsum("th,eih->tei", x, gate)) * jnp.einsum("th,eih->tei", x, up)
+    out = jnp.einsum("tei,ehi->th", h * combine[:, :, None], down)
+    return out + mlp(w, x, "mlp.shared_experts.") if spec.num_shared_experts else out
+
+
+@dataclass(frozen=True)
+class Collectives:
+    """The TP group's collectives, for use inside the step's traced function: under
+    `shard_map` over the mesh axis `axis` when size > 1, the identity otherwise (a trace-time
+    branch). psum: the sum over the group. gather_columns: [N, C] from every rank ->
+    [N, size * C], rank blocks in group order."""
+
+    size: int = 1
+    axis: str = "tp"
+
+    def psum(self, x: jax.Array) -> jax.Array:
+        return x if self.size == 1 else lax.psum(x, self.axis)
+
+    def gather_columns(self, x: jax.Array) -> jax.Array:
+        return x if self.size == 1 else lax.all_gather(x, self.axis, axis=1, tiled=True)

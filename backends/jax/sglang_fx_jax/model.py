@@ -1,0 +1,127 @@
+"""The JAX `spi.ModelRunner`: the architecture's Decoder as two XLA programs per shape bucket,
+`body` (the layers, returning the hidden states and the new K/V) and `head` (the logits of the
+wanted rows), so that a new number of wanted rows compiles only the small head.
+
+Per step, on the host: pad the step to its bucket (decode: `ForwardMetadata.padded_decode` to
+the least `decode_batches` size that holds it, context to a power of two; any other step: tokens
+and keys to powers of two, `attention.plan`), run body then head, store the new K/V rows into the
+pool (`JaxKVCache.write_layers`, the only copy into host memory besides the logits), and return
+the logits, which alias the head's output buffer (no copy).
+
+A program compiles on first use of its bucket (seconds), and JAX's persistent compilation cache
+(`runtime.use_compile_cache`) keeps it across restarts. `precompile` compiles the prefill bucket
+of the smallest sizes and the chosen decode batch sizes (at the smallest context bucket) on the
+first step instead, as SGLang captures CUDA graphs at start-up, with one log line each.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from sglang_fx import buckets
+from sglang_fx.checkpoint import ModelSpec
+from sglang_fx.errors import UnsupportedConfigError
+from sglang_fx.metadata import ForwardMetadata
+from sglang_fx.sharding import Shard
+from sglang_fx.spi import RunnerOptions
+
+from . import attention
+from .deepseek_v3 import deepseek_v3
+from .kv_cache import JaxKVCache
+from .llama import llama_family
+from .placement import place
+from .plugin import CAPABILITIES
+from .runtime import check_device, configure, jax_dtype, use_compile_cache
+
+logger = logging.getLogger(__name__)
+
+#: HF architecture -> its Decoder factory; the plugin's Capabilities.architectures lists the same names.
+ARCHITECTURES = {
+    "Qwen3ForCausalLM": llama_family,
+    "Qwen3MoeForCausalLM": llama_family,
+    "Qwen2ForCausalLM": llama_family,
+    "LlamaForCausalLM": llama_family,
+    "DeepseekV3ForCausalLM": deepseek_v3,
+}
+
+MIN_ROWS = 8  # smallest bucket of wanted logits rows
+
+
+class JaxRunner:
+    """`spi.ModelRunner`. options.extra: "decode_batches" (default `buckets.DECODE_BATCHES`;
+    "none": decode steps run as extend steps), "precompile" (none | all | decode batch sizes),
+    "compile_cache" (a directory, or none). Weights are placed at construction (aliased from the
+    host's tensors where the layout allows: the stacked per-layer ones are copies)."""
+
+    def __init__(self, spec: ModelSpec, weights: Mapping[str, torch.Tensor], options: RunnerOptions):
+        unknown = sorted(set(options.extra) - set(CAPABILITIES.options))
+        if unknown:
+            raise UnsupportedConfigError(f"jax backend: unknown option(s) {unknown}; it takes {', '.join(CAPABILITIES.options)}")
+        if spec.architecture not in ARCHITECTURES:
+            raise UnsupportedConfigError(f"jax backend: architecture {spec.architecture!r} is not supported; it runs {', '.join(ARCHITECTURES)}")
+        check_device(options.device)
+        self.decode_batches = buckets.decode_batches(options.extra.get("decode_batches"), "jax")
+        self.precompile = buckets.precompile_batches(options.extra.get("precompile"), self.decode_batches, "jax")
+        self.shard = Shard.of(spec, options.parallel)
+        self.placement = place(options.parallel)  # starts JAX's collectives first when tp > 1
+        configure()
+        self.cache_dir = use_compile_cache(options.extra.get("compile_cache"))
+        self.spec = spec
+        self.decoder = ARCHITECTURES[spec.architecture](self.shard, self.placement.collectives)
+        self.dtype = jax_dtype(spec.dtype)
+        self.weights = self.placement.weights(self.decoder.arrange(weights))
+        self._body = self.placement.jit(self.decoder.body, sharded=(0, 1, 2))
+        self._head = self.placement.jit(self.decoder.head, sharded=(0,))
+        self._compiled: set[tuple] = set()
+        self._first = True
+
+    def forward(self, input_ids: torch.Tensor, meta: ForwardMetadata, cache: JaxKVCache) -> torch.Tensor:
+        if self._first:
+            self._first = False
+            if self.precompile is not None:
+                self._compile_ahead(cache)
+        T, wanted, slots = meta.num_tokens, len(meta.logits_indices), meta.out_cache_loc
+        batch = None if any(n != 1 for n in meta.extend_lens_cpu) else buckets.fit(meta.batch_size, self.decode_batches)
+        if batch is not None:
+            meta, input_ids = meta.padded_decode(input_ids, batch)
+        inputs, tokens = attention.plan(meta, decode=batch is not None)
+        ids, positions = _pad(input_ids, tokens), _pad(meta.positions, tokens)
+        rows = _pad(meta.logits_indices, buckets.power_of_two(len(meta.logits_indices), MIN_ROWS))
+        start, key = time.perf_counter(), (type(inputs).__name__, tokens, *(a.shape[-1] for a in inputs[:1]), len(rows))
+        p = self.placement
+        hidden, k, v = self._body(self.weights, p.pools(cache.keys), p.pools(cache.values), p.replicate(ids), p.replicate(positions),
+                                  p.replicate(inputs))  # fmt: skip
+        logits = self._head(self.weights, hidden, p.replicate(rows))
+        cache.write_layers(slots, p.local(k)[:, :T], None if v is None else p.local(v)[:, :T])
+        out = p.local(logits)[:wanted]
+        if key not in self._compiled:
+            self._compiled.add(key)
+            logger.info("sglang-fx jax: %s step of %d tokens (bucket %s) compiled and ran in %.1f s", "decode" if batch else "extend",
+                        T, key[1:], time.perf_counter() - start)  # fmt: skip
+        return out
+
+    def _compile_ahead(self, cache: JaxKVCache) -> None:
+        """Run a dummy prefill and one dummy decode step per `precompile` batch size, on the first
+        forward: the pool holds no K/V yet, so their writes (page 0) touch nothing a sequence owns."""
+        page = cache.layout.page_size
+        slots = lambda n: [j % page for j in range(n)]  # noqa: E731
+        steps = [("prefill", [slots(2)], [0])] + [(f"decode batch {b}", [slots(2)] * b, [1] * b) for b in self.precompile]
+        for label, token_slots, prefix in steps:
+            meta = ForwardMetadata.from_lists(token_slots=token_slots, prefix_lens=prefix, page_size=page)
+            start = time.perf_counter()
+            self.forward(torch.zeros(meta.num_tokens, dtype=torch.int64), meta, cache)
+            logger.info("sglang-fx jax: %s compiled in %.1f s", label, time.perf_counter() - start)
+
+
+def _pad(t: torch.Tensor, n: int) -> np.ndarray:
+    """[k] int torch tensor -> [n] int32 numpy, zero-padded (k <= n)."""
+    out = np.zeros(n, np.int32)
+    out[: len(t)] = t.numpy()
+    return out
