@@ -1,5 +1,5 @@
 """SGLang 0.5.23's offline `sglang.Engine` end to end on the CPU, through the sglang-fx plugin
-(`--model-impl NAME`): native Qwen3, reference_torch and mindspore on the same tiny float32
+(`--model-impl NAME`): native Qwen3, reference_torch, mindspore and jax on the same tiny float32
 checkpoint must give the same greedy tokens.
 
 The engines run in a subprocess (`examples/sglang_compare.py`: SGLang's Engine spawns processes
@@ -77,21 +77,33 @@ def compare(env: dict, model: str, impls: list[str], page_size: int, tmp_path) -
     return report, log
 
 
-def with_mindspore(impls: list[str]) -> list[str]:
+def with_backends(impls: list[str]) -> list[str]:
+    """impls, then mindspore (real or stand-in) and jax where they are available here."""
     state = _mindspore_state()
     if state in ("real", "stand-in"):
-        return [*impls, "mindspore"]
-    print(f"mindspore is installed but unavailable here ({state}); comparing {impls} only")
+        impls = [*impls, "mindspore"]
+    else:
+        print(f"mindspore is installed but unavailable here ({state}); not compared")
+    if _available("jax"):
+        impls = [*impls, "jax"]
+    else:
+        print("the sglang-fx jax backend is not installed or unavailable here; not compared")
     return impls
+
+
+def _available(name: str) -> bool:
+    from sglang_fx.registry import Registry
+
+    return name in installed_backends() and Registry().info(name).unavailable is None
 
 
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_engine_backends_match_native_greedy(env, models, tmp_path, page_size):
-    """Native Qwen3 runs; reference_torch and mindspore give the same greedy tokens on a batch
+    """Native Qwen3 runs; reference_torch, mindspore and jax give the same greedy tokens on a batch
     of 8, on radix-cache hits and across chunked prefill, and the same input/output logprobs;
     random sampling (SGLang's sampler updates the logits in place) completes. SGLang's KV pool
     in pages of 1 token, and of 16 (page-aligned radix matches, pages shared by the backend)."""
-    report, log = compare(env, models["qwen3"], with_mindspore(["sglang", "reference_torch"]), page_size, tmp_path)
+    report, log = compare(env, models["qwen3"], with_backends(["sglang", "reference_torch"]), page_size, tmp_path)
     native = report["results"]["sglang"]
     assert len(native["batch"]) == 8 and all(len(t) == 24 for t in native["batch"])
     assert max(native["cached_tokens"]) >= page_size, ("the shared-prefix prompts should hit the radix cache", log)
@@ -103,6 +115,6 @@ def test_engine_serves_deepseek_v3_from_sglangs_latent_kv_pool(env, models, tmp_
     latent buffer per layer, no V). The backends alias it and agree token for token, radix
     hits included. (reference_torch is the baseline: SGLang 0.5.23's own DeepSeek-V3 does not
     run on the CPU.)"""
-    report, log = compare(env, models["deepseek_v3"], with_mindspore(["reference_torch"]), 1, tmp_path)
+    report, log = compare(env, models["deepseek_v3"], with_backends(["reference_torch"]), 1, tmp_path)
     base = report["results"]["reference_torch"]
     assert len(base["batch"]) == 8 and max(base["cached_tokens"]) > 0, log

@@ -1,17 +1,19 @@
-"""SGLang's HTTP server (`python -m sglang.launch_server`) on the CPU with --model-impl mindspore,
-checked against SGLang's native Qwen3 (--model-impl sglang) and against transformers.
+"""SGLang's HTTP server (`python -m sglang.launch_server`) on the CPU with --model-impl NAME for
+each framework backend (mindspore, jax), checked against SGLang's native Qwen3
+(--model-impl sglang) and against transformers.
 
 One module-scoped set of processes, started together so their start-ups overlap:
-- a native server and a mindspore server on the same tiny float32 Qwen3 (loopback, free ports);
-  every request goes to both, and the mindspore answers must equal the native ones: /generate
+- a native server and one server per available framework backend on the same tiny float32
+  Qwen3 (loopback, free ports); every request goes to native and to the backend under test (the
+  `both` fixture's parameter), whose answers must equal the native ones: /generate
   (batched, streamed, with stop strings and stop tokens), /v1/completions,
   /v1/chat/completions (the tiny tokenizer's ChatML template), 8 concurrent requests, and a
   long shared prefix (a radix-cache hit, `cached_tokens` in meta_info);
 - launches that must fail at start-up with a clear message and a non-zero exit: an unknown
   --model-impl, a backend whose framework is missing, a backend without the CPU device, and an
-  architecture the mindspore backend does not declare (a tiny Qwen3-MoE).
+  architecture a backend does not declare (a tiny DeepSeek-V3 on a Qwen3-only backend).
 Every wait is bounded and every process group is terminated at the end.
-Budget: about 1.5 minutes on a 2-core machine (start-ups ~1 minute of it).
+Budget: about 2.5 minutes on a 2-core machine (start-ups ~1 minute of it).
 """
 
 from __future__ import annotations
@@ -62,11 +64,15 @@ FAILING = {
 }  # fmt: skip
 
 
-def _mindspore_available() -> bool:
+#: The backends served and compared with native: sglang-fx's framework backends.
+BACKENDS = ("mindspore", "jax")
+
+
+def _available(name: str) -> bool:
     from sglang_fx.registry import Registry
 
     try:
-        return "mindspore" in installed_backends() and Registry().info("mindspore").unavailable is None
+        return name in installed_backends() and Registry().info(name).unavailable is None
     except Exception:
         return False
 
@@ -83,12 +89,10 @@ def models(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory, models):
-    """{name: Server}: "native" and "mindspore" servers (not yet waited for) and the FAILING
-    launches. All are stopped at the end of the module."""
+    """{name: Server}: "native" and one server per available BACKENDS entry (not yet waited
+    for), and the FAILING launches. All are stopped at the end of the module."""
     if "reference_torch" not in installed_backends():
         pytest.skip("the reference_torch backend is not installed")
-    if not _mindspore_available():
-        pytest.skip("the sglang-fx mindspore backend is not installed or not available here")
     root = tmp_path_factory.mktemp("sglang_server")
     eps = root / "entry_points"
     eps.mkdir()
@@ -99,7 +103,7 @@ def servers(tmp_path_factory, models):
     })  # fmt: skip
     started: dict[str, Server] = {}
     try:
-        for impl in ("sglang", "mindspore"):
+        for impl in ("sglang", *filter(_available, BACKENDS)):
             name = "native" if impl == "sglang" else impl
             started[name] = Server(name, models["qwen3"], ("--model-impl", impl), env, root)
         for name, (arch, impl, module, _) in FAILING.items():
@@ -109,10 +113,12 @@ def servers(tmp_path_factory, models):
         stop_all(list(started.values()))
 
 
-@pytest.fixture(scope="module")
-def both(servers) -> tuple[Server, Server]:
-    """(native, mindspore), both ready."""
-    native, ms = servers["native"], servers["mindspore"]
+@pytest.fixture(scope="module", params=BACKENDS)
+def both(servers, request) -> tuple[Server, Server]:
+    """(native, the server of the backend named by the parameter), both ready."""
+    if request.param not in servers:
+        pytest.skip(f"the sglang-fx {request.param} backend is not installed or not available here")
+    native, ms = servers["native"], servers[request.param]
     native.wait_ready(STARTUP_TIMEOUT)
     ms.wait_ready(STARTUP_TIMEOUT)
     return native, ms
@@ -145,16 +151,16 @@ def stream(server: Server, path: str, body: dict) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------
-# The mindspore server answers as the native one
+# Each backend's server answers as the native one
 # ------------------------------------------------------------------------------------------
 
 
-def test_mindspore_server_runs_the_sglang_fx_backend(both):
+def test_server_runs_the_sglang_fx_backend(both):
     native, ms = both
     info = requests.get(ms.url + "/server_info", timeout=REQUEST_TIMEOUT).json()
-    assert info["model_impl"] == "mindspore", info.get("model_impl")
+    assert info["model_impl"] == ms.name, info.get("model_impl")
     log = ms.log.read_text(errors="replace")
-    assert "on backend 'mindspore' (mindspore" in log, ms.output()  # the adapter's load message
+    assert f"on backend '{ms.name}' ({ms.name}" in log, ms.output()  # the adapter's load message
     assert "on backend '" not in native.log.read_text(errors="replace")  # native runs SGLang's own Qwen3
 
 
@@ -204,8 +210,9 @@ def test_concurrent_requests_match_native(both):
 
 
 def test_shared_prefix_hits_the_radix_cache(both):
-    first = {"text": LONG_PREFIX + " First question: what comes next?", "sampling_params": GREEDY}
-    second = {"text": LONG_PREFIX + " Second question: and then?", "sampling_params": GREEDY}
+    prefix = f"{both[1].name}. {LONG_PREFIX}"  # new to the native server too, which serves every backend's test
+    first = {"text": prefix + " First question: what comes next?", "sampling_params": GREEDY}
+    second = {"text": prefix + " Second question: and then?", "sampling_params": GREEDY}
     on_both(both, "/generate", first)
     want, got = on_both(both, "/generate", second)
     assert got["output_ids"] == want["output_ids"]
@@ -270,7 +277,7 @@ def test_sampled_requests(both):
 
 
 def test_logprobs_match_transformers(both, models):
-    """Input-token and output-token logprobs (and their top-5) of the mindspore server equal
+    """Input-token and output-token logprobs (and their top-5) of the backend's server equal
     those of transformers' float32 model on the same checkpoint within 1e-4; the native
     server's too."""
     import torch
