@@ -51,8 +51,10 @@ class Session:
         self.layout = layout_for(shard.local, num_pages=-(-max_total_tokens // page_size), page_size=page_size)
         self.device = device
         self.pool = PagedKVPool(self.layout, device)
-        self.cache = self.backend.kv_cache(self.layout, self.pool.k_buffers, self.pool.v_buffers, device)
+        # The runner first, as in SGLang: under tensor parallelism it starts the backend's collective
+        # library, which some frameworks (JAX) must do before any other work in the process.
         self.runner = self.backend.runner(self.spec, weights, RunnerOptions(device, dict(options or {}), parallel))
+        self.cache = self.backend.kv_cache(self.layout, self.pool.k_buffers, self.pool.v_buffers, device)
         self._tokens: dict[int, list[int]] = {}  # live or cached sequence -> its tokens in the pool
         self._ids = itertools.count()
 

@@ -153,7 +153,7 @@ def test_a_failing_rank_ends_the_world(how, message):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["reference_torch", "mindspore"])
+@pytest.mark.parametrize("backend", ["reference_torch", "mindspore", "jax"])
 def test_conformance_at_tp2(backend):
     """Every architecture (and a one-KV-head Qwen3, replicated per rank) at tp=2, then the MoE
     architectures with their experts split over the two ranks: logits within 1e-4 of transformers,
@@ -200,14 +200,16 @@ def _collective_calls(parallel: Parallel, backend: str, model: str) -> tuple[lis
             setattr(dist, n, fn)
 
 
-def test_mindspore_collectives_are_mindspores_own(tiny):
-    """The MindSpore step's all-reduces and all-gathers run on MindSpore's library inside its
-    graph: no torch.distributed collective is called, yet both ranks agree with reference_torch
-    (whose collectives are torch's, counted by the same probe)."""
-    if not available("mindspore"):
-        pytest.skip("mindspore is not available here")
+@pytest.mark.parametrize("backend", ["mindspore", "jax"])
+def test_framework_collectives_are_the_frameworks_own(tiny, backend):
+    """A framework backend's all-reduces and all-gathers run on its own library inside its
+    compiled step (MindSpore: mccl; JAX: XLA's gloo collectives): no torch.distributed collective
+    is called, yet both ranks agree with reference_torch (whose collectives are torch's, counted
+    by the same probe)."""
+    if not available(backend):
+        pytest.skip(f"{backend} is not available here")
     model = str(tiny("qwen3"))
-    ms_ranks = run_parallel(_collective_calls, 2, args=("mindspore", model))
+    ms_ranks = run_parallel(_collective_calls, 2, args=(backend, model))
     ref_ranks = run_parallel(_collective_calls, 2, args=("reference_torch", model))
     assert [calls for _, calls in ms_ranks] == [0, 0]
     assert all(calls > 0 for _, calls in ref_ranks)

@@ -2,11 +2,12 @@
 (`tp_size=2`), experts split over the TP group (`ep_size=2`), data-parallel replicas
 (`--dp-size 2`, each a tensor-parallel world of its own) and two "nodes" (`--nnodes 2`), with
 real collectives across real scheduler processes: SGLang's gloo for its own traffic, MindSpore's
-mccl inside the mindspore backend's graphs, torch.distributed for reference_torch.
+mccl inside the mindspore backend's graphs, XLA's gloo collectives inside the jax backend's
+programs, torch.distributed for reference_torch.
 
-- Engines (`examples/sglang_compare.py`): Qwen3 at tp=2 through native SGLang, reference_torch
-  and mindspore: token-identical, input logprobs within 1e-4 of transformers. Qwen3-MoE at
-  tp=2, ep=2 through reference_torch and mindspore (SGLang's native MoE fails at ep=2 on CPU:
+- Engines (`examples/sglang_compare.py`): Qwen3 at tp=2 through native SGLang, reference_torch,
+  mindspore and jax: token-identical, input logprobs within 1e-4 of transformers. Qwen3-MoE at
+  tp=2, ep=2 through reference_torch, mindspore and jax (SGLang's native MoE fails at ep=2 on CPU:
   "index -1 is out of bounds", its EP dispatcher marks other ranks' experts -1), compared with
   each other and with transformers.
 - Servers: mindspore at --tp-size 2 --dp-size 2 (four schedulers, two MindSpore worlds): both
@@ -94,13 +95,17 @@ def compare(env: dict, model: str, impls: list[str], tp: int, ep: int, tmp_path)
     return report
 
 
+def _with_jax(impls: list[str]) -> list[str]:
+    return [*impls, "jax"] if _available("jax") else impls
+
+
 def test_engine_tp2_backends_match_native(env, models, tmp_path):
-    report = compare(env, models["qwen3"], ["sglang", "reference_torch", "mindspore"], 2, 1, tmp_path)
+    report = compare(env, models["qwen3"], _with_jax(["sglang", "reference_torch", "mindspore"]), 2, 1, tmp_path)
     assert all(len(t) == 24 for t in report["results"]["sglang"]["batch"])
 
 
 def test_engine_moe_with_experts_split_over_two_ranks(env, models, tmp_path):
-    compare(env, models["qwen3_moe"], ["reference_torch", "mindspore"], 2, 2, tmp_path)
+    compare(env, models["qwen3_moe"], _with_jax(["reference_torch", "mindspore"]), 2, 2, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ class JaxRunner:
         self.dtype = jax_dtype(spec.dtype)
         self.weights = self.placement.weights(self.decoder.arrange(weights))
         self._body = self.placement.jit(self.decoder.body, sharded=(0, 1, 2))
-        self._head = self.placement.jit(self.decoder.head, sharded=(0,))
+        self._head = self.placement.jit(self.decoder.head, sharded=(0, 1))
         self._compiled: set[tuple] = set()
         self._first = True
 
@@ -96,8 +96,7 @@ class JaxRunner:
         rows = _pad(meta.logits_indices, buckets.power_of_two(len(meta.logits_indices), MIN_ROWS))
         start, key = time.perf_counter(), (type(inputs).__name__, tokens, *(a.shape[-1] for a in inputs[:1]), len(rows))
         p = self.placement
-        hidden, k, v = self._body(self.weights, p.pools(cache.keys), p.pools(cache.values), p.replicate(ids), p.replicate(positions),
-                                  p.replicate(inputs))  # fmt: skip
+        hidden, k, v = self._body(self.weights, *p.pools(cache), p.replicate(ids), p.replicate(positions), p.replicate(inputs))
         logits = self._head(self.weights, hidden, p.replicate(rows))
         cache.write_layers(slots, p.local(k)[:, :T], None if v is None else p.local(v)[:, :T])
         out = p.local(logits)[:wanted]

@@ -41,8 +41,9 @@ class SingleDevice:
         """fn, compiled per input shapes. sharded: the positions of its per-rank arguments."""
         return jax.jit(fn)
 
-    def pools(self, arrays):
-        return arrays
+    def pools(self, cache) -> tuple[tuple, tuple | None]:
+        """The KV cache's per-layer K and V arrays (V None without a V pool), as the body takes them."""
+        return cache.keys, cache.values
 
     def replicate(self, x):
         return x
