@@ -35,7 +35,7 @@ from sglang_fx.sharding import Shard
 from sglang_fx.spi import AttentionSpec
 
 from .attention import Inputs, attend, gather
-from .layers import Collectives, Rope, mlp, moe, rms_norm
+from .layers import Collectives, Rope, is_linear, mlp, moe, rms_norm
 
 Weights = Mapping[str, jax.Array]
 AttentionCall = Callable[[jax.Array, jax.Array, "jax.Array | None"], jax.Array]
@@ -72,34 +72,40 @@ class Decoder:
     """spec: this rank's sizes (`Shard.local`); shard: what it holds; block/rope/attn_spec: the
     architecture's. Holds only static facts: the weights are an argument of body and head."""
 
-    def __init__(self, shard: Shard, block: Block, rope: Rope, attn_spec: AttentionSpec, comm: Collectives):
+    def __init__(self, shard: Shard, block: Block, rope: Rope, attn_spec: AttentionSpec, comm: Collectives, scan: bool = False):
         self.spec, self.shard, self.block, self.rope, self.attn_spec, self.comm = shard.local, shard, block, rope, attn_spec, comm
+        self.scan = scan
         self.segments = segments(self.spec)
 
     # --- weights: HF names -> the pytree body and head take --------------------------------------
 
     def arrange(self, weights: Mapping[str, torch.Tensor]) -> dict:
-        """Torch weights (this rank's) -> {"embed", "norm", "lm_head": tensors, "layers": one dict
-        per segment of per-layer tensors stacked on a new leading axis (experts stacked too, on
-        the next: "mlp.experts.gate_proj.weight" [layers, experts, I, H])}. Torch tensors still:
-        the runner places them."""
-        held = self.shard.experts
-        out = {"embed": weights["model.embed_tokens.weight"], "norm": weights["model.norm.weight"], "lm_head": weights["lm_head.weight"]}
-        layers = []
-        for seg in self.segments:
-            names = [n.removeprefix(f"model.layers.{seg.start}.") for n in weights if n.startswith(f"model.layers.{seg.start}.")]
-            per_layer = {}
-            for name in names:
-                if ".experts." in name:
-                    rest = name.split(".experts.", 1)[1].split(".", 1)[1]
-                    stacked = "mlp.experts." + rest
-                    if stacked not in per_layer:
-                        per_layer[stacked] = torch.stack([torch.stack([weights[f"model.layers.{i}.mlp.experts.{e}.{rest}"] for e in held])
-                                                          for i in range(seg.start, seg.stop)])  # fmt: skip
-                    continue
-                per_layer[name] = torch.stack([weights[f"model.layers.{i}.{name}"] for i in range(seg.start, seg.stop)])
-            layers.append(per_layer)
+        """Torch weights (this rank's) -> {"embed", "norm", "lm_head" (transposed): tensors, "layers": ...}, the
+        layers by `self.scan`: False, one dict per layer of its tensors by HF name without the
+        "model.layers.{i}." prefix; True, one dict per segment of its layers' tensors stacked on a
+        new leading axis. Linear weights are transposed copies ([in, out], `layers.is_linear`),
+        the held experts' stacked by expert ("mlp.experts.gate_proj.weight" [experts, H, I]);
+        the others are the host's tensors. Torch tensors still: the runner places them."""
+        out = {"embed": weights["model.embed_tokens.weight"], "norm": weights["model.norm.weight"],
+               "lm_head": weights["lm_head.weight"].t().contiguous()}  # [H, V]: a copy even when tied to the embedding  # fmt: skip
+        layers = [self._layer_weights(weights, i) for i in range(self.spec.num_layers)]
+        if self.scan:
+            layers = [{n: torch.stack([layers[i][n] for i in range(seg.start, seg.stop)]) for n in layers[seg.start]} for seg in self.segments]
         out["layers"] = layers
+        return out
+
+    def _layer_weights(self, weights: Mapping[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+        prefix, held, out = f"model.layers.{i}.", self.shard.experts, {}
+        for name, t in weights.items():
+            if not name.startswith(prefix):
+                continue
+            name = name.removeprefix(prefix)
+            if ".experts." not in name:
+                out[name] = t.t().contiguous() if is_linear(name) else t
+                continue
+            rest = name.split(".experts.", 1)[1].split(".", 1)[1]  # "gate_proj.weight" of "mlp.experts.E.gate_proj.weight"
+            if "mlp.experts." + rest not in out:
+                out["mlp.experts." + rest] = torch.stack([weights[f"{prefix}mlp.experts.{e}.{rest}"].t() for e in held])
         return out
 
     # --- the step --------------------------------------------------------------------------------
@@ -108,27 +114,35 @@ class Decoder:
              positions: jax.Array, inputs: Inputs) -> tuple[jax.Array, jax.Array, jax.Array | None]:  # fmt: skip
         """input_ids, positions [T] (padded); pools: every layer's [S, Hkv, D] pool (read only).
         Returns (hidden [T, H] before the final norm, k [layers, T, Hkv, D], v likewise or None)."""
-        spec, eps, comm = self.spec, self.spec.rms_norm_eps, self.comm
         x = self.embed(w["embed"], input_ids)
         cos, sin = self.rope.angles(positions, x.dtype)
+        reads = [lambda i=i: gather(k_pools[i], None if v_pools is None else v_pools[i], inputs) for i in range(self.spec.num_layers)]
+
+        def layer(x, p, read, moe_layer):
+            def attn(q, k, v):
+                return attend(q, k, v, *read(), inputs, self.attn_spec.scale, self.attn_spec.v_head_dim)
+
+            spec, eps, comm = self.spec, self.spec.rms_norm_eps, self.comm
+            h, k, v = self.block(spec, p, rms_norm(x, p["input_layernorm.weight"], eps), self.rope, cos, sin, attn)
+            x = x + comm.psum(h)
+            h = rms_norm(x, p["post_attention_layernorm.weight"], eps)
+            return x + comm.psum(moe(spec.moe, self.shard.experts, p, h) if moe_layer else mlp(p, h)), (k, v)
+
         new_k, new_v = [], []
+        if not self.scan:
+            for i, p in enumerate(w["layers"]):
+                x, (k, v) = layer(x, p, reads[i], self.spec.is_moe_layer(i))
+                new_k.append(k)
+                new_v.append(v)
+            return x, jnp.stack(new_k), None if v_pools is None else jnp.stack(new_v)
         for seg, lw in zip(self.segments, w["layers"]):
-            reads = [lambda i=i: gather(k_pools[i], None if v_pools is None else v_pools[i], inputs) for i in range(seg.start, seg.stop)]
+            mine = reads[seg.start : seg.stop]
 
-            def layer(x, args, seg=seg, reads=reads):
+            def scanned(x, args, seg=seg, mine=mine):
                 p, index = args
+                return layer(x, p, lambda: lax.switch(index, mine) if len(mine) > 1 else mine[0](), seg.moe)
 
-                def attn(q, k, v):
-                    keys, values = lax.switch(index, reads) if len(reads) > 1 else reads[0]()
-                    return attend(q, k, v, keys, values, inputs, self.attn_spec.scale, self.attn_spec.v_head_dim)
-
-                h, k, v = self.block(spec, p, rms_norm(x, p["input_layernorm.weight"], eps), self.rope, cos, sin, attn)
-                x = x + comm.psum(h)
-                h = rms_norm(x, p["post_attention_layernorm.weight"], eps)
-                x = x + comm.psum(moe(spec.moe, self.shard.experts, p, h) if seg.moe else mlp(p, h))
-                return x, (k, v)
-
-            x, (k, v) = lax.scan(layer, x, (lw, jnp.arange(seg.stop - seg.start)))
+            x, (k, v) = lax.scan(scanned, x, (lw, jnp.arange(seg.stop - seg.start)))
             new_k.append(k)
             new_v.append(v)
         cat = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts)  # noqa: E731
@@ -137,7 +151,7 @@ class Decoder:
     def head(self, w: dict, hidden: jax.Array, rows: jax.Array) -> jax.Array:
         """hidden [T, H], rows [N] -> float32 logits [N, V] of those rows."""
         x = rms_norm(hidden[rows], w["norm"], self.spec.rms_norm_eps)
-        logits = self.comm.gather_columns(jnp.einsum("nh,vh->nv", x, w["lm_head"]))  # [N, tp * ceil(V / tp)]
+        logits = self.comm.gather_columns(x @ w["lm_head"])  # [N, tp * ceil(V / tp)]
         return logits[:, : self.spec.vocab_size].astype(jnp.float32)
 
     def embed(self, table: jax.Array, input_ids: jax.Array) -> jax.Array:

@@ -36,9 +36,9 @@ def mla_block(spec, w, x, rope, cos, sin, attn):
     return linear(o.reshape(T, -1), w[p + "o_proj.weight"]), latent, None
 
 
-def deepseek_v3(shard: Shard, comm: Collectives) -> Decoder:
+def deepseek_v3(shard: Shard, comm: Collectives, scan: bool) -> Decoder:
     spec = shard.local
     m = spec.mla
     # MQA over the latent: one KV "head" of r + dr channels; values are its first r channels.
     attn_spec = AttentionSpec(spec.num_heads, 1, m.kv_lora_rank + m.qk_rope_head_dim, m.kv_lora_rank, m.qk_head_dim**-0.5)
-    return Decoder(shard, mla_block, Rope(m.qk_rope_head_dim, spec.rope_theta, interleaved=m.rope_interleave), attn_spec, comm)
+    return Decoder(shard, mla_block, Rope(m.qk_rope_head_dim, spec.rope_theta, interleaved=m.rope_interleave), attn_spec, comm, scan)

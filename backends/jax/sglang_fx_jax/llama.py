@@ -23,8 +23,8 @@ def gqa_block(spec, w, x, rope, cos, sin, attn):
     return linear(o.reshape(len(x), -1), w[p + "o_proj.weight"]), k, v
 
 
-def llama_family(shard: Shard, comm: Collectives) -> Decoder:
+def llama_family(shard: Shard, comm: Collectives, scan: bool) -> Decoder:
     spec = shard.local
     D = spec.head_dim
     return Decoder(shard, gqa_block, Rope(D, spec.rope_theta, interleaved=False),
-                   AttentionSpec(spec.num_heads, spec.num_kv_heads, D, D, D**-0.5), comm)  # fmt: skip
+                   AttentionSpec(spec.num_heads, spec.num_kv_heads, D, D, D**-0.5), comm, scan)  # fmt: skip

@@ -51,7 +51,6 @@ ARCHITECTURES = {
     "DeepseekV3ForCausalLM": deepseek_v3,
 }
 
-MIN_ROWS = 8  # smallest bucket of wanted logits rows
 
 
 class JaxRunner:
@@ -74,12 +73,15 @@ class JaxRunner:
         configure()
         self.cache_dir = use_compile_cache(options.extra.get("compile_cache"))
         self.spec = spec
-        self.decoder = ARCHITECTURES[spec.architecture](self.shard, self.placement.collectives)
+        layers = options.extra.get("layers", "unroll")
+        if layers not in ("unroll", "scan"):
+            raise UnsupportedConfigError(f"jax backend: layers {layers!r} is not unroll or scan")
+        self.decoder = ARCHITECTURES[spec.architecture](self.shard, self.placement.collectives, scan=layers == "scan")
         self.dtype = jax_dtype(spec.dtype)
         self.weights = self.placement.weights(self.decoder.arrange(weights))
         self._body = self.placement.jit(self.decoder.body, sharded=(0, 1, 2))
         self._head = self.placement.jit(self.decoder.head, sharded=(0, 1))
-        self._compiled: set[tuple] = set()
+        self._buckets: set[tuple] = set()  # the shape buckets run so far
         self._first = True
 
     def forward(self, input_ids: torch.Tensor, meta: ForwardMetadata, cache: JaxKVCache) -> torch.Tensor:
@@ -93,17 +95,18 @@ class JaxRunner:
             meta, input_ids = meta.padded_decode(input_ids, batch)
         inputs, tokens = attention.plan(meta, decode=batch is not None)
         ids, positions = _pad(input_ids, tokens), _pad(meta.positions, tokens)
-        rows = _pad(meta.logits_indices, buckets.power_of_two(len(meta.logits_indices), MIN_ROWS))
-        start, key = time.perf_counter(), (type(inputs).__name__, tokens, *(a.shape[-1] for a in inputs[:1]), len(rows))
-        p = self.placement
+        rows = _pad(meta.logits_indices, buckets.power_of_two(len(meta.logits_indices)))
+        p, start = self.placement, time.perf_counter()
         hidden, k, v = self._body(self.weights, *p.pools(cache), p.replicate(ids), p.replicate(positions), p.replicate(inputs))
         logits = self._head(self.weights, hidden, p.replicate(rows))
         cache.write_layers(slots, p.local(k)[:, :T], None if v is None else p.local(v)[:, :T])
         out = p.local(logits)[:wanted]
-        if key not in self._compiled:
-            self._compiled.add(key)
-            logger.info("sglang-fx jax: %s step of %d tokens (bucket %s) compiled and ran in %.1f s", "decode" if batch else "extend",
-                        T, key[1:], time.perf_counter() - start)  # fmt: skip
+        kind = "decode" if batch is not None else "extend"
+        bucket = (kind, tokens, inputs.slots.shape[1] if batch is not None else len(inputs.key_slots))
+        if bucket not in self._buckets:  # (kind, tokens, context): a new program of the body (the head's are small)
+            self._buckets.add(bucket)
+            logger.info("sglang-fx jax: %s step of %d tokens compiled and ran in %.1f s (bucket %s)", kind, T,
+                        time.perf_counter() - start, bucket)  # fmt: skip
         return out
 
     def _compile_ahead(self, cache: JaxKVCache) -> None:

@@ -32,6 +32,7 @@ CAPABILITIES = Capabilities(
         "decode_batches": "batch sizes of the decode programs, e.g. 1,2,4,8, or none (decode runs as extend steps)",
         "precompile": "programs to compile at the first step instead of on first use: none (default), all "
         "(prefill and every decode batch size), or decode batch sizes, e.g. 1,2,4,8",
+        "layers": "unroll (default): one program with every layer's code; scan: lax.scan over weights stacked by layer",
         "compile_cache": "JAX's persistent compilation cache directory (default <sglang-fx cache>/jax), or none",
     },
 )

@@ -1,0 +1,227 @@
+"""The JAX backend beyond the conformance suite: what it refuses and why, what it copies per step
+(only the step's new K/V rows into the pool, nothing of the pool inside its programs), shape
+buckets, precompiling, and JAX's persistent compilation cache across processes."""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("jax")
+
+from sglang_fx.errors import UnsupportedConfigError  # noqa: E402
+from sglang_fx.exchange import shares_memory  # noqa: E402
+from sglang_fx.generate import Session  # noqa: E402
+from sglang_fx.kv_pool import KVLayout  # noqa: E402
+from sglang_fx.registry import load_backend  # noqa: E402
+from sglang_fx.spi import RunnerOptions  # noqa: E402
+from sglang_fx_jax import plugin  # noqa: E402
+from sglang_fx_jax.kv_cache import JaxKVCache  # noqa: E402
+
+PROMPTS = [[5, 17, 99, 250, 3, 42, 77], [3, 42], [260, 14, 8, 9, 10]]
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return load_backend("jax")
+
+
+@pytest.fixture(scope="module")
+def ex(backend):
+    return backend.exchange("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Refused, with the reason and the fix
+# ---------------------------------------------------------------------------------------------
+
+
+def test_unavailable_without_jax_or_beside_numpy_2(monkeypatch):
+    import importlib.util
+
+    import numpy
+
+    monkeypatch.setattr(numpy, "__version__", "2.1.0")
+    info = plugin.sglang_fx_backend_info()
+    assert info.capabilities is None and "numpy 2.1.0 is installed" in info.unavailable
+    assert "pip install jax==0.7.1 jaxlib==0.7.1 'numpy<2'" in info.unavailable
+    monkeypatch.undo()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "jax" else real(name, *a))
+    info = plugin.sglang_fx_backend_info()
+    assert info.unavailable == "jax is not installed: pip install jax==0.7.1 jaxlib==0.7.1 'numpy<2'"
+    monkeypatch.undo()
+    assert plugin.sglang_fx_backend_info().unavailable is None
+
+
+def test_an_unaligned_buffer_is_refused_without_a_copy_and_copied_with_one(ex):
+    base = torch.arange(65, dtype=torch.float32)
+    t = base[1:]  # 4 bytes past an aligned start: XLA would copy it
+    with pytest.raises(BufferError, match="not 64-byte aligned"):
+        ex.from_torch(t, copy=False)
+    x = ex.from_torch(t)  # copy=None: allowed to copy
+    back = ex.to_torch(x)
+    assert torch.equal(back, t) and not shares_memory(back, t)
+    layout = KVLayout(num_layers=1, num_pages=4, page_size=16, k_shape=(1, 16), v_shape=None, dtype=torch.float32)
+    buf = torch.zeros(layout.num_slots * 16 + 1)[1:].view(layout.num_slots, 1, 16)
+    with pytest.raises(BufferError, match="not 64-byte aligned"):
+        JaxKVCache(layout, [buf], None, ex)
+
+
+def test_unsupported_configurations_are_refused_by_name(backend, tiny):
+    from sglang_fx.checkpoint import Checkpoint, load_spec
+
+    assert any("dtype 'float64'" in p for p in backend.info.capabilities.validate(dtype="float64", device="cpu"))
+    assert any("device 'cuda:0' is not supported" in p for p in backend.info.capabilities.validate(device="cuda:0"))
+    path = tiny("qwen3")
+    spec = load_spec(path, "float32")
+    weights = Checkpoint(path).load(spec)
+    from dataclasses import replace
+
+    cases = [
+        (replace(spec, architecture="GPT2LMHeadModel"), {}, "cpu", "architecture 'GPT2LMHeadModel' is not supported"),
+        (spec, {}, "cuda:0", "device 'cuda:0' is not supported; supported devices: cpu"),
+        (spec, {"decode_batch": "1"}, "cpu", r"unknown option\(s\) \['decode_batch'\]; it takes decode_batches, precompile, layers, compile_cache"),
+        (spec, {"layers": "loop"}, "cpu", "layers 'loop' is not unroll or scan"),
+        (spec, {"decode_batches": "1,two"}, "cpu", "decode_batches '1,two' is not a comma-separated list of positive batch sizes"),
+        (spec, {"decode_batches": "0"}, "cpu", "decode_batches '0' is not"),
+        (spec, {"decode_batches": "1,2", "precompile": "4"}, "cpu", "precompile '4' is not none, all, or .* among 1,2"),
+    ]
+    for s, extra, device, message in cases:
+        with pytest.raises(UnsupportedConfigError, match=message):
+            backend.runner(s, weights, RunnerOptions(device, extra))
+
+
+def test_one_compile_cache_per_process(tiny, tmp_path):
+    """JAX reads its cache directory once: a second runner that asks for another is refused."""
+    code = f"""
+from sglang_fx.generate import Session
+from sglang_fx.errors import UnsupportedConfigError
+Session("jax", {str(tiny("qwen3"))!r}, options={{"compile_cache": {str(tmp_path / "a")!r}}})
+try:
+    Session("jax", {str(tiny("qwen3"))!r}, options={{"compile_cache": "none"}})
+except UnsupportedConfigError as e:
+    print("refused:", e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "refused: jax backend: this process already uses compile_cache" in out.stdout, out.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# What a step copies
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_step_copies_only_its_new_kv_rows_into_the_pool(tiny, monkeypatch):
+    """Per step the host stores exactly T new rows per layer for K and for V into the pool, and
+    nothing else of the pool changes; the pool is read through aliases (the KVCache's arrays
+    share the host buffers), and the compiled step copies no pool buffer (its optimized HLO has no
+    copy of one)."""
+    s = Session("jax", tiny("qwen3"), dtype="float32", page_size=16, max_total_tokens=1024, options={"decode_batches": "1,2,4"})
+    layout, cache = s.layout, s.cache
+    assert all(shares_memory(torch.from_dlpack(a), b) for a, b in zip(cache.keys + cache.values, s.pool.k_buffers + s.pool.v_buffers))
+    copied, calls = [], []
+    original = torch.Tensor.index_copy_
+
+    def counted(self, dim, index, source):
+        copied.append(source.shape[0])
+        return original(self, dim, index, source)
+
+    body = s.runner._body
+    monkeypatch.setattr(torch.Tensor, "index_copy_", counted)
+    monkeypatch.setattr(s.runner, "_body", lambda *a: calls.append(a) or body(*a))
+    seqs = [s.new_sequence(p)[0] for p in PROMPTS]
+    s.forward(seqs, PROMPTS)  # prefill: 14 tokens
+    assert copied == [14] * (2 * layout.num_layers), copied
+    before = [b.clone() for b in s.pool.k_buffers + s.pool.v_buffers]
+    copied.clear()
+    s.forward(seqs, [[1], [2], [3]])  # decode: 3 sequences, padded to 4 inside the program
+    assert copied == [3] * (2 * layout.num_layers), copied
+    new = torch.tensor([s.pool.slots(q)[-1] for q in seqs])
+    for a, b in zip(s.pool.k_buffers + s.pool.v_buffers, before):
+        keep = torch.ones(layout.num_slots, dtype=torch.bool)
+        keep[new] = False
+        assert torch.equal(a[keep], b[keep]) and not torch.equal(a[new], b[new])
+
+    pool_shape = f"f32[{layout.num_slots},{layout.k_shape[0]},{layout.k_shape[1]}]"
+    for args in calls:  # the extend and the decode program
+        hlo = body.lower(*args).compile().as_text()
+        assert pool_shape in hlo
+        assert not re.search(re.escape(pool_shape) + r"\{[0-9,]*\} copy", hlo), "the program copies a KV pool buffer"
+        entry_root = next(line for line in hlo.split("ENTRY", 1)[1].splitlines() if line.strip().startswith("ROOT"))
+        assert pool_shape not in entry_root, "the program returns a pool buffer"
+
+
+# ---------------------------------------------------------------------------------------------
+# Buckets, precompiling, the persistent compilation cache
+# ---------------------------------------------------------------------------------------------
+
+
+def test_decode_reuses_its_bucket_programs(tiny, caplog):
+    """Decode steps of 1-4 sequences share the batch-4 program at one context bucket: after the
+    first, no step compiles (one log line per new bucket), and the tokens equal an unpadded run's."""
+    s = Session("jax", tiny("qwen3"), dtype="float32", page_size=16, options={"decode_batches": "4"})
+    ref = Session("reference_torch", tiny("qwen3"), dtype="float32", page_size=16)
+    with caplog.at_level(logging.INFO, logger="sglang_fx_jax.model"):
+        for batch in (PROMPTS[:1], PROMPTS, PROMPTS + PROMPTS[:1], PROMPTS[:2]):  # 1, 3, 4, 2 sequences
+            assert s.generate(batch, 6) == ref.generate(batch, 6)
+    decode = [r.message for r in caplog.records if "decode step" in r.message]
+    assert len(decode) == 1 and "bucket ('decode', 4, 64)" in decode[0], decode
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe"])
+def test_scanned_layers_match_unrolled_ones(tiny, arch):
+    """layers=scan (one traced layer per segment of like layers: DeepSeek-V3's dense layer, then
+    its MoE ones) computes what the default unrolled program does."""
+    model = tiny(arch)
+    out = {}
+    for layers in ("unroll", "scan"):
+        s = Session("jax", model, dtype="float32", page_size=16, options={"layers": layers})
+        seqs = [s.new_sequence(p)[0] for p in PROMPTS]
+        out[layers] = (s.forward(seqs, PROMPTS, logits="all"), s.forward(seqs, [[1], [2], [3]]), s.runner.decoder.segments)
+    assert (out["scan"][0] - out["unroll"][0]).abs().max() < 1e-5 and (out["scan"][1] - out["unroll"][1]).abs().max() < 1e-5
+    if arch == "deepseek_v3":
+        assert [seg.moe for seg in out["scan"][2]] == [False, True]
+
+
+def test_precompile_compiles_at_the_first_step(tiny, caplog):
+    s = Session("jax", tiny("qwen3"), dtype="float32", page_size=16, options={"decode_batches": "1,2", "precompile": "all"})
+    with caplog.at_level(logging.INFO, logger="sglang_fx_jax.model"):
+        s.generate(PROMPTS[:2], 3)
+    lines = [r.message for r in caplog.records]
+    for label in ("prefill compiled", "decode batch 1 compiled", "decode batch 2 compiled"):
+        assert any(label in line for line in lines), lines
+    assert sum("compiled and ran" in line for line in lines) == 3, lines  # the real steps found the precompiled programs
+
+
+def test_the_persistent_cache_serves_a_second_process(tiny, tmp_path):
+    """Two processes with one compile_cache directory: the first writes the programs, the second
+    loads them from it (JAX logs a cache hit for every program) and gives the same tokens."""
+    cache = tmp_path / "xla"
+    code = f"""
+import logging, sys
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
+logging.getLogger("jax._src.compiler").setLevel(logging.DEBUG)
+from sglang_fx.generate import Session
+s = Session("jax", {str(tiny("qwen3"))!r}, options={{"compile_cache": {str(cache)!r}, "decode_batches": "2"}})
+print("tokens", s.generate({PROMPTS[:2]!r}, 4))
+"""
+
+    def run() -> str:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout
+
+    first = run()
+    assert any(cache.iterdir()), "nothing was written to the compile cache"
+    second = run()
+    tokens = [line for line in first.splitlines() if line.startswith("tokens")]
+    assert tokens and tokens == [line for line in second.splitlines() if line.startswith("tokens")]
+    hits = re.findall(r"Persistent compilation cache hit for '(jit_\w+)'", second)
+    assert {"jit_body", "jit_head"} <= set(hits), second[-3000:]
+    assert not re.findall(r"Persistent compilation cache hit for 'jit_(body|head)'", first)
