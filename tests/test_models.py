@@ -96,3 +96,31 @@ def test_every_backend_answers_the_real_model_like_transformers(backend, smollm2
     got = Session(backend, smollm2, dtype="float32", max_total_tokens=1024).generate(prompts, 12)
     assert got == want, [(tok.decode(g), tok.decode(w)) for g, w in zip(got, want)]
     assert tok.decode(got[0]).startswith(" Paris")
+
+
+def test_sglang_serves_the_real_model_like_native(smollm2, tmp_path):
+    """sglang.Engine on SmolLM2 with --model-impl mindspore and jax (those available here): the
+    greedy tokens of examples/sglang_compare.py's requests (a ragged batch, radix-cache hits, a
+    chunked prefill, input top-k) identical to SGLang's native Llama, logprobs within 1e-4."""
+    pytest.importorskip("sglang")
+    from sglang_fx.registry import default_registry
+
+    from .sglang_support import PYTHON, ROOT
+
+    reg = default_registry()
+    impls = ["sglang", *(b for b in ("mindspore", "jax") if b in reg.names() and not reg.info(b).unavailable)]
+    if len(impls) == 1:
+        pytest.skip("neither the mindspore nor the jax backend is available here")
+    report_path = tmp_path / "report.json"
+    proc = subprocess.run([PYTHON, str(ROOT / "examples" / "sglang_compare.py"), "--model", str(smollm2), "--impls", *impls,
+                           "--repeats", "1", "--max-new-tokens", "16", "--out", str(report_path)],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)  # fmt: skip
+    log = f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert report_path.exists(), log
+    report = json.loads(report_path.read_text())
+    print(json.dumps(report["comparison"]))
+    for impl in impls[1:]:
+        cmp = report["comparison"][impl]
+        assert all(cmp["tokens_identical"].values()), (impl, cmp, log)
+        assert cmp["max_abs_input_logprob_diff"] < 1e-4 and cmp["max_abs_output_logprob_diff"] < 1e-4, (impl, cmp)
+    assert report["ok"] and proc.returncode == 0, log
