@@ -8,7 +8,9 @@ tokens/s for each.
 2. Three SGLang servers start (about a minute); meanwhile every installed sglang-fx backend
    answers one question standalone (no SGLang), checked against Hugging Face transformers.
 3. A question, a chat turn and a line of code go to each server, one request at a time
-   (greedy), so each server has the machine's cores to itself while it answers.
+   (greedy), so each server has the machine's cores to itself while it answers; each is sent
+   once untimed first, since the framework backends compile what a new shape needs on first use
+   (benchmarks/sglang_decode.py prints how long that takes).
 
     python examples/demo.py [--model-path DIR] [--max-new-tokens N] [--no-sglang]
 """
@@ -84,7 +86,8 @@ def side_by_side(servers: dict, max_new_tokens: int) -> bool:
     answers = {}
     for impl, (url, proc, log) in servers.items():
         wait_ready(url, proc, timeout=600, log=log)
-        ask(url, *REQUESTS[0][1:], max_new_tokens=4)  # first request after start-up: not timed
+        for _, path, body in REQUESTS:  # each request once, untimed: what compiles on first use (a graph or
+            ask(url, path, body, max_new_tokens=4)  # program per shape) does so here; benchmarks/ shows how long
         answers[impl] = [ask(url, path, body, max_new_tokens) for _, path, body in REQUESTS]
     print("\n#### SGLang server on the CPU, SmolLM2-135M-Instruct float32, greedy, one request at a time")
     same_all = True
