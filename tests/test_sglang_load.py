@@ -1,4 +1,4 @@
-"""SGLang's HTTP server under real traffic, with sglang-fx backends (--model-impl mindspore and
+"""SGLang's HTTP server under real traffic, with sglang-fx backends (--model-impl mindspore, jax and
 reference_torch) on the CPU: load, client cut-offs, retraction, bad input, memory, SIGTERM.
 
 Per backend, one module-scoped pair of servers on a tiny float32 Llama (context 256):
@@ -43,7 +43,7 @@ from sglang_fx.tiny import CORPUS  # noqa: E402
 
 from .sglang_support import Server, installed_backends, stop_all  # noqa: E402
 
-BACKENDS = ["mindspore", "reference_torch"]
+BACKENDS = ["mindspore", "jax", "reference_torch"]
 STARTUP_TIMEOUT = 420  # s: four servers start at once on two cores
 REQUEST_TIMEOUT = 120  # s, per request under load
 CONTEXT = 256
