@@ -3,12 +3,13 @@ bucket: `Decoder.body` (embed, then per layer x += attention(norm(x)) and x += m
 and `Decoder.head` (norm and lm_head of the wanted rows). A model file supplies its attention
 block (`Block`), its RoPE and its AttentionSpec.
 
-Layers run under `lax.scan` over weights stacked by layer: one layer is traced and compiled,
-not one per layer (on 2 cores a 30-layer model compiles in seconds, not minutes). Layers of
-different kinds (DeepSeek-V3's dense layers before its MoE ones) form consecutive segments,
-one scan each. Each layer reads its own KV pool: a `lax.switch` on the layer index picks the
-gather from that layer's buffer (the pools stay separate host buffers; stacking them would copy
-the whole pool every step).
+Layers are unrolled by default: each layer's code, over its own weights, is in the program.
+With `scan=True` they run under `lax.scan` over weights stacked by layer, so one layer is
+compiled instead of all (about 3x faster to compile SmolLM2's 30 layers), but XLA then slices
+each layer's weights out of the stack, a copy, which made batch-1 decode 3x slower. Layers of
+different kinds (DeepSeek-V3's dense layers before its MoE ones) form consecutive segments, one
+scan each, and a `lax.switch` on the layer index picks the gather from that layer's KV pool
+(the pools stay separate host buffers; stacking them would copy the whole pool every step).
 
 The body returns the new K/V of every layer, [layers, T, Hkv, D] (V likewise, or None), which
 the runner stores into the pool from the host (`JaxKVCache.write_layers`).

@@ -38,7 +38,7 @@ from .kv_cache import JaxKVCache
 from .llama import llama_family
 from .placement import place
 from .plugin import CAPABILITIES
-from .runtime import check_device, configure, jax_dtype, use_compile_cache
+from .runtime import check_device, configure, use_compile_cache
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +56,9 @@ ARCHITECTURES = {
 class JaxRunner:
     """`spi.ModelRunner`. options.extra: "decode_batches" (default `buckets.DECODE_BATCHES`;
     "none": decode steps run as extend steps), "precompile" (none | all | decode batch sizes),
-    "compile_cache" (a directory, or none). Weights are placed at construction (aliased from the
-    host's tensors where the layout allows: the stacked per-layer ones are copies)."""
+    "layers" (unroll | scan), "compile_cache" (a directory, or none); every value is checked
+    before anything starts. Weights are placed at construction: linear weights as transposed
+    copies, the others aliasing the host's tensors (`Decoder.arrange`)."""
 
     def __init__(self, spec: ModelSpec, weights: Mapping[str, torch.Tensor], options: RunnerOptions):
         unknown = sorted(set(options.extra) - set(CAPABILITIES.options))
@@ -68,20 +69,19 @@ class JaxRunner:
         check_device(options.device)
         self.decode_batches = buckets.decode_batches(options.extra.get("decode_batches"), "jax")
         self.precompile = buckets.precompile_batches(options.extra.get("precompile"), self.decode_batches, "jax")
-        self.shard = Shard.of(spec, options.parallel)
-        self.placement = place(options.parallel)  # starts JAX's collectives first when tp > 1
-        configure()
-        self.cache_dir = use_compile_cache(options.extra.get("compile_cache"))
-        self.spec = spec
         layers = options.extra.get("layers", "unroll")
         if layers not in ("unroll", "scan"):
             raise UnsupportedConfigError(f"jax backend: layers {layers!r} is not unroll or scan")
+        self.shard = Shard.of(spec, options.parallel)
+        self.placement = place(options.parallel)  # joins JAX's world first when tp > 1
+        configure()
+        use_compile_cache(options.extra.get("compile_cache"))
+        self.spec = spec
         self.decoder = ARCHITECTURES[spec.architecture](self.shard, self.placement.collectives, scan=layers == "scan")
-        self.dtype = jax_dtype(spec.dtype)
         self.weights = self.placement.weights(self.decoder.arrange(weights))
         self._body = self.placement.jit(self.decoder.body, sharded=(0, 1, 2))
         self._head = self.placement.jit(self.decoder.head, sharded=(0, 1))
-        self._buckets: set[tuple] = set()  # the shape buckets run so far
+        self._buckets: set[tuple] = set()  # the body's shape buckets run so far
         self._first = True
 
     def forward(self, input_ids: torch.Tensor, meta: ForwardMetadata, cache: JaxKVCache) -> torch.Tensor:

@@ -18,8 +18,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 from sglang_fx.errors import UnsupportedConfigError
 
 _cache_dir: str | None = None  # the persistent cache directory set in this process ("" = off)
@@ -60,13 +58,6 @@ def use_compile_cache(option: str | None) -> str | None:
         raise UnsupportedConfigError(f"jax backend: this process already uses compile_cache {_cache_dir or 'none'!r}; "
                                      f"one process uses one (asked for {wanted or 'none'!r})")  # fmt: skip
     return _cache_dir or None
-
-
-def jax_dtype(dtype: torch.dtype):
-    """The jax.numpy dtype of a torch dtype the backend computes in."""
-    import jax.numpy as jnp
-
-    return {torch.float32: jnp.float32, torch.float16: jnp.float16, torch.bfloat16: jnp.bfloat16}[dtype]
 
 
 def check_device(device: str) -> None:
