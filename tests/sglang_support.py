@@ -70,6 +70,16 @@ def installed_backends() -> set[str]:
     return {ep.name for ep in md.entry_points(group="sglang_fx.backends")}
 
 
+def available(name: str) -> bool:
+    """Whether the sglang-fx backend `name` is installed and can run here."""
+    from sglang_fx.registry import Registry
+
+    try:
+        return name in installed_backends() and Registry().info(name).unavailable is None
+    except Exception:
+        return False
+
+
 def has_plugin_entry_point() -> bool:
     return any(ep.value.startswith("sglang_fx.sglang.plugin") for ep in md.entry_points(group="sglang.srt.plugins"))
 

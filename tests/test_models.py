@@ -103,12 +103,9 @@ def test_sglang_serves_the_real_model_like_native(smollm2, tmp_path):
     greedy tokens of examples/sglang_compare.py's requests (a ragged batch, radix-cache hits, a
     chunked prefill, input top-k) identical to SGLang's native Llama, logprobs within 1e-4."""
     pytest.importorskip("sglang")
-    from sglang_fx.registry import default_registry
+    from .sglang_support import PYTHON, ROOT, available
 
-    from .sglang_support import PYTHON, ROOT
-
-    reg = default_registry()
-    impls = ["sglang", *(b for b in ("mindspore", "jax") if b in reg.names() and not reg.info(b).unavailable)]
+    impls = ["sglang", *filter(available, ("mindspore", "jax"))]
     if len(impls) == 1:
         pytest.skip("neither the mindspore nor the jax backend is available here")
     report_path = tmp_path / "report.json"

@@ -16,18 +16,15 @@ from sglang_fx.distributed import run_parallel
 from sglang_fx.errors import UnsupportedConfigError
 from sglang_fx.kv_pool import layout_for
 from sglang_fx.parallel import Group, Parallel, Rendezvous
-from sglang_fx.registry import default_registry
 from sglang_fx.sharding import Shard, problems
+
+from .sglang_support import available
 
 ARCHES = ("qwen3", "qwen2", "llama", "qwen3_moe", "deepseek_v3")
 
 
 def layout(rank: int, tp: int = 2, ep: int = 1) -> Parallel:
     return Parallel(Group("tp:0", tuple(range(tp)), rank), ep, rendezvous=Rendezvous("127.0.0.1", 1, tp, rank))
-
-
-def available(name: str) -> bool:
-    return name in default_registry().names() and default_registry().info(name).unavailable is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import pytest
 
 pytest.importorskip("sglang")
 
-from .sglang_support import DEVICE_BACKEND, PYTHON, ROOT, entry_points_env, installed_backends  # noqa: E402
+from .sglang_support import DEVICE_BACKEND, PYTHON, ROOT, available, entry_points_env, installed_backends  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -84,17 +84,11 @@ def with_backends(impls: list[str]) -> list[str]:
         impls = [*impls, "mindspore"]
     else:
         print(f"mindspore is installed but unavailable here ({state}); not compared")
-    if _available("jax"):
+    if available("jax"):
         impls = [*impls, "jax"]
     else:
         print("the sglang-fx jax backend is not installed or unavailable here; not compared")
     return impls
-
-
-def _available(name: str) -> bool:
-    from sglang_fx.registry import Registry
-
-    return name in installed_backends() and Registry().info(name).unavailable is None
 
 
 @pytest.mark.parametrize("page_size", [1, 16])

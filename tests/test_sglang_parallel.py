@@ -33,7 +33,7 @@ pytest.importorskip("sglang")
 requests = pytest.importorskip("requests")
 psutil = pytest.importorskip("psutil")
 
-from .sglang_support import PYTHON, ROOT, Server, entry_points_env, free_port, installed_backends, stop_all  # noqa: E402
+from .sglang_support import PYTHON, ROOT, Server, available, entry_points_env, free_port, stop_all  # noqa: E402
 
 STARTUP_TIMEOUT = 420  # s; several multi-process servers start at once on 2 cores
 REQUEST_TIMEOUT = 120
@@ -41,18 +41,9 @@ GREEDY = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
 PROMPTS = ["hello world", "the quick brown fox", "numbers 1 2 3", "what is the answer", "a b c", "x y"]
 
 
-def _available(name: str) -> bool:
-    from sglang_fx.registry import Registry
-
-    try:
-        return name in installed_backends() and Registry().info(name).unavailable is None
-    except Exception:
-        return False
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict:
-    if not (_available("reference_torch") and _available("mindspore")):
+    if not (available("reference_torch") and available("mindspore")):
         pytest.skip("the reference_torch and mindspore backends are needed")
     return entry_points_env(tmp_path_factory.mktemp("entry_points"), {})
 
@@ -96,7 +87,7 @@ def compare(env: dict, model: str, impls: list[str], tp: int, ep: int, tmp_path)
 
 
 def _with_jax(impls: list[str]) -> list[str]:
-    return [*impls, "jax"] if _available("jax") else impls
+    return [*impls, "jax"] if available("jax") else impls
 
 
 def test_engine_tp2_backends_match_native(env, models, tmp_path):

@@ -33,6 +33,7 @@ from .sglang_support import (  # noqa: E402
     DEVICE_BACKEND,
     UNAVAILABLE_BACKEND,
     Server,
+    available,
     entry_points_env,
     installed_backends,
     stop_all,
@@ -66,15 +67,6 @@ FAILING = {
 
 #: The backends served and compared with native: sglang-fx's framework backends.
 BACKENDS = ("mindspore", "jax")
-
-
-def _available(name: str) -> bool:
-    from sglang_fx.registry import Registry
-
-    try:
-        return name in installed_backends() and Registry().info(name).unavailable is None
-    except Exception:
-        return False
 
 
 @pytest.fixture(scope="module")
