@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 # Re-run the set-up when any of these change.
 SETUP_INPUTS := requirements/base.txt requirements/nodeps.txt requirements/constraints.txt \
-	pyproject.toml backends/reference_torch/pyproject.toml backends/mindspore/pyproject.toml backends/jax/pyproject.toml
+	pyproject.toml backends/reference_torch/pyproject.toml backends/mindspore/pyproject.toml backends/jax/pyproject.toml backends/numpy/pyproject.toml
 STAMP := $(VENV)/.sglang-fx-setup
 # pip warns once per package about the machine-wide extra index dirs that do not exist.
 QUIET := sed "/is ignored: it is neither a file nor a directory/d"
@@ -22,7 +22,7 @@ $(STAMP): $(SETUP_INPUTS)
 	$(PIP) install -c requirements/constraints.txt -r requirements/base.txt 2>&1 | $(QUIET)
 	$(PIP) install --no-deps -c requirements/constraints.txt -r requirements/nodeps.txt 2>&1 | $(QUIET)
 	rm -rf *.egg-info backends/*/*.egg-info  # stale metadata in the source tree shadows the installed entry points
-	$(PIP) install --no-deps --no-build-isolation -e . -e backends/reference_torch -e backends/mindspore -e backends/jax 2>&1 | $(QUIET)
+	$(PIP) install --no-deps --no-build-isolation -e . -e backends/reference_torch -e backends/mindspore -e backends/jax -e backends/numpy 2>&1 | $(QUIET)
 	$(VENV)/bin/sglang-fx setup-cpu-host
 	touch $(STAMP)
 
@@ -36,6 +36,7 @@ conformance: setup
 	$(VENV)/bin/sglang-fx conformance --backend reference_torch
 	$(VENV)/bin/sglang-fx conformance --backend mindspore
 	$(VENV)/bin/sglang-fx conformance --backend jax
+	$(VENV)/bin/sglang-fx conformance --backend numpy
 
 clean:
 	rm -rf $(VENV) build *.egg-info backends/*/*.egg-info

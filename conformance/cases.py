@@ -29,8 +29,16 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Case:
+    """name: stable, e.g. "attention/page16/decode". checks: what it checks, one line.
+    contract: where the contract it tests is written (a name in sglang_fx/spi.py or hookspecs.py).
+    skip: the reason it does not apply to the backend under test (by its declared capabilities),
+    or None."""
+
     name: str
     run: Callable[[Context], Outcome]
+    checks: str = ""
+    contract: str = ""
+    skip: Callable[[Context], str | None] | None = None
 
 
 def _close(diff: float, dtype: torch.dtype, what: str) -> Outcome:
@@ -78,7 +86,18 @@ def exchange_case(dtype: torch.dtype, contiguous: bool) -> Case:
             return Outcome(True, 0.0, None, "strided input copied to contiguous; copy=False refused")
         return Outcome(False, 0.0, None, "copy=False accepted a non-contiguous tensor (must raise BufferError)")
 
-    return Case(f"exchange/{str(dtype).removeprefix('torch.')}/{'contiguous' if contiguous else 'strided'}", run)
+    name = str(dtype).removeprefix("torch.")
+
+    def skip(ctx: Context) -> str | None:
+        kind = ctx.device.split(":")[0]
+        declared = ctx.backend.capabilities.dtypes.get(kind, frozenset())
+        if dtype.is_floating_point and name not in declared:
+            return f"{name} is not among the dtypes {ctx.backend.name} declares on {kind} ({', '.join(sorted(declared))})"
+        return None
+
+    checks = ("a contiguous tensor crosses to the framework and back without a copy, and a write to one is seen in the other"
+              if contiguous else "a strided tensor is copied to contiguous (copy=None), and refused with BufferError under copy=False")
+    return Case(f"exchange/{name}/{'contiguous' if contiguous else 'strided'}", run, checks, "spi.Exchange", skip)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,7 +145,9 @@ def kv_case(page_size: int, mla: bool = False) -> Case:
             return Outcome(False, stray, None, "write changed slots or layers it was not given")
         return Outcome(diff == 0, diff, None, "37 scattered slots written in place in host memory")
 
-    return Case(f"kv_cache/{'mla/' if mla else ''}page{page_size}", run)
+    checks = (f"KVCache.k aliases the host buffer; write() stores 37 scattered slots in place (page size {page_size}"
+              f"{', latent layout without V' if mla else ''}) and touches nothing else")
+    return Case(f"kv_cache/{'mla/' if mla else ''}page{page_size}", run, checks, "spi.KVCache")
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,7 +205,10 @@ def attention_case(page_size: int, scenario: str, mla: bool = False) -> Case:
             return Outcome(False, written, None, "new K was not written to the pool at out_cache_loc")
         return _close(_max_diff(out, torch.cat(expected).float()), torch.float32, f"{len(news)} ragged sequences vs naive attention")
 
-    return Case(f"attention/{'mla/' if mla else ''}page{page_size}/{scenario}", run)
+    what = {"prefill": "4 ragged prompts, no cached prefix", "prefix": "4 sequences with cached prefixes and new tokens",
+            "decode": "4 sequences, one new token each"}[scenario]  # fmt: skip
+    checks = f"plan + forward on {what} (page size {page_size}{', MLA' if mla else ''}): new K written at out_cache_loc, output within 1e-4 of dense attention"
+    return Case(f"attention/{'mla/' if mla else ''}page{page_size}/{scenario}", run, checks, "spi.Attention")
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,7 +256,9 @@ def logits_case(arch: str, variant: str = "") -> Case:
             row += n
         return _close(diff, torch.float32, "vs transformers, ragged batch with prefix hits")
 
-    return Case(_model_name("logits", arch, variant), run)
+    return Case(_model_name("logits", arch, variant), run,
+                f"{arch}: all-token float32 logits of a ragged batch after a prefix hit, within 1e-4 of transformers",
+                "spi.ModelRunner, hookspecs.sglang_fx_make_runner")  # fmt: skip
 
 
 def logits_vs_reference_case(arch: str) -> Case:
@@ -241,7 +267,8 @@ def logits_vs_reference_case(arch: str) -> Case:
         ref, _ = _session_logits(ctx, arch, backend=REFERENCE_BACKEND)
         return _close(_max_diff(ours.cpu(), ref.cpu()), torch.float32, f"vs {REFERENCE_BACKEND}")
 
-    return Case(f"logits_vs_reference/{arch}", run)
+    return Case(f"logits_vs_reference/{arch}", run, f"{arch}: the same logits within 1e-4 of the {REFERENCE_BACKEND} backend",
+                "spi.ModelRunner")  # fmt: skip
 
 
 def logits_vs_tp1_case(arch: str, variant: str = "") -> Case:
@@ -254,7 +281,9 @@ def logits_vs_tp1_case(arch: str, variant: str = "") -> Case:
         p = ctx.parallel
         return _close(_max_diff(ours.cpu(), whole.cpu()), torch.float32, f"tp={p.tp_size} ep={p.ep_size} vs tp=1")
 
-    return Case(_model_name("logits_vs_tp1", arch, variant), run)
+    return Case(_model_name("logits_vs_tp1", arch, variant), run,
+                f"{arch}: the sharded model's logits within 1e-4 of the same backend unsharded",
+                "spi.RunnerOptions.parallel, sglang_fx.sharding")  # fmt: skip
 
 
 def greedy_case(arch: str, variant: str = "") -> Case:
@@ -265,10 +294,17 @@ def greedy_case(arch: str, variant: str = "") -> Case:
         truth = [ctx.hf_greedy(arch, p, GREEDY_STEPS, variant) for p in PROMPTS]
         same = sum(a == b for o, t in zip(ours, truth) for a, b in zip(o, t))
         agreement = same / (GREEDY_STEPS * len(PROMPTS))
-        first_diff = next((f"prompt {i} differs at step {next(j for j, (a, b) in enumerate(zip(o, t)) if a != b)}" for i, (o, t) in enumerate(zip(ours, truth)) if o != t), "")
+        first_diff = ""
+        for i, (o, t) in enumerate(zip(ours, truth)):
+            if o != t:
+                j = next((j for j, (a, b) in enumerate(zip(o, t)) if a != b), min(len(o), len(t)))
+                first_diff = f"prompt {i} differs at step {j}: expected tokens {t[j:j + 4]}..., got {o[j:j + 4]}..."
+                break
         return Outcome(agreement == 1.0, None, agreement, first_diff or f"{len(PROMPTS)} ragged prompts x {GREEDY_STEPS} steps identical to transformers")
 
-    return Case(_model_name("greedy", arch, variant), run)
+    return Case(_model_name("greedy", arch, variant), run,
+                f"{arch}: {GREEDY_STEPS} greedy steps of 4 ragged prompts (one cached) identical to transformers",
+                "spi.ModelRunner, spi.Attention, spi.KVCache")  # fmt: skip
 
 
 #: Under tensor parallelism, these architectures also run with one KV head (replicated per rank).

@@ -26,7 +26,7 @@ from .context import Context
 class CaseResult:
     name: str
     passed: bool  # counts toward the run passing (a known gap that failed counts as passed)
-    status: str  # "pass", "fail", "error", "known gap", "unexpected pass"
+    status: str  # "pass", "fail", "error", "known gap", "unexpected pass", "skipped"
     max_abs_diff: float | None
     token_agreement: float | None
     detail: str
@@ -34,8 +34,12 @@ class CaseResult:
 
 
 def judge(case: Case, ctx: Context) -> CaseResult:
-    """Run one case and apply the backend's known-gap list."""
+    """Run one case and apply the backend's known-gap list. A case that does not apply to the
+    backend's declared capabilities is skipped with the reason; a failing one names its contract."""
     start = time.perf_counter()
+    reason = case.skip(ctx) if case.skip is not None else None
+    if reason is not None:
+        return CaseResult(case.name, True, "skipped", None, None, reason, 0.0)
     try:
         out = case.run(ctx)
         status = "pass" if out.passed else "fail"
@@ -52,6 +56,8 @@ def judge(case: Case, ctx: Context) -> CaseResult:
             status, passed, detail = "known gap", True, f"{gap} [{out.detail}]"
     else:
         passed, detail = out.passed, out.detail
+    if not passed and case.contract:
+        detail = f"{detail} [contract: {case.contract} in sglang_fx/]"
     return CaseResult(case.name, passed, status, out.max_abs_diff, out.token_agreement, detail, time.perf_counter() - start)
 
 
@@ -73,8 +79,9 @@ class Report:
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows]
         lines.insert(1, "-" * (sum(widths) + 8 + 6))
-        ok = sum(c.passed for c in self.cases)
-        lines.append(f"{self.backend}: {ok} passed, {len(self.cases) - ok} failed")
+        skipped = sum(c.status == "skipped" for c in self.cases)
+        ok = sum(c.passed for c in self.cases) - skipped
+        lines.append(f"{self.backend}: {ok} passed, {len(self.cases) - ok - skipped} failed" + (f", {skipped} skipped" if skipped else ""))
         return "\n".join(lines)
 
 
@@ -121,6 +128,27 @@ def run(
             if r.passed and not other.passed:
                 results[i] = replace(other, detail=f"rank {rank}: {other.detail}")
     return Report(f"{backend} (tp={tp_size}, ep={ep_size})", all(r.passed for r in results), results)
+
+
+def listing(backend: str, *, device: str = "cpu", tp_size: int = 1, ep_size: int = 1) -> str:
+    """The cases `run` would run, one line each: name, what it checks, the contract it tests (or
+    why it is skipped for this backend). Runs nothing."""
+    from sglang_fx.parallel import SINGLE, Group, Parallel, Rendezvous
+
+    parallel = SINGLE if tp_size == 1 else Parallel(Group("tp", tuple(range(tp_size)), 0), ep_size,
+                                                    rendezvous=Rendezvous("127.0.0.1", 0, tp_size, 0))  # fmt: skip
+    ctx = Context(backend, device=device, parallel=parallel)
+    try:
+        cases = cases_for(ctx)
+        width = max(len(c.name) for c in cases)
+        lines = []
+        for c in cases:
+            reason = c.skip(ctx) if c.skip is not None else None
+            tail = f"SKIPPED: {reason}" if reason else f"{c.checks} [{c.contract}]"
+            lines.append(f"{c.name:<{width}}  {tail}")
+        return "\n".join(lines)
+    finally:
+        ctx.close()
 
 
 def _run_cases(ctx: Context, select: Callable[[str], bool] | None, progress: TextIO | None) -> list[CaseResult]:

@@ -37,8 +37,11 @@ def cmd_backends(args: argparse.Namespace) -> int:
 
 
 def cmd_conformance(args: argparse.Namespace) -> int:
-    from sglang_fx.conformance.runner import run, starting_with, write_json
+    from sglang_fx.conformance.runner import listing, run, starting_with, write_json
 
+    if args.list:
+        print(listing(args.backend, device=args.device, tp_size=args.tp, ep_size=args.ep))
+        return 0
     select = starting_with(args.only) if args.only else None
     report = run(args.backend, device=args.device, select=select, progress=None if args.quiet else sys.stderr,
                  tp_size=args.tp, ep_size=args.ep)  # fmt: skip
@@ -111,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the model cases tensor-parallel over N local processes (real collectives), against "
                    "transformers, the reference and the same backend at tp=1 (default: 1)")  # fmt: skip
     s.add_argument("--ep", type=int, default=1, metavar="N", help="with --tp: split the routed experts N ways (default: 1)")
+    s.add_argument("--list", action="store_true", help="list the cases (what each checks, the contract it tests) and run nothing")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     s.set_defaults(func=cmd_conformance)
 

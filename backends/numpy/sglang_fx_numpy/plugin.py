@@ -1,0 +1,61 @@
+"""Hook implementations of the NumPy backend (entry point `numpy`): the five hooks of
+`sglang_fx/hookspecs.py`, each returning an object of the matching Protocol in `sglang_fx/spi.py`.
+
+This is the backend `sglang-fx new-backend` copies: replace NumPy piece by piece, keeping
+`sglang-fx conformance --backend NAME` green.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sglang_fx import hookimpl
+from sglang_fx.capabilities import Capabilities
+from sglang_fx.checkpoint import ARCHITECTURES
+from sglang_fx.errors import UnsupportedConfigError
+from sglang_fx.spi import BackendInfo
+
+from .attention import NumpyPagedAttention
+from .deepseek_v3 import deepseek_v3
+from .exchange import NumpyExchange
+from .kv_cache import NumpyKVCache
+from .llama import llama_family
+
+NAME = "numpy"
+
+CAPABILITIES = Capabilities(
+    dtypes={"cpu": frozenset({"float32", "float16"})},  # NumPy has no bfloat16
+    architectures=frozenset(ARCHITECTURES),
+    page_sizes=None,  # any
+    features=frozenset({"prefix_cache", "all_token_logits"}),
+)
+
+
+@hookimpl
+def sglang_fx_backend_info() -> BackendInfo:
+    return BackendInfo(name=NAME, framework="numpy", framework_version=np.__version__, capabilities=CAPABILITIES)
+
+
+@hookimpl
+def sglang_fx_make_exchange(device):
+    return NumpyExchange()
+
+
+@hookimpl
+def sglang_fx_make_kv_cache(layout, k_buffers, v_buffers, device):
+    return NumpyKVCache(layout, k_buffers, v_buffers, NumpyExchange())
+
+
+@hookimpl
+def sglang_fx_make_attention(spec, layout, device):
+    return NumpyPagedAttention(spec)
+
+
+@hookimpl
+def sglang_fx_make_runner(spec, weights, options):
+    if options.extra:
+        raise UnsupportedConfigError(f"{NAME} backend takes no options, got {sorted(options.extra)}")
+    exchange = NumpyExchange()
+    arrays = {name: exchange.from_torch(t) for name, t in weights.items()}  # aliases, no copy
+    build = deepseek_v3 if spec.mla is not None else llama_family
+    return build(spec, arrays)
