@@ -25,7 +25,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
         except SglangFxError as e:
             print(f"  status: broken: {e}")
             continue
-        print(f"  framework: {info.framework} {info.framework_version or '(not installed)'}")
+        print(f"  framework: {info.framework} {info.framework_version or '(not installed)'}; written for SPI {info.spi_version}")
         if info.unavailable:
             print(f"  status: unavailable: {info.unavailable}")
         else:

@@ -28,7 +28,7 @@ from .errors import (
     UnsupportedConfigError,
 )
 from .kv_pool import KVLayout
-from .spi import Attention, AttentionSpec, BackendInfo, Exchange, KVCache, ModelRunner, RunnerOptions
+from .spi import Attention, AttentionSpec, BackendInfo, Exchange, KVCache, ModelRunner, RunnerOptions, spi_problem
 
 GROUP = "sglang_fx.backends"
 REQUIRED_HOOKS = tuple(n for n in vars(hookspecs) if n.startswith("sglang_fx_"))
@@ -168,6 +168,9 @@ class Registry:
                 f"backend {entry.name!r} ({entry.distribution}): sglang_fx_backend_info must return a "
                 f"BackendInfo named {entry.name!r}, got {info!r}"
             )
+        problem = spi_problem(info.spi_version)
+        if problem is not None:
+            raise BackendLoadError(f"backend {entry.name!r} ({entry.distribution}) cannot be used: {problem}")
         if info.unavailable is None and info.capabilities is None:
             raise BackendLoadError(f"backend {entry.name!r} ({entry.distribution}): an available backend must declare its capabilities")
         return info

@@ -24,6 +24,33 @@ from .parallel import SINGLE, Parallel
 
 Array = Any  # the backend framework's tensor type
 
+#: The version of this SPI, "MAJOR.MINOR". A backend declares the version it was written for
+#: (`BackendInfo.spi_version`) and runs on any sglang-fx of the same MAJOR and a MINOR at least
+#: its own. The rules that keep that promise:
+#: - a MINOR adds only what a backend written for an older MINOR need not know: a new optional
+#:   hook argument (pluggy passes an implementation only the arguments it names), a new
+#:   Capabilities field that defaults to "not supported", a new RunnerOptions field with the
+#:   old behaviour as its default, a new optional method a host probes for;
+#: - anything else (a new required hook, a changed contract, shape or dtype) is a new MAJOR,
+#:   and backends of the old MAJOR are refused with the versions that match.
+#: History: 1.0, the five hooks. 1.1, parallelism: Capabilities.parallelism and .options,
+#: RunnerOptions.parallel, and the runner made before any other object of the backend.
+SPI_VERSION = "1.1"
+
+
+def spi_problem(declared: str) -> str | None:
+    """Why a backend written for SPI `declared` cannot run on this sglang-fx, or None."""
+    try:
+        major, minor = (int(p) for p in declared.split("."))
+    except ValueError:
+        return f"its SPI version {declared!r} is not MAJOR.MINOR (e.g. {SPI_VERSION!r})"
+    ours_major, ours_minor = (int(p) for p in SPI_VERSION.split("."))
+    if major == ours_major and minor <= ours_minor:
+        return None
+    newer = (major, minor) > (ours_major, ours_minor)
+    return (f"it was written for sglang-fx SPI {declared}, and this sglang-fx has SPI {SPI_VERSION}, which runs backends written "
+            f"for SPI {ours_major}.0 to {SPI_VERSION}; " + ("upgrade sglang-fx" if newer else f"install a version of the backend for SPI {ours_major}.x"))
+
 
 @dataclass(frozen=True)
 class BackendInfo:
@@ -37,6 +64,8 @@ class BackendInfo:
                         "mindspore is not installed: pip install mindspore==2.10.0".
     known_gaps          conformance case name -> reason it is expected to fail. A listed case
                         that passes fails the conformance run, so the list cannot go stale.
+    spi_version         the SPI version the backend was written for (see SPI_VERSION); a
+                        backend that declares none was written for 1.0, the first.
     """
 
     name: str
@@ -45,6 +74,7 @@ class BackendInfo:
     capabilities: Capabilities | None
     unavailable: str | None = None
     known_gaps: Mapping[str, str] = field(default_factory=dict)
+    spi_version: str = "1.0"
 
 
 @dataclass(frozen=True)

@@ -122,3 +122,47 @@ def test_unsupported_configuration_lists_every_problem():
     assert "architecture 'GPT2LMHeadModel' is not supported; supported: DeepseekV3ForCausalLM, LlamaForCausalLM" in msg
     assert "device 'npu' is not supported; supported devices: cpu, cuda" in msg
     assert "page size must be a positive number of tokens, got 0" in msg
+
+
+# ---------------------------------------------------------------------------------------------
+# SPI versions
+# ---------------------------------------------------------------------------------------------
+
+VERSIONED = DELEGATING.replace('name="{name}", known_gaps={gaps})', 'name="{name}", known_gaps={{}}, spi_version="{version}")')
+# Written before SPI versions existed: its BackendInfo names no spi_version.
+UNVERSIONED = DELEGATING.replace('return replace(ref.sglang_fx_backend_info(), name="{name}", known_gaps={gaps})', """info = ref.sglang_fx_backend_info()
+    from sglang_fx.spi import BackendInfo
+    return BackendInfo("{name}", info.framework, info.framework_version, info.capabilities)""")
+
+
+def test_a_backend_of_this_spi_version_loads(fake_registry):
+    from sglang_fx.spi import SPI_VERSION
+
+    reg = fake_registry({"dist-now": {"now": VERSIONED.format(name="now", version=SPI_VERSION)}})
+    assert reg.load("now").info.spi_version == SPI_VERSION
+
+
+def test_a_backend_of_an_older_minor_version_loads(fake_registry, monkeypatch):
+    """1.0 backends (written before parallelism) run on 1.1; and any 1.x on a later 1.y. A backend
+    that declares nothing was written for 1.0."""
+    import sglang_fx.spi as spi
+
+    monkeypatch.setattr(spi, "SPI_VERSION", "1.4")
+    reg = fake_registry({"dist-old": {"old": VERSIONED.format(name="old", version="1.1")},
+                         "dist-first": {"first": UNVERSIONED.format(name="first")}})  # fmt: skip
+    assert reg.load("old").info.spi_version == "1.1"
+    assert reg.info("first").spi_version == "1.0"
+    assert reg.load("first").capabilities is not None
+
+
+@pytest.mark.parametrize("version,fix", [("2.0", "upgrade sglang-fx"), ("1.9", "upgrade sglang-fx"),
+                                         ("0.3", "install a version of the backend for SPI 1.x"), ("one", "not MAJOR.MINOR")])  # fmt: skip
+def test_a_backend_of_an_incompatible_spi_version_is_refused_with_the_versions_that_match(fake_registry, version, fix):
+    from sglang_fx.spi import SPI_VERSION
+
+    reg = fake_registry({"dist-x": {"x": VERSIONED.format(name="x", version=version)}})
+    with pytest.raises(BackendLoadError, match=r"backend 'x' \(dist-x\) cannot be used: ") as e:
+        reg.load("x")
+    assert fix in str(e.value)
+    if version[0].isdigit():
+        assert f"written for sglang-fx SPI {version}, and this sglang-fx has SPI {SPI_VERSION}, which runs backends written for SPI 1.0 to {SPI_VERSION}" in str(e.value)

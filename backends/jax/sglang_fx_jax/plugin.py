@@ -15,6 +15,7 @@ from sglang_fx.capabilities import Capabilities
 from sglang_fx.spi import BackendInfo
 
 NAME = "jax"
+SPI = "1.1"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
 JAX_VERSION = "0.7.1"
 INSTALL = f"pip install jax=={JAX_VERSION} jaxlib=={JAX_VERSION} 'numpy<2'"
 FLOATS = frozenset({"float32", "bfloat16", "float16"})
@@ -61,7 +62,7 @@ def sglang_fx_backend_info() -> BackendInfo:
             version = jax.__version__
         except Exception as e:  # broken install, e.g. a jaxlib that does not match jax
             reason = f"jax fails to import ({type(e).__name__}: {e}): {INSTALL}"
-    return BackendInfo(name=NAME, framework="jax", framework_version=version,
+    return BackendInfo(name=NAME, spi_version=SPI, framework="jax", framework_version=version,
                        capabilities=None if reason else CAPABILITIES, unavailable=reason)  # fmt: skip
 
 

@@ -13,6 +13,7 @@ from sglang_fx.capabilities import Capabilities
 from sglang_fx.spi import BackendInfo
 
 NAME = "mindspore"
+SPI = "1.1"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
 INSTALL = "pip install mindspore==2.10.0 'numpy<2' (CPU; for Ascend or GPU, the MindSpore build for that device)"
 
 CAPABILITIES = Capabilities(
@@ -51,12 +52,13 @@ def sglang_fx_backend_info() -> BackendInfo:
     except Exception as e:  # not installed, or broken (e.g. built against NumPy 1.x under NumPy 2)
         return BackendInfo(
             name=NAME,
+            spi_version=SPI,
             framework="mindspore",
             framework_version=None,
             capabilities=None,
             unavailable=f"mindspore is not installed or fails to import ({type(e).__name__}: {e}): {INSTALL}",
         )
-    return BackendInfo(name=NAME, framework="mindspore", framework_version=mindspore.__version__, capabilities=CAPABILITIES)
+    return BackendInfo(name=NAME, spi_version=SPI, framework="mindspore", framework_version=mindspore.__version__, capabilities=CAPABILITIES)
 
 
 @hookimpl

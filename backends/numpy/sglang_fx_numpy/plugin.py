@@ -22,6 +22,7 @@ from .kv_cache import NumpyKVCache
 from .llama import llama_family
 
 NAME = "numpy"
+SPI = "1.1"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
 
 CAPABILITIES = Capabilities(
     dtypes={"cpu": frozenset({"float32", "float16"})},  # NumPy has no bfloat16
@@ -33,7 +34,7 @@ CAPABILITIES = Capabilities(
 
 @hookimpl
 def sglang_fx_backend_info() -> BackendInfo:
-    return BackendInfo(name=NAME, framework="numpy", framework_version=np.__version__, capabilities=CAPABILITIES)
+    return BackendInfo(name=NAME, spi_version=SPI, framework="numpy", framework_version=np.__version__, capabilities=CAPABILITIES)
 
 
 @hookimpl

@@ -19,6 +19,7 @@ from .deepseek_v3 import deepseek_v3
 from .llama import llama_family
 
 NAME = "reference_torch"
+SPI = "1.1"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
 FLOATS = frozenset({"float32", "float16", "bfloat16"})
 
 
@@ -26,6 +27,7 @@ FLOATS = frozenset({"float32", "float16", "bfloat16"})
 def sglang_fx_backend_info() -> BackendInfo:
     return BackendInfo(
         name=NAME,
+        spi_version=SPI,
         framework="torch",
         framework_version=torch.__version__,
         capabilities=Capabilities(
