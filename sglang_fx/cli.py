@@ -52,6 +52,14 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def cmd_new_backend(args: argparse.Namespace) -> int:
+    from .scaffold import new_backend
+
+    out = new_backend(args.name, args.out)
+    print(f"wrote {out}\nnext:\n  pip install -e {out}\n  sglang-fx conformance --backend {args.name}")
+    return 0
+
+
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from .tiny import make_tiny_model
 
@@ -143,6 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--list", action="store_true", help="list the models sglang-fx can fetch, and whether each is cached")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     s.set_defaults(func=cmd_fetch_model)
+
+    s = sub.add_parser(
+        "new-backend",
+        help="start a new backend distribution from the NumPy template; it passes the conformance suite as written",
+        description="Write a backend distribution named NAME (pyproject with the entry point, the plugin and its modules "
+        "copied from the NumPy backend, a README, a conformance test). Then: pip install -e DIR; "
+        "sglang-fx conformance --backend NAME. See docs/writing-a-backend.md.",
+    )
+    s.add_argument("name", help="the backend's name (a lower-case identifier): --model-impl NAME in SGLang")
+    s.add_argument("--out", metavar="DIR", help="the directory to create (default: ./sglang-fx-NAME)")
+    s.set_defaults(func=cmd_new_backend)
 
     s = sub.add_parser(
         "setup-cpu-host",
