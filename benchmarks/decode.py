@@ -3,8 +3,8 @@
     python benchmarks/decode.py [--variant LABEL=BACKEND[:KEY=VALUE,...]] [--steps N]
 
 Default variants: mindspore-jit, mindspore-jit-dynamic (jit without the fixed-batch decode
-graphs: decode_batches=none), mindspore-pynative, reference_torch (those whose backend is
-available). Each variant prefills `--prompt-len` tokens per sequence, warms up, then times
+graphs: decode_batches=none), mindspore-pynative, jax, jax-scan (layers=scan), reference_torch,
+numpy (those whose backend is available). Each variant prefills `--prompt-len` tokens per sequence, warms up, then times
 `--steps` decode steps at each batch size (median step time). That repeats for `--rounds`
 rounds, the variants taking turns, and the table gives each variant's best round and its ratio
 to the first variant's. Shared machines slow down for seconds at a time: the best of rounds
@@ -26,7 +26,9 @@ from sglang_fx.registry import default_registry
 from sglang_fx.tiny import make_tiny_model
 
 MODEL = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=64)
-DEFAULT_VARIANTS = ["mindspore-jit=mindspore:mode=jit", "mindspore-jit-dynamic=mindspore:mode=jit,decode_batches=none", "mindspore-pynative=mindspore:mode=pynative", "reference_torch=reference_torch"]
+DEFAULT_VARIANTS = ["mindspore-jit=mindspore:mode=jit", "mindspore-jit-dynamic=mindspore:mode=jit,decode_batches=none",
+                    "mindspore-pynative=mindspore:mode=pynative", "jax=jax", "jax-scan=jax:layers=scan", "reference_torch=reference_torch",
+                    "numpy=numpy"]  # fmt: skip
 
 
 def parse_variant(text: str) -> tuple[str, str, dict[str, str]]:

@@ -1,6 +1,6 @@
 """Decode throughput through sglang.Engine: SGLang's native Qwen3 vs sglang-fx backends, in one run.
 
-    python benchmarks/sglang_decode.py [--impls sglang reference_torch mindspore jax] [--steps 32]
+    python benchmarks/sglang_decode.py [--impls sglang reference_torch mindspore jax numpy] [--steps 32]
     python benchmarks/sglang_decode.py --model smollm2 --batch 1 --batch 8 --batch 32 --steps 32   # real model
 
 One float32 model: by default a tiny-but-not-trivial Qwen3 (the model of benchmarks/decode.py),
@@ -276,7 +276,7 @@ def main() -> int:
     from sglang_fx.tiny import make_tiny_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--impls", nargs="+", default=["sglang", "reference_torch", "mindspore", "jax"],
+    ap.add_argument("--impls", nargs="+", default=["sglang", "reference_torch", "mindspore", "jax", "numpy"],
                     help="--model-impl values; the first is the baseline of the ratios")  # fmt: skip
     ap.add_argument("--model", help="smollm2 (the real SmolLM2-135M-Instruct, fetched and cached) or an HF checkpoint "
                     "directory (default: a tiny Qwen3 made here)")  # fmt: skip
