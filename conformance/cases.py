@@ -30,7 +30,7 @@ class Outcome:
 @dataclass(frozen=True)
 class Case:
     """name: stable, e.g. "attention/page16/decode". checks: what it checks, one line.
-    contract: where the contract it tests is written (a name in sglang_fx/spi.py or hookspecs.py).
+    contract: the contract it tests and the file where it is written.
     skip: the reason it does not apply to the backend under test (by its declared capabilities),
     or None."""
 
@@ -97,7 +97,7 @@ def exchange_case(dtype: torch.dtype, contiguous: bool) -> Case:
 
     checks = ("a contiguous tensor crosses to the framework and back without a copy, and a write to one is seen in the other"
               if contiguous else "a strided tensor is copied to contiguous (copy=None), and refused with BufferError under copy=False")
-    return Case(f"exchange/{name}/{'contiguous' if contiguous else 'strided'}", run, checks, "spi.Exchange", skip)
+    return Case(f"exchange/{name}/{'contiguous' if contiguous else 'strided'}", run, checks, "Exchange in sglang_fx/spi.py", skip)
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def kv_case(page_size: int, mla: bool = False) -> Case:
 
     checks = (f"KVCache.k aliases the host buffer; write() stores 37 scattered slots in place (page size {page_size}"
               f"{', latent layout without V' if mla else ''}) and touches nothing else")
-    return Case(f"kv_cache/{'mla/' if mla else ''}page{page_size}", run, checks, "spi.KVCache")
+    return Case(f"kv_cache/{'mla/' if mla else ''}page{page_size}", run, checks, "KVCache in sglang_fx/spi.py")
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,7 +208,7 @@ def attention_case(page_size: int, scenario: str, mla: bool = False) -> Case:
     what = {"prefill": "4 ragged prompts, no cached prefix", "prefix": "4 sequences with cached prefixes and new tokens",
             "decode": "4 sequences, one new token each"}[scenario]  # fmt: skip
     checks = f"plan + forward on {what} (page size {page_size}{', MLA' if mla else ''}): new K written at out_cache_loc, output within 1e-4 of dense attention"
-    return Case(f"attention/{'mla/' if mla else ''}page{page_size}/{scenario}", run, checks, "spi.Attention")
+    return Case(f"attention/{'mla/' if mla else ''}page{page_size}/{scenario}", run, checks, "Attention in sglang_fx/spi.py")
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,7 +258,7 @@ def logits_case(arch: str, variant: str = "") -> Case:
 
     return Case(_model_name("logits", arch, variant), run,
                 f"{arch}: all-token float32 logits of a ragged batch after a prefix hit, within 1e-4 of transformers",
-                "spi.ModelRunner, hookspecs.sglang_fx_make_runner")  # fmt: skip
+                "ModelRunner in sglang_fx/spi.py, sglang_fx_make_runner in sglang_fx/hookspecs.py")  # fmt: skip
 
 
 def logits_vs_reference_case(arch: str) -> Case:
@@ -268,7 +268,7 @@ def logits_vs_reference_case(arch: str) -> Case:
         return _close(_max_diff(ours.cpu(), ref.cpu()), torch.float32, f"vs {REFERENCE_BACKEND}")
 
     return Case(f"logits_vs_reference/{arch}", run, f"{arch}: the same logits within 1e-4 of the {REFERENCE_BACKEND} backend",
-                "spi.ModelRunner")  # fmt: skip
+                "ModelRunner in sglang_fx/spi.py")  # fmt: skip
 
 
 def logits_vs_tp1_case(arch: str, variant: str = "") -> Case:
@@ -283,7 +283,7 @@ def logits_vs_tp1_case(arch: str, variant: str = "") -> Case:
 
     return Case(_model_name("logits_vs_tp1", arch, variant), run,
                 f"{arch}: the sharded model's logits within 1e-4 of the same backend unsharded",
-                "spi.RunnerOptions.parallel, sglang_fx.sharding")  # fmt: skip
+                "RunnerOptions.parallel in sglang_fx/spi.py, sglang_fx/sharding.py")  # fmt: skip
 
 
 def greedy_case(arch: str, variant: str = "") -> Case:
@@ -304,7 +304,7 @@ def greedy_case(arch: str, variant: str = "") -> Case:
 
     return Case(_model_name("greedy", arch, variant), run,
                 f"{arch}: {GREEDY_STEPS} greedy steps of 4 ragged prompts (one cached) identical to transformers",
-                "spi.ModelRunner, spi.Attention, spi.KVCache")  # fmt: skip
+                "ModelRunner, Attention, KVCache in sglang_fx/spi.py")  # fmt: skip
 
 
 #: Under tensor parallelism, these architectures also run with one KV head (replicated per rank).

@@ -57,7 +57,7 @@ def judge(case: Case, ctx: Context) -> CaseResult:
     else:
         passed, detail = out.passed, out.detail
     if not passed and case.contract:
-        detail = f"{detail} [contract: {case.contract} in sglang_fx/]"
+        detail = f"{detail} [contract: {case.contract}]"
     return CaseResult(case.name, passed, status, out.max_abs_diff, out.token_agreement, detail, time.perf_counter() - start)
 
 

@@ -34,13 +34,16 @@ class ForwardMetadata:
 
     Fields:
         mode            EXTEND or DECODE.
-        positions       [T] int64. Absolute position of each new token in its sequence.
+        positions       [T] int64. Absolute position of each new token in its sequence: new token
+                        i of sequence b is at prefix_lens[b] + i.
         out_cache_loc   [T] int64. KV-pool slot each new token's K/V is written to.
         seq_lens        [B] int32. Tokens in each sequence after this step (prefix + new).
         prefix_lens     [B] int32. Tokens already in the KV pool before this step.
         extend_lens     [B] int32. New tokens per sequence; seq_lens == prefix_lens + extend_lens.
         req_to_token    [B, >=L] int32. KV-pool slot of token j of sequence b, valid for
-                        j < seq_lens[b] (includes this step's new tokens). With page size P,
+                        j < seq_lens[b] (includes this step's new tokens); entries past
+                        seq_lens[b] are undefined (SGLang leaves other requests' slots or
+                        garbage there): mask them before gathering with them. With page size P,
                         slots of one page are contiguous: slot // P is the page, slot % P the
                         offset, and req_to_token[b, j] % P == j % P.
         logits_indices  [N] int64. Rows of the T new tokens whose logits are returned, in order.

@@ -99,16 +99,18 @@ README = """\
 # {dist}
 
 An sglang-fx backend named `{name}`, started from the NumPy template (`sglang-fx new-backend`).
-It passes the conformance suite as written; replace NumPy piece by piece, following
-docs/writing-a-backend.md in the sglang-fx repository, and keep it passing.
+It passes the conformance suite as written; replace NumPy piece by piece, following the guide
+(docs/writing-a-backend.md in the sglang-fx repository; its worked example,
+examples/backend-patches/own-attention.patch, replaces this template's attention), and keep it
+passing.
 
 ```sh
 pip install -e .                                   # registers the entry point `{name}`
 sglang-fx conformance --backend {name}             # every case, with what it checks
 sglang-fx conformance --backend {name} --list      # the cases and the contract each tests
 pytest tests/                                      # the same cases through pytest
-SGLANG_USE_CPU_ENGINE=1 python -m sglang.launch_server --model-path M --model-impl {name} \\
-    --device cpu --attention-backend torch_native --dtype float32 --disable-cuda-graph
+python -m sglang_fx.sglang.launch_server --model-path M --model-impl {name} \\
+    --device cpu --attention-backend torch_native --dtype float32 --disable-cuda-graph   # SGLang's server, CPU
 ```
 
 | file | what |

@@ -135,6 +135,11 @@ class Attention(Protocol):
         Returns [T, Hq, Dv] in q's dtype.
         v is None iff the cache layout has no V (MLA): the values are then the first Dv
         channels of the keys (the latent), with Hkv == 1.
+        Grouped-query attention: query head h reads KV head h // (Hq // Hkv).
+    The KVCache and out_cache_loc of `forward` are the step's: keep what `plan` needs of the
+    metadata (forward gets none). A model runner may use its own Attention (and call `plan`
+    itself); the `sglang_fx_make_attention` hook's object serves hosts that call attention
+    directly, and the conformance suite's attention cases.
     """
 
     def plan(self, meta: ForwardMetadata) -> None: ...
