@@ -7,7 +7,9 @@
   about 0.1 s each instead of compiling them again (seconds each). Directory: the `compile_cache`
   option, default `<sglang-fx cache>/jax` (`sglang_fx.models.cache_root`); "none" turns it off.
   JAX keys each entry by the program, its shapes, the jax/jaxlib versions and the device, so a
-  stale entry is never used.
+  stale entry is never used. Bounded to `CACHE_MAX_BYTES` (least recently used entries go
+  first) unless JAX_COMPILATION_CACHE_MAX_SIZE says otherwise; a SmolLM2 program takes about
+  0.3 MB.
 
 The settings are JAX's process-wide configuration; a process that runs the backend runs no other
 JAX code that would want them otherwise (SGLang's own processes use none).
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from sglang_fx.errors import UnsupportedConfigError
 
+CACHE_MAX_BYTES = 2 << 30
 _cache_dir: str | None = None  # the persistent cache directory set in this process ("" = off)
 
 
@@ -53,6 +56,8 @@ def use_compile_cache(option: str | None) -> str | None:
                                              "pass a writable directory, or compile_cache=none") from None  # fmt: skip
             jax.config.update("jax_compilation_cache_dir", wanted)
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+            if jax.config.jax_compilation_cache_max_size == -1:  # JAX's default: unbounded
+                jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
         _cache_dir = wanted
     elif _cache_dir != wanted:
         raise UnsupportedConfigError(f"jax backend: this process already uses compile_cache {_cache_dir or 'none'!r}; "
