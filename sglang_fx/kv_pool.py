@@ -48,6 +48,14 @@ class KVLayout:
         per_layer = _numel(self.k_shape) + (_numel(self.v_shape) if self.v_shape else 0)
         return per_layer * self.num_layers * self.dtype.itemsize
 
+    def check_buffers(self, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor] | None) -> None:
+        """ValueError unless there is one K buffer per layer, and one V buffer per layer exactly
+        when the layout has V (what a backend's KVCache checks before aliasing them)."""
+        if len(k_buffers) != self.num_layers or (v_buffers is not None and len(v_buffers) != self.num_layers):
+            raise ValueError(f"expected {self.num_layers} K (and V) buffers, one per layer")
+        if (v_buffers is None) != (self.v_shape is None):
+            raise ValueError("v_buffers must be given exactly when layout.v_shape is not None")
+
 
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1

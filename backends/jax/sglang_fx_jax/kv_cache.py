@@ -23,10 +23,7 @@ class JaxKVCache:
     (not 64-byte aligned): a copy would never see the step's writes."""
 
     def __init__(self, layout: KVLayout, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor] | None, exchange: JaxExchange):
-        if len(k_buffers) != layout.num_layers or (v_buffers is not None and len(v_buffers) != layout.num_layers):
-            raise ValueError(f"expected {layout.num_layers} K (and V) buffers, one per layer")
-        if (v_buffers is None) != (layout.v_shape is None):
-            raise ValueError("v_buffers must be given exactly when layout.v_shape is not None")
+        layout.check_buffers(k_buffers, v_buffers)
         self.layout, self.exchange = layout, exchange
         self.k_buffers, self.v_buffers = k_buffers, v_buffers
         self.keys = tuple(exchange.from_torch(b, copy=False) for b in k_buffers)

@@ -27,10 +27,7 @@ class MindSporeKVCache:
         v_buffers: list[torch.Tensor] | None,
         exchange: MindSporeExchange,
     ):
-        if len(k_buffers) != layout.num_layers or (v_buffers is not None and len(v_buffers) != layout.num_layers):
-            raise ValueError(f"expected {layout.num_layers} K (and V) buffers, one per layer")
-        if (v_buffers is None) != (layout.v_shape is None):
-            raise ValueError("v_buffers must be given exactly when layout.v_shape is not None")
+        layout.check_buffers(k_buffers, v_buffers)
         self.layout = layout
 
         def alias(buffers: list[torch.Tensor] | None, view) -> tuple | None:

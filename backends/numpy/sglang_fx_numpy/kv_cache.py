@@ -13,10 +13,7 @@ class NumpyKVCache:
     them into the host's memory."""
 
     def __init__(self, layout: KVLayout, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor] | None, exchange: NumpyExchange):
-        if len(k_buffers) != layout.num_layers or (v_buffers is not None and len(v_buffers) != layout.num_layers):
-            raise ValueError(f"expected {layout.num_layers} K (and V) buffers, one per layer")
-        if (v_buffers is None) != (layout.v_shape is None):
-            raise ValueError("v_buffers must be given exactly when layout.v_shape is not None")
+        layout.check_buffers(k_buffers, v_buffers)
         self.layout = layout
         self._k = [exchange.from_torch(b, copy=False) for b in k_buffers]
         self._v = None if v_buffers is None else [exchange.from_torch(b, copy=False) for b in v_buffers]
