@@ -275,26 +275,32 @@ BAD_INPUT = [
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_input_gets_a_clear_4xx_and_disturbs_nothing(servers, backend):
+    """The bad requests, sent together while a long request streams, each get a 4xx naming the
+    problem; the long request's tokens are those it gets alone, and the server keeps serving. The
+    overlap is checked (the long request must still run when the last answer comes); on a machine
+    so loaded that it did not happen, the round is repeated, at most three times."""
     refs = reference(servers, backend)
     server = ready(servers, backend, "roomy")
-    long = Request("the river flows to the sea", 200)  # still running while the bad requests come (context 256)
+    long = Request("the river flows to the sea", 200)  # context 256
     want = generate(server, long.body())["output_ids"]
-    in_flight, started = {}, threading.Event()
-    worker = threading.Thread(target=lambda: in_flight.update(ids=streamed(server, long.body(), None, started)))
-    worker.start()
-    assert started.wait(REQUEST_TIMEOUT), "the long request did not start"
-    answers = []
-    for name, kwargs, says in BAD_INPUT:
-        r = requests.post(server.url + "/generate", timeout=REQUEST_TIMEOUT, **kwargs)
-        answers.append((name, r.status_code, r.text[:300]))
-        assert 400 <= r.status_code < 500, answers[-1]
-        assert says.lower() in r.text.lower(), answers[-1]
-    still_running = not _idle(server, timeout=0)
-    worker.join(REQUEST_TIMEOUT)
-    assert still_running, "the long request ended before the bad requests were all answered: make it longer"
-    assert in_flight.get("ids") == want, "the request in flight was disturbed"
+    for attempt in range(3):
+        in_flight, started = {}, threading.Event()
+        worker = threading.Thread(target=lambda: in_flight.update(ids=streamed(server, long.body(), None, started)))
+        worker.start()
+        assert started.wait(REQUEST_TIMEOUT), "the long request did not start"
+        with ThreadPoolExecutor(len(BAD_INPUT)) as pool:
+            responses = list(pool.map(lambda bad: requests.post(server.url + "/generate", timeout=REQUEST_TIMEOUT, **bad[1]), BAD_INPUT))
+        overlapped = not _idle(server, timeout=0)
+        worker.join(REQUEST_TIMEOUT)
+        answers = [(name, r.status_code, r.text[:300]) for (name, _, _), r in zip(BAD_INPUT, responses)]
+        for (name, _, says), (_, code, text) in zip(BAD_INPUT, answers):
+            assert 400 <= code < 500 and says.lower() in text.lower(), (name, code, text)
+        assert in_flight.get("ids") == want, "the request in flight was disturbed"
+        if overlapped:
+            break
+    assert overlapped, "in three rounds the long request ended before the bad requests were answered: make it longer"
     assert server.proc.poll() is None and generate(server, DISTINCT[1].body())["output_ids"] == refs[1]["output_ids"]
-    print("\n" + "\n".join(f"  {name}: {code} {text}" for name, code, text in answers))
+    print(f"\n  (round {attempt + 1})\n" + "\n".join(f"  {name}: {code} {text}" for name, code, text in answers))
 
 
 def test_sigterm_under_load_ends_every_process(servers):
