@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from sglang_fx.checkpoint import Checkpoint, expected_weights, load_spec
+from sglang_fx.checkpoint import Checkpoint, load_spec
 from sglang_fx.distributed import run_parallel
 from sglang_fx.errors import UnsupportedConfigError
 from sglang_fx.kv_pool import layout_for

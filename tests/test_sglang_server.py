@@ -95,7 +95,7 @@ def servers(tmp_path_factory, models):
     })  # fmt: skip
     started: dict[str, Server] = {}
     try:
-        for impl in ("sglang", *filter(_available, BACKENDS)):
+        for impl in ("sglang", *filter(available, BACKENDS)):
             name = "native" if impl == "sglang" else impl
             started[name] = Server(name, models["qwen3"], ("--model-impl", impl), env, root)
         for name, (arch, impl, module, _) in FAILING.items():

@@ -24,7 +24,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 
 from sglang_fx.buckets import power_of_two
 from sglang_fx.metadata import ForwardMetadata

@@ -20,8 +20,6 @@ import logging
 import time
 from collections.abc import Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 
