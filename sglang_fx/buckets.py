@@ -9,7 +9,10 @@ of two (`power_of_two`), so a few dozen graphs cover every step up to the contex
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from .errors import UnsupportedConfigError
+from .metadata import ForwardMetadata
 
 #: Default decode batch sizes: powers of two to 8, then steps of at most half the size.
 DECODE_BATCHES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -58,3 +61,18 @@ def precompile_batches(text: str | None, batches: tuple[int, ...], backend: str)
         raise UnsupportedConfigError(f"{backend} backend: precompile {text!r} is not none, all, or a comma-separated list "
                                      f"of decode batch sizes among {','.join(map(str, batches)) or '(none: decode_batches is none)'}")  # fmt: skip
     return sizes
+
+
+def warmup_steps(page_size: int, decode_batches: Sequence[int], prefills: Sequence[tuple[str, int]] = (("prefill", 2),),
+                 device: str = "cpu") -> list[tuple[str, ForwardMetadata]]:  # fmt: skip
+    """Dummy steps that make a compiling backend build its graphs before the first real step
+    (`precompile`): one prefill of n tokens (no cached prefix) per (label, n) in `prefills`, then
+    one decode step of each of `decode_batches` sequences ("decode batch B": one new token after
+    one cached), as (label, metadata). Every token's slot is in page 0, so run them only on a
+    pool that holds no sequence yet (a backend's first forward): the real step then writes its
+    own slots."""
+    slots = lambda n: [j % page_size for j in range(n)]  # noqa: E731  (n tokens in page 0, positions 0..n-1)
+    steps = [(label, [slots(n)], [0]) for label, n in prefills]
+    steps += [(f"decode batch {b}", [slots(2)] * b, [1] * b) for b in decode_batches]
+    return [(label, ForwardMetadata.from_lists(token_slots=t, prefix_lens=p, page_size=page_size, device=device))
+            for label, t, p in steps]  # fmt: skip

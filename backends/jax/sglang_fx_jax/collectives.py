@@ -33,6 +33,7 @@ from sglang_fx.parallel import Parallel
 
 from .exchange import JaxExchange
 from .layers import Collectives
+from .placement import place_each_once
 
 INIT_TIMEOUT = 300  # s, for every rank to join
 HEARTBEAT_TIMEOUT = 30  # s, after which a silent peer ends the world
@@ -80,32 +81,22 @@ class Mesh:
         self.per_rank = NamedSharding(self.mesh, PartitionSpec("tp"))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.exchange = JaxExchange()
-        self._pools: dict[int, tuple] = {}
+        self._pools: tuple | None = None  # (the cache, its K arrays, its V arrays)
 
     def _block(self, local: jax.Array) -> jax.Array:
         """This rank's array -> the global [tp, *shape] array whose block r is rank r's."""
         return jax.make_array_from_single_device_arrays((self.size, *local.shape[1:]), self.per_rank, [local])
 
-    def _from_torch(self, t: torch.Tensor) -> jax.Array:
-        return self._block(self.exchange.from_torch(t.unsqueeze(0)))
-
     def weights(self, tree):
-        placed: dict[int, jax.Array] = {}
-
-        def one(t: torch.Tensor) -> jax.Array:
-            if id(t) not in placed:
-                placed[id(t)] = self._from_torch(t)
-            return placed[id(t)]
-
-        return jax.tree.map(one, tree)
+        """This rank's torch weights (a pytree) -> per-rank global arrays aliasing them."""
+        return place_each_once(tree, lambda t: self._block(self.exchange.from_torch(t.unsqueeze(0))))
 
     def pools(self, cache) -> tuple[tuple, tuple | None]:
-        """The KV cache's host buffers as per-rank global arrays (made once per cache)."""
-        key = id(cache)
-        if key not in self._pools:
+        """The KV cache's host buffers as per-rank global arrays, made when a cache first comes."""
+        if self._pools is None or self._pools[0] is not cache:
             glob = lambda bufs: None if bufs is None else tuple(self._block(self.exchange.from_torch(b.unsqueeze(0), copy=False)) for b in bufs)  # noqa: E731
-            self._pools = {key: (glob(cache.k_buffers), glob(cache.v_buffers), cache)}  # the cache kept alive: its id stays its own
-        return self._pools[key][:2]
+            self._pools = (cache, glob(cache.k_buffers), glob(cache.v_buffers))
+        return self._pools[1:]
 
     def jit(self, fn: Callable, sharded: tuple[int, ...]) -> Callable:
         """fn under shard_map: the arguments at `sharded` positions (pytrees) per rank, the others

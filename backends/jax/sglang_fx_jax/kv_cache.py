@@ -37,15 +37,16 @@ class JaxKVCache:
 
     def write(self, layer: int, slots: jax.Array, k: jax.Array, v: jax.Array | None) -> None:
         to = self.exchange.to_torch
-        rows = to(slots).long()
-        self.k_buffers[layer].index_copy_(0, rows, to(k).to(self.k_buffers[layer].dtype))
-        if self.v_buffers is not None:
-            self.v_buffers[layer].index_copy_(0, rows, to(v).to(self.v_buffers[layer].dtype))
+        self._store(layer, to(slots).long(), to(k), None if v is None else to(v))
 
     def write_layers(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> None:
         """Every layer's new rows at once: slots [T] int64; k [layers, T, *k_shape] (v likewise,
         or None without V), as a step returns them."""
-        for layer, buf in enumerate(self.k_buffers):
-            buf.index_copy_(0, slots, k[layer].to(buf.dtype))
-        for layer, buf in enumerate(self.v_buffers or ()):
-            buf.index_copy_(0, slots, v[layer].to(buf.dtype))
+        for layer in range(self.layout.num_layers):
+            self._store(layer, slots, k[layer], None if v is None else v[layer])
+
+    def _store(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> None:
+        """The one place rows reach the pool: torch's index_copy_ into the host's buffers."""
+        self.k_buffers[layer].index_copy_(0, rows, k.to(self.k_buffers[layer].dtype))
+        if self.v_buffers is not None:
+            self.v_buffers[layer].index_copy_(0, rows, v.to(self.v_buffers[layer].dtype))

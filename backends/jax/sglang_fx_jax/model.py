@@ -50,7 +50,6 @@ ARCHITECTURES = {
 }
 
 
-
 class JaxRunner:
     """`spi.ModelRunner`. options.extra: "decode_batches" (default `buckets.DECODE_BATCHES`;
     "none": decode steps run as extend steps), "precompile" (none | all | decode batch sizes),
@@ -110,11 +109,7 @@ class JaxRunner:
     def _compile_ahead(self, cache: JaxKVCache) -> None:
         """Run a dummy prefill and one dummy decode step per `precompile` batch size, on the first
         forward: the pool holds no K/V yet, so their writes (page 0) touch nothing a sequence owns."""
-        page = cache.layout.page_size
-        slots = lambda n: [j % page for j in range(n)]  # noqa: E731
-        steps = [("prefill", [slots(2)], [0])] + [(f"decode batch {b}", [slots(2)] * b, [1] * b) for b in self.precompile]
-        for label, token_slots, prefix in steps:
-            meta = ForwardMetadata.from_lists(token_slots=token_slots, prefix_lens=prefix, page_size=page)
+        for label, meta in buckets.warmup_steps(cache.layout.page_size, self.precompile):
             start = time.perf_counter()
             self.forward(torch.zeros(meta.num_tokens, dtype=torch.int64), meta, cache)
             logger.info("sglang-fx jax: %s compiled in %.1f s", label, time.perf_counter() - start)

@@ -26,16 +26,8 @@ class SingleDevice:
         self.exchange = JaxExchange()
 
     def weights(self, tree):
-        """Torch tensors (a pytree) -> JAX arrays aliasing them; a tensor that appears twice
-        (tied embeddings) is placed once."""
-        placed: dict[int, jax.Array] = {}
-
-        def one(t: torch.Tensor) -> jax.Array:
-            if id(t) not in placed:
-                placed[id(t)] = self.exchange.from_torch(t)
-            return placed[id(t)]
-
-        return jax.tree.map(one, tree)
+        """Torch tensors (a pytree) -> JAX arrays aliasing them."""
+        return place_each_once(tree, self.exchange.from_torch)
 
     def jit(self, fn: Callable, sharded: tuple[int, ...]) -> Callable:
         """fn, compiled per input shapes. sharded: the positions of its per-rank arguments."""
@@ -51,6 +43,19 @@ class SingleDevice:
     def local(self, x: jax.Array) -> torch.Tensor:
         """A program's output as a torch tensor, without a copy."""
         return torch.from_dlpack(x)
+
+
+def place_each_once(tree, one: Callable[[torch.Tensor], jax.Array]):
+    """`one` applied to every torch tensor of a pytree; a tensor that appears twice (a tied
+    embedding) is placed once and shared."""
+    placed: dict[int, jax.Array] = {}
+
+    def once(t: torch.Tensor) -> jax.Array:
+        if id(t) not in placed:
+            placed[id(t)] = one(t)
+        return placed[id(t)]
+
+    return jax.tree.map(once, tree)
 
 
 def place(parallel: Parallel):

@@ -167,20 +167,17 @@ class MindSporeRunner:
         and large-decode kernels; decode above the largest bucket). Only on the first forward:
         the pool holds no K/V yet, so the dummy steps' writes (page 0) touch nothing a sequence
         owns, and the real step then writes its own slots."""
-        page = self.layout.page_size
-        slots = lambda n: [j % page for j in range(n)]  # noqa: E731  (n token slots in page 0, positions 0..n-1)
-        steps = [("prefill", [slots(2)], [0])]
+        prefills = [("prefill", 2)]
         if self.spec.moe is not None:  # a long prefill computes the experts densely: another graph
-            steps.append(("prefill (dense experts)", [slots(-(-self.spec.moe.num_experts // self.spec.moe.top_k))], [0]))
-        steps += [(f"decode batch {b}", [slots(2)] * b, [1] * b) for b in self.precompile]
+            prefills.append(("prefill (dense experts)", -(-self.spec.moe.num_experts // self.spec.moe.top_k)))
+        steps = buckets.warmup_steps(self.layout.page_size, self.precompile, prefills, device=str(device))
         store = None
         if self.cache_root is not None:
-            key = [repr(self.spec), repr(self.layout), self.mode, self.device, self.decode_batches, [label for label, _, _ in steps],
+            key = [repr(self.spec), repr(self.layout), self.mode, self.device, self.decode_batches, [label for label, _ in steps],
                    self.shard.parallel.tp_rank, self.shard.parallel.tp_size, self.shard.parallel.ep_size]  # fmt: skip
             store = CompileCache(self.cache_root, key)
         with store if store is not None else contextlib.nullcontext():
-            for label, token_slots, prefix in steps:
-                meta = ForwardMetadata.from_lists(token_slots=token_slots, prefix_lens=prefix, page_size=page, device=device)
+            for label, meta in steps:
                 start = time.perf_counter()
                 self.forward(torch.zeros(meta.num_tokens, dtype=torch.int64, device=device), meta, cache)
                 logger.info("sglang-fx mindspore: %s graph compiled in %.1f s%s", label, time.perf_counter() - start,
