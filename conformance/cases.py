@@ -40,6 +40,9 @@ class Case:
     contract: str = ""
     skip: Callable[[Context], str | None] | None = None
 
+    def skip_reason(self, ctx: Context) -> str | None:
+        return None if self.skip is None else self.skip(ctx)
+
 
 def _close(diff: float, dtype: torch.dtype, what: str) -> Outcome:
     tol = TOLERANCE[dtype]

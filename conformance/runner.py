@@ -37,7 +37,7 @@ def judge(case: Case, ctx: Context) -> CaseResult:
     """Run one case and apply the backend's known-gap list. A case that does not apply to the
     backend's declared capabilities is skipped with the reason; a failing one names its contract."""
     start = time.perf_counter()
-    reason = case.skip(ctx) if case.skip is not None else None
+    reason = case.skip_reason(ctx)
     if reason is not None:
         return CaseResult(case.name, True, "skipped", None, None, reason, 0.0)
     try:
@@ -143,7 +143,7 @@ def listing(backend: str, *, device: str = "cpu", tp_size: int = 1, ep_size: int
         width = max(len(c.name) for c in cases)
         lines = []
         for c in cases:
-            reason = c.skip(ctx) if c.skip is not None else None
+            reason = c.skip_reason(ctx)
             tail = f"SKIPPED: {reason}" if reason else f"{c.checks} [{c.contract}]"
             lines.append(f"{c.name:<{width}}  {tail}")
         return "\n".join(lines)

@@ -66,6 +66,25 @@ def test_conformance_fails_a_backend_that_copies(installed, capsys):
     assert main(["conformance", "--backend", "copy", "--only", "exchange/int64", "-q"]) == 1
     out = capsys.readouterr().out
     assert "exchange/int64/contiguous  fail" in out and "contiguous round trip copied (must be zero-copy)" in out
+    assert "[contract: Exchange in sglang_fx/spi.py]" in out  # a failure names the contract it broke
+
+
+# A backend that does not declare bfloat16 on the CPU.
+NO_BF16 = DELEGATING.replace('name="{name}", known_gaps={gaps})', """name="{name}", known_gaps={gaps},
+        capabilities=replace(ref.sglang_fx_backend_info().capabilities, dtypes={{"cpu": frozenset({{"float32", "float16"}})}}))""")
+
+
+def test_conformance_list_and_cases_skipped_by_the_declared_dtypes(installed, capsys):
+    installed({"dist-nb": {"nb": NO_BF16.format(name="nb", gaps={})}})
+    assert main(["conformance", "--backend", "nb", "--list"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "SKIPPED: bfloat16 is not among the dtypes nb declares on cpu (float16, float32)" in lines["exchange/bfloat16/contiguous"]
+    assert "without a copy" in lines["exchange/float16/contiguous"] and "[Exchange in sglang_fx/spi.py]" in lines["exchange/float16/contiguous"]
+    assert "[Attention in sglang_fx/spi.py]" in lines["attention/page16/decode"]
+    assert "within 1e-4 of transformers" in lines["logits/Qwen3ForCausalLM"]
+    assert main(["conformance", "--backend", "nb", "--only", "exchange/bfloat16", "--only", "exchange/float16", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "nb: 2 passed, 0 failed, 2 skipped" in out and "exchange/bfloat16/strided     skipped" in out
 
 
 def test_known_gaps_expected_failures_and_unexpected_passes(installed):

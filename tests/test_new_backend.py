@@ -86,3 +86,20 @@ def test_the_scaffold_serves_through_sglang(installed, tmp_path):
     assert report.exists(), proc.stderr[-4000:]
     cmp = json.loads(report.read_text())["comparison"][NAME]
     assert all(cmp["tokens_identical"].values()) and cmp["max_abs_output_logprob_diff"] < 1e-4, cmp
+
+
+def test_the_template_refuses_what_numpy_lacks():
+    """NumPy has no bfloat16 and no device memory: the template's exchange says so, naming what
+    it takes, rather than converting silently; a non-contiguous array under copy=False is a
+    BufferError, as spi.Exchange asks."""
+    import numpy as np
+    import torch
+
+    from sglang_fx_numpy.exchange import NumpyExchange
+
+    ex = NumpyExchange()
+    with pytest.raises(TypeError, match=r"NumPy has no torch.bfloat16; convert the tensor to one of \[.*'torch.float32'"):
+        ex.from_torch(torch.zeros(4, dtype=torch.bfloat16))
+    with pytest.raises(BufferError, match="is not contiguous"):
+        ex.to_torch(np.zeros((4, 4), np.float32).T, copy=False)
+    assert ex.to_torch(np.arange(6, dtype=np.float32).reshape(2, 3).T).tolist() == [[0, 3], [1, 4], [2, 5]]
