@@ -10,6 +10,11 @@ distribution, the hook and the fix.
 from __future__ import annotations
 
 import importlib.metadata as md
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +27,7 @@ from .capabilities import Capabilities
 from .checkpoint import ModelSpec
 from .errors import (
     BackendLoadError,
+    SglangFxError,
     BackendUnavailableError,
     DuplicateBackendError,
     UnknownBackendError,
@@ -133,6 +139,11 @@ class Registry:
 
     def _plugin_manager(self, name: str) -> tuple[BackendEntry, pluggy.PluginManager]:
         entry, ep = self._entry_point(name)
+        return entry, self._manager(entry, ep)
+
+    @staticmethod
+    def _manager(entry: BackendEntry, ep: md.EntryPoint) -> pluggy.PluginManager:
+        name = entry.name
         where = f"backend {name!r} ({entry.distribution}, entry point {entry.target})"
         try:
             plugin = ep.load()
@@ -148,14 +159,31 @@ class Registry:
         missing = [h for h in REQUIRED_HOOKS if not getattr(pm.hook, h).get_hookimpls()]
         if missing:
             raise BackendLoadError(f"{where}: does not implement hook(s) {', '.join(missing)}; every hook in sglang_fx.hookspecs is required")
-        return entry, pm
+        return pm
 
-    def info(self, name: str) -> BackendInfo:
-        """The backend's self-description; imports its plugin but not its framework."""
+    def info(self, name: str, *, isolated: bool = False) -> BackendInfo:
+        """The backend's self-description (its `sglang_fx_backend_info`, which imports its
+        framework to tell whether it is available). isolated: computed in a child process of
+        this interpreter, with this process's sys.path, so that this process imports neither the
+        plugin nor its framework (SGLang's HTTP launcher checks a backend this way: importing
+        MindSpore there would add about 330 MB to a process that never runs the model). Raises
+        the same errors either way."""
         if name in self._loaded:
             return self._loaded[name].info
+        if isolated:
+            entry, ep = self._entry_point(name)
+            return _info_in_child(entry, ep)
         entry, pm = self._plugin_manager(name)
         return self._info(entry, pm)
+
+    def available_info(self, name: str, *, isolated: bool = False) -> BackendInfo:
+        """`info(name)`, raising BackendUnavailableError (naming the reason) if the backend
+        cannot run here."""
+        info = self.info(name, isolated=isolated)
+        if info.unavailable is not None:
+            entry = self.entries(name)[0]
+            raise BackendUnavailableError(f"backend {name!r} ({entry.distribution}) is unavailable: {info.unavailable}")
+        return info
 
     @staticmethod
     def _info(entry: BackendEntry, pm: pluggy.PluginManager) -> BackendInfo:
@@ -178,10 +206,8 @@ class Registry:
     def load(self, name: str) -> Backend:
         """Import, validate and return the backend; BackendUnavailableError if it cannot run here."""
         if name not in self._loaded:
+            info = self.available_info(name)
             entry, pm = self._plugin_manager(name)
-            info = self._info(entry, pm)
-            if info.unavailable is not None:
-                raise BackendUnavailableError(f"backend {name!r} ({entry.distribution}) is unavailable: {info.unavailable}")
             self._loaded[name] = Backend(entry, pm, info)
         return self._loaded[name]
 
@@ -199,3 +225,57 @@ def default_registry() -> Registry:
 
 def load_backend(name: str) -> Backend:
     return default_registry().load(name)
+
+
+# --------------------------------------------------------------------------------------------
+# Backend info in a child process (Registry.info(isolated=True))
+# --------------------------------------------------------------------------------------------
+
+INFO_TIMEOUT = 300.0  # s: importing a framework on a loaded 2-core machine can take a minute
+
+
+def _info_in_child(entry: BackendEntry, ep: md.EntryPoint) -> BackendInfo:
+    """Run `_info_main` for one entry point in `sys.executable`, sys.path passed on; returns its
+    BackendInfo or raises the SglangFxError it raised (both pickled into a file, since a
+    framework may print to stdout while it imports)."""
+    with tempfile.TemporaryDirectory(prefix="sglang-fx-info-") as tmp:
+        out = os.path.join(tmp, "info.pickle")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        cmd = [sys.executable, "-m", __name__, out, entry.name, ep.value, entry.distribution]
+        try:
+            run = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                 timeout=INFO_TIMEOUT)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise BackendLoadError(
+                f"backend {entry.name!r} ({entry.distribution}): sglang_fx_backend_info did not return within "
+                f"{INFO_TIMEOUT:.0f} s in a child process; check that its framework imports (python -c 'import ...')"
+            ) from None
+        if run.returncode != 0 or not os.path.exists(out):
+            tail = (run.stderr or run.stdout or "").strip()[-2000:]
+            raise BackendLoadError(
+                f"backend {entry.name!r} ({entry.distribution}): the child process asking for its info exited with "
+                f"{run.returncode}: {tail}. Reinstall {entry.distribution} and its framework."
+            )
+        with open(out, "rb") as f:
+            kind, value = pickle.load(f)
+    if kind == "error":
+        raise value
+    return value
+
+
+def _info_main(argv: list[str]) -> int:
+    """`python -m sglang_fx.registry OUT NAME TARGET DISTRIBUTION`: pickles ("info", BackendInfo)
+    or ("error", SglangFxError) of that entry point into OUT."""
+    out, name, target, dist = argv
+    entry = BackendEntry(name, dist, target)
+    try:
+        result: tuple[str, object] = ("info", Registry._info(entry, Registry._manager(entry, md.EntryPoint(name, target, GROUP))))
+    except SglangFxError as e:
+        result = ("error", e)
+    with open(out, "wb") as f:
+        pickle.dump(result, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_info_main(sys.argv[1:]))

@@ -79,6 +79,23 @@ def test_framework_not_installed_is_reported_not_raised(fake_registry):
         reg.load("ghost")
 
 
+def test_info_in_a_child_process_imports_nothing_here(fake_registry):
+    """Registry.info(isolated=True), as SGLang's launcher asks it: the same BackendInfo and the
+    same errors as in-process, with neither the plugin nor its framework imported here."""
+    import sys
+
+    reg = fake_registry({"dist-c": {"child": DELEGATING.format(name="child", gaps={}), "ghost": UNAVAILABLE},
+                         "dist-bad": {"bad": "import no_such_module_anywhere\n"}})  # fmt: skip
+    info = reg.info("child", isolated=True)
+    assert "dist_c_child" not in sys.modules  # the plugin module ran in the child only
+    assert info == reg.info("child")
+    assert reg.available_info("child", isolated=True).capabilities == info.capabilities
+    with pytest.raises(BackendUnavailableError, match=r"backend 'ghost' \(dist-c\) is unavailable: .*pip install it"):
+        reg.available_info("ghost", isolated=True)
+    with pytest.raises(BackendLoadError, match=r"backend 'bad' \(dist-bad, .*importing the plugin failed: ModuleNotFoundError.*Reinstall dist-bad"):
+        reg.info("bad", isolated=True)
+
+
 def test_plugin_that_fails_to_import(fake_registry):
     reg = fake_registry({"dist-bad": {"bad": "import no_such_module_anywhere\n"}})
     with pytest.raises(BackendLoadError, match=r"backend 'bad' \(dist-bad, .*importing the plugin failed: ModuleNotFoundError.*Reinstall dist-bad"):

@@ -5,7 +5,8 @@ each framework backend (mindspore, jax), checked against SGLang's native Qwen3
 One module-scoped set of processes, started together so their start-ups overlap:
 - a native server and one server per available framework backend on the same tiny float32
   Qwen3 (loopback, free ports); every request goes to native and to the backend under test (the
-  `both` fixture's parameter), whose answers must equal the native ones: /generate
+  `both` fixture's parameter), whose answers must equal the native ones (and whose launcher
+  process has not loaded the backend's framework): /generate
   (batched, streamed, with stop strings and stop tokens), /v1/completions,
   /v1/chat/completions (the tiny tokenizer's ChatML template), 8 concurrent requests, and a
   long shared prefix (a radix-cache hit, `cached_tokens` in meta_info);
@@ -154,6 +155,25 @@ def test_server_runs_the_sglang_fx_backend(both):
     log = ms.log.read_text(errors="replace")
     assert f"on backend '{ms.name}' ({ms.name}" in log, ms.output()  # the adapter's load message
     assert "on backend '" not in native.log.read_text(errors="replace")  # native runs SGLang's own Qwen3
+
+
+#: A path part of each framework backend's shared libraries, as mapped into a process.
+FRAMEWORK_LIBRARIES = {"mindspore": "/mindspore/", "jax": "/jaxlib/"}
+
+
+def test_the_launcher_imports_no_model_framework(both):
+    """The HTTP launcher checks the backend in a child process, so the framework is mapped only
+    into the scheduler, which runs the model (the check sees it there, so it can fail)."""
+    psutil = pytest.importorskip("psutil")
+    _, server = both
+    marker = FRAMEWORK_LIBRARIES[server.name]
+    launcher = psutil.Process(server.proc.pid)
+
+    def maps_framework(proc) -> bool:
+        return any(marker in m.path for m in proc.memory_maps(grouped=True))
+
+    assert not maps_framework(launcher), f"the launcher of {server.name} maps {marker} libraries"
+    assert any(maps_framework(c) for c in launcher.children(recursive=True)), "no process of the server maps the framework"
 
 
 def test_generate_batch_matches_native(both):

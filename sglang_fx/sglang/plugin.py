@@ -6,7 +6,8 @@ server arguments are validated and before the model loads. It registers two Hook
 hooks (SGLang applies them right after):
 
 - AROUND `check_server_args` (launcher): refuses an unknown --model-impl with the list of
-  valid names, checks an sglang-fx backend's capabilities (device, dtype, architecture, page
+  valid names, checks (in a child process, so that the launcher imports no model framework) an
+  sglang-fx backend's availability and capabilities (device, dtype, architecture, page
   size, tp/ep sizes) and whether the model splits tp_size ways, so an unsupported configuration
   fails at start-up with every problem named, and, for "mindspore", answers SGLang's NPU-only
   rule with that capability check. On a CPU host it also sets SGLANG_CPU_OMP_THREADS_BIND
@@ -112,17 +113,20 @@ def bind_cpu_threads(server_args: Any) -> None:
 
 
 def check_backend(name: str, server_args: Any) -> None:
-    """Load the backend and check it can run this model here; raises ValueError naming every
-    problem (SGLang shows it as the start-up error)."""
+    """Check that the backend is available and can run this model here, without importing its
+    framework into this process; raises ValueError naming every problem (SGLang shows it as the
+    start-up error)."""
     view = compat.server_view(server_args)
     try:
-        backend = default_registry().load(name)
+        # In a child process: the launcher never runs the model, and importing the framework
+        # here would only add to its memory (MindSpore: about 330 MB).
+        capabilities = default_registry().available_info(name, isolated=True).capabilities
         model_config = compat.server_model_config(server_args)
         archs = list(getattr(model_config.hf_config, "architectures", None) or [])
         dtype = str(model_config.dtype).removeprefix("torch.")
         device = str(view.device or "cpu")
         tp, ep = int(view.tp_size or 1), int(getattr(view, "ep_size", 1) or 1)
-        problems = backend.capabilities.validate(
+        problems = capabilities.validate(
             architecture=archs[0] if archs else None, dtype=dtype, device=device, page_size=view.page_size,
             tp_size=tp, ep_size=ep, options=backend_options(name),
         )
@@ -132,7 +136,7 @@ def check_backend(name: str, server_args: Any) -> None:
         # SGLang skips CUDA-graph capture for "mindspore" only (cuda_graph_setup.py:729); the
         # adapter's step is not capturable (host-side lengths, per-step metadata).
         if device.startswith("cuda") and name not in compat.sglang_model_impls() and not view.disable_cuda_graph \
-                and "cuda_graph" not in backend.capabilities.features:
+                and "cuda_graph" not in capabilities.features:
             problems.append("CUDA graph capture is not supported by sglang-fx backends; add --disable-cuda-graph")
         if problems:
             raise UnsupportedConfigError("; ".join(problems))
