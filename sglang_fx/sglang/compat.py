@@ -213,6 +213,22 @@ def parallel_problems(server_args: Any) -> list[str]:
     return out
 
 
+def feature_problems(server_args: Any) -> list[str]:
+    """SGLang serving features sglang-fx backends do not run yet (launcher side, from the
+    arguments). Without this, speculative decoding starts and dies at the first verify step
+    (or in the CPU stand-in of sgl_kernel), and LoRA fails once SGLang's LoRA manager finds no
+    modules to wrap in the adapter."""
+    out = []
+    algorithm = getattr(server_args, "speculative_algorithm", None)
+    if algorithm:
+        out.append(f"speculative decoding (--speculative-algorithm {algorithm}) is not supported by sglang-fx backends "
+                   "yet; serve without it, or use --model-impl sglang")  # fmt: skip
+    if getattr(server_args, "enable_lora", False) or getattr(server_args, "lora_paths", None):
+        out.append("LoRA adapters (--enable-lora, --lora-paths) are not supported by sglang-fx backends yet; merge the "
+                   "adapter into the checkpoint's weights, or use --model-impl sglang")  # fmt: skip
+    return out
+
+
 def cpu_threads_binding(server_args: Any) -> str | None:
     """A value for SGLANG_CPU_OMP_THREADS_BIND when SGLang on CPU needs one and the user set none.
 

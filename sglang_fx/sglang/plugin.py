@@ -8,7 +8,8 @@ hooks (SGLang applies them right after):
 - AROUND `check_server_args` (launcher): refuses an unknown --model-impl with the list of
   valid names, checks (in a child process, so that the launcher imports no model framework) an
   sglang-fx backend's availability and capabilities (device, dtype, architecture, page
-  size, tp/ep sizes) and whether the model splits tp_size ways, so an unsupported configuration
+  size, tp/ep sizes), the SGLang features they do not run yet (speculative decoding, LoRA) and
+  whether the model splits tp_size ways, so an unsupported configuration
   fails at start-up with every problem named, and, for "mindspore", answers SGLang's NPU-only
   rule with that capability check. On a CPU host it also sets SGLANG_CPU_OMP_THREADS_BIND
   when several schedulers need it and the user has not (`bind_cpu_threads`).
@@ -130,7 +131,7 @@ def check_backend(name: str, server_args: Any) -> None:
             architecture=archs[0] if archs else None, dtype=dtype, device=device, page_size=view.page_size,
             tp_size=tp, ep_size=ep, options=backend_options(name),
         )
-        problems += compat.parallel_problems(view)
+        problems += compat.parallel_problems(view) + compat.feature_problems(view)
         if not problems and (tp > 1 or ep > 1):
             problems += sharding.problems(load_spec(compat.model_path(model_config.hf_config) or view.model_path), tp, ep)
         # SGLang skips CUDA-graph capture for "mindspore" only (cuda_graph_setup.py:729); the
