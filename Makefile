@@ -13,7 +13,7 @@ STAMP := $(VENV)/.sglang-fx-setup
 # pip warns once per package about the machine-wide extra index dirs that do not exist.
 QUIET := sed "/is ignored: it is neither a file nor a directory/d"
 
-.PHONY: setup demo test conformance bench clean
+.PHONY: setup demo test conformance bench bench-serving clean
 
 setup: $(STAMP)
 
@@ -47,3 +47,6 @@ bench: setup
 	$(PY) benchmarks/sglang_decode.py --model smollm2 --batch 1 --batch 8 --batch 32 --steps 32 --repeats 3
 	$(PY) benchmarks/parallel.py
 	$(PY) benchmarks/warmup.py
+
+bench-serving: setup
+	$(PY) benchmarks/serving.py
