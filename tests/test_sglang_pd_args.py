@@ -63,6 +63,21 @@ def test_what_cannot_run_is_named():
                        sglang_fx_backend=False) == []  # fmt: skip  (SGLang's own GPU PD)
 
 
+def test_the_ascend_backend_is_checked_at_start_up():
+    protocols = lambda: frozenset({"sdma", "device_rdma"})  # noqa: E731
+    assert pd.ascend_problems({"ASCEND_MF_STORE_URL": "tcp://10.0.0.1:24669"}, protocols) == []
+    ok = {"ASCEND_MF_STORE_URL": "tcp://127.0.0.1:24669", "ASCEND_MF_TRANSFER_PROTOCOL": "Device_RDMA"}
+    assert pd.ascend_problems(ok, protocols) == []
+    (unset,) = pd.ascend_problems({}, protocols)
+    assert unset.startswith("--disaggregation-transfer-backend ascend needs ASCEND_MF_STORE_URL")
+    (bad,) = pd.ascend_problems({"ASCEND_MF_STORE_URL": "10.0.0.1"}, protocols)
+    assert bad == "ASCEND_MF_STORE_URL='10.0.0.1' is not of the form SCHEME://HOST:PORT (e.g. tcp://10.0.0.1:24669)"
+    (proto,) = pd.ascend_problems({"ASCEND_MF_STORE_URL": "tcp://h:1", "ASCEND_MF_TRANSFER_PROTOCOL": "hccs"}, protocols)
+    assert proto == "ASCEND_MF_TRANSFER_PROTOCOL='hccs' is not a transfer protocol of the installed memfabric_hybrid (device_rdma, sdma)"
+    (missing,) = pd.ascend_problems({"ASCEND_MF_STORE_URL": "tcp://h:1"}, lambda: None)
+    assert "needs the package memfabric-hybrid" in missing and "mf_adapter wheel is not it" in missing
+
+
 def test_has_rdma_device(tmp_path):
     assert not pd.has_rdma_device(tmp_path / "absent")
     assert not pd.has_rdma_device(tmp_path)

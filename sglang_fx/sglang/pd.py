@@ -31,6 +31,13 @@ On a CPU host (--device cpu):
 Refused at start-up, with the reason: the `nixl` backend on a CPU host (it registers the KV
 as GPU memory), and PD with speculative decoding on a CPU host or with an sglang-fx backend
 (prefill also ships the draft model's KV; neither runs speculative decoding here).
+
+The `ascend` transfer backend (any device) is checked at start-up instead of at the first
+transfer: SGLang 0.5.23 imports `memfabric_hybrid` (the package `memfabric-hybrid`) in each
+scheduler, hands its engine ASCEND_MF_STORE_URL (the config store both sides share,
+SCHEME://HOST:PORT; unset, the engine fails to initialise with no reason given) and maps
+ASCEND_MF_TRANSFER_PROTOCOL to a member of `TransferEngine.TransDataOpType` (an unknown one
+silently becomes sdma).
 """
 
 from __future__ import annotations
@@ -38,8 +45,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from . import compat
 
@@ -84,6 +92,44 @@ def problems(view: Any, *, sglang_fx_backend: bool) -> list[str]:
     return out
 
 
+ASCEND_STORE_ENV = "ASCEND_MF_STORE_URL"
+ASCEND_PROTOCOL_ENV = "ASCEND_MF_TRANSFER_PROTOCOL"
+STORE_URL = re.compile(r"[a-z][a-z0-9+.-]*://[^\s/:]+:\d+/?", re.I)
+
+
+def ascend_problems(environ: Mapping[str, str], protocols: Callable[[], frozenset[str] | None]) -> list[str]:
+    """What keeps SGLang's `ascend` transfer backend from starting. `protocols()`: the lower-cased
+    TransDataOpType names of the installed memfabric_hybrid, None when it is not importable."""
+    out = []
+    url = environ.get(ASCEND_STORE_ENV, "").strip()
+    if not url:
+        out.append(f"--disaggregation-transfer-backend ascend needs {ASCEND_STORE_ENV}, the address of memfabric's "
+                   "config store that the prefill and decode servers share (e.g. tcp://10.0.0.1:24669)")  # fmt: skip
+    elif not STORE_URL.fullmatch(url):
+        out.append(f"{ASCEND_STORE_ENV}={url!r} is not of the form SCHEME://HOST:PORT (e.g. tcp://10.0.0.1:24669)")
+    known = protocols()
+    if known is None:
+        out.append("--disaggregation-transfer-backend ascend needs the package memfabric-hybrid (SGLang 0.5.23 imports "
+                   "memfabric_hybrid; the guide's mf_adapter wheel is not it): pip install memfabric-hybrid")  # fmt: skip
+    protocol = environ.get(ASCEND_PROTOCOL_ENV, "").strip().lower()
+    if known is not None and protocol and protocol not in known:
+        out.append(f"{ASCEND_PROTOCOL_ENV}={environ[ASCEND_PROTOCOL_ENV]!r} is not a transfer protocol of the installed "
+                   f"memfabric_hybrid ({', '.join(sorted(known))})")  # fmt: skip
+    return out
+
+
+def memfabric_protocols() -> frozenset[str] | None:
+    """The installed memfabric_hybrid's TransferEngine.TransDataOpType names, lower-cased (None
+    when it cannot be imported)."""
+    try:
+        from memfabric_hybrid import TransferEngine
+    except ImportError:
+        return None
+    op_types = TransferEngine.TransDataOpType
+    names = getattr(op_types, "__members__", None) or {n: v for n, v in vars(op_types).items() if n.isupper()}
+    return frozenset(n.lower() for n in names)
+
+
 def plan(view: Any, raw: Mapping[str, Any], environ: Mapping[str, str], *, rdma: bool) -> Plan:
     """The settings a CPU host's PD server needs. `view`: the resolved ServerArgs; `raw`: what the
     user passed (ServerArgs fields before SGLang resolved them); `environ`: the environment."""
@@ -124,6 +170,8 @@ def configure(server_args: Any, *, sglang_fx_backend: bool) -> Plan | None:
     if getattr(view, "disaggregation_mode", "null") not in MODES:
         return None
     found = problems(view, sglang_fx_backend=sglang_fx_backend)
+    if view.disaggregation_transfer_backend == "ascend":
+        found += ascend_problems(os.environ, memfabric_protocols)
     if found:
         raise ValueError(f"--disaggregation-mode {view.disaggregation_mode}: " + "; ".join(found))
     p = plan(view, compat.raw_server_args(server_args), os.environ, rdma=has_rdma_device())
