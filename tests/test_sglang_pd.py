@@ -5,13 +5,17 @@ The servers get SGLang's own PD flags only (--disaggregation-mode, --disaggregat
 what a CPU host needs beyond them is the plugin's job (sglang_fx/sglang/pd.py), so these tests
 also check it. Nothing is skipped: a missing transfer engine, system library or router fails.
 
-Three stages, at most four servers alive at a time (tiny float32 Qwen3, --sleep-on-idle):
-1. aggregated servers of mindspore, jax and reference_torch: the reference outputs (each prompt
-   alone, greedy, with top-2 logprobs), then stopped;
+Three stages, at most four servers alive at a time (tiny float32 checkpoints, --sleep-on-idle):
+1. aggregated servers (mindspore, jax, reference_torch on Qwen3; reference_torch on DeepSeek-V3):
+   the reference outputs (each prompt alone, greedy, with top-2 logprobs), then stopped;
 2. a prefill and a decode server each of mindspore and jax, paired by SGLang's mini router
    (`sglang_router.launch_router --pd-disaggregation --mini-lb`): same backend on both sides,
    then mixed (mindspore prefill feeding jax decode, and the reverse);
-3. a reference_torch pair behind SGLang's Rust router.
+3. reference_torch: a Qwen3 pair over SGLang's `ascend` transfer backend (the test-only
+   memfabric_hybrid stand-in in tests/memfabric_stand_in, Mooncake's TCP engine underneath)
+   behind SGLang's Rust router, its decode side retracting requests every third step
+   (SGLANG_TEST_RETRACT, the cpu_tensor backup); a DeepSeek-V3 pair (MLA: one latent per token
+   and layer moves); then the DeepSeek-V3 decode server is killed mid-stream.
 Per pair: prompts one by one (the second hits the first's prefix in the prefill's radix cache)
 must give the aggregated server's tokens exactly; the same prompts at once, and one streamed,
 too, or differ only at a near-tie (the reference's top-1/top-2 logprob gap below 1e-3 at the
@@ -19,6 +23,8 @@ first difference, counted and printed), as in test_sglang_load.py. Mixed pairs a
 against both frameworks' references with the same rule. Then the decode server must not have
 run a prefill (no "Prefill batch" in its log) and the prefill server must report KV moved
 (sglang:kv_transfer_total_mb in its metrics), so a decode side that recomputed the prompt fails.
+With the decode server killed, the client's stream and a new request must end within 30 s
+(SGLang's 300 s PD bootstrap and waiting timeouts are lowered to 20 s here).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ import re
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import requests
@@ -43,6 +51,8 @@ BACKENDS = ["mindspore", "jax", "reference_torch"]
 STARTUP_TIMEOUT = 480  # s: four servers start at once on two cores
 REQUEST_TIMEOUT = 120
 NEAR_TIE = 1e-3
+#: SGLang's PD timeouts (300 s by default), lowered so that a dead peer fails requests quickly.
+FAULT_TIMEOUTS = {"SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": "20", "SGLANG_DISAGGREGATION_WAITING_TIMEOUT": "20"}
 MAX_NEW = 12
 WORDS = re.findall(r"[A-Za-z]+", CORPUS)
 _rng = random.Random(18)
@@ -118,39 +128,56 @@ class Router:
         self.proc.wait(timeout=10)
 
 
+@dataclass(frozen=True)
+class Spec:
+    """A server of the module: its name, --model-impl, role ("aggregated", "prefill" or
+    "decode"), checkpoint (a key of Fleet.models) and extra environment."""
+
+    name: str
+    backend: str
+    role: str
+    model: str = "qwen3"
+    env: tuple[tuple[str, str], ...] = ()
+    args: tuple[str, ...] = ()
+    pythonpath: tuple[str, ...] = ()  # directories put first on the server's PYTHONPATH
+
+
 class Fleet:
     """The module's servers: `stage(specs)` stops every server not in `specs` and starts the
-    missing ones (all at once), so at most four are alive. A spec is (name, backend, role)."""
+    missing ones (all at once), so at most four are alive."""
 
-    def __init__(self, model: str, log_dir):
-        self.model, self.log_dir = model, log_dir
+    def __init__(self, models: dict[str, str], log_dir):
+        self.models, self.log_dir = models, log_dir
         self.servers: dict[str, Server] = {}
         self.bootstrap: dict[str, int] = {}  # prefill server name -> its bootstrap port
         self.ready: set[str] = set()  # servers seen ready (once is enough)
 
-    def stage(self, specs: list[tuple[str, str, str]]) -> dict[str, Server]:
+    def stage(self, specs: list[Spec]) -> dict[str, Server]:
         assert len(specs) <= 4
-        wanted = {name for name, _, _ in specs}
+        wanted = {spec.name for spec in specs}
         stop_all([s for n, s in self.servers.items() if n not in wanted])
-        self.servers = {n: s for n, s in self.servers.items() if n in wanted}
-        self.ready &= wanted
-        for name, backend, role in specs:
-            if name in self.servers:
+        self.servers = {n: s for n, s in self.servers.items() if n in wanted and s.proc.poll() is None}
+        self.ready &= set(self.servers)
+        for spec in specs:
+            if spec.name in self.servers:
                 continue
-            args = ["--model-impl", backend]
-            if role in ("prefill", "decode"):
-                if role == "prefill":
-                    self.bootstrap[name] = free_port()
+            args = ["--model-impl", spec.backend]
+            if spec.role in ("prefill", "decode"):
+                if spec.role == "prefill":
+                    self.bootstrap[spec.name] = free_port()
                     args += ["--enable-metrics"]
-                port = self.bootstrap.get(name) or free_port()  # decode: the router gives the prefill's
-                args += ["--disaggregation-mode", role, "--disaggregation-bootstrap-port", str(port), "--nccl-port", str(free_port())]
-            self.servers[name] = Server(name, self.model, tuple(args), dict(os.environ), self.log_dir)
-        t0, fresh = time.monotonic(), [n for n, s in self.servers.items() if s.proc.poll() is None and n not in self.ready]
-        for name, _, _ in specs:
-            self.servers[name].wait_ready(STARTUP_TIMEOUT)
+                port = self.bootstrap.get(spec.name) or free_port()  # decode: the router gives the prefill's
+                args += ["--disaggregation-mode", spec.role, "--disaggregation-bootstrap-port", str(port),
+                         "--nccl-port", str(free_port())]  # fmt: skip
+            env = {**os.environ, **FAULT_TIMEOUTS, **dict(spec.env)}
+            env["PYTHONPATH"] = os.pathsep.join([*spec.pythonpath, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+            self.servers[spec.name] = Server(spec.name, self.models[spec.model], (*args, *spec.args), env, self.log_dir)
+        t0, fresh = time.monotonic(), sorted(set(self.servers) - self.ready)
+        for spec in specs:
+            self.servers[spec.name].wait_ready(STARTUP_TIMEOUT)
         self.ready.update(wanted)
         if fresh:
-            print(f"\n{', '.join(sorted(fresh))} started and ready in {time.monotonic() - t0:.0f} s")
+            print(f"\n{', '.join(fresh)} started and ready in {time.monotonic() - t0:.0f} s")
         return self.servers
 
     def stop(self) -> None:
@@ -163,14 +190,13 @@ def fleet(tmp_path_factory):
     missing = [b for b in BACKENDS if b not in installed_backends()]
     if missing:
         pytest.fail(f"backends not installed: {missing} (make setup installs them)")
-    for module in ("sglang_router", "mooncake"):
-        r = subprocess.run([PYTHON, "-c", f"import {module}; import {module}.{'engine' if module == 'mooncake' else 'launch_router'}"],
-                           capture_output=True, text=True)  # fmt: skip
-        assert r.returncode == 0, f"PD needs {module} (make setup installs it):\n{r.stderr[-3000:]}"
+    for module, sub in (("sglang_router", "launch_router"), ("mooncake", "engine")):
+        r = subprocess.run([PYTHON, "-c", f"import {module}.{sub}"], capture_output=True, text=True)
+        assert r.returncode == 0, f"PD needs {module}.{sub} (make setup installs it):\n{r.stderr[-3000:]}"
     from sglang_fx.tiny import make_tiny_model
 
     root = tmp_path_factory.mktemp("sglang_pd")
-    f = Fleet(str(make_tiny_model("qwen3", root / "qwen3")), root)
+    f = Fleet({arch: str(make_tiny_model(arch, root / arch)) for arch in ("qwen3", "deepseek_v3")}, root)
     try:
         yield f
     finally:
@@ -179,10 +205,12 @@ def fleet(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def references(fleet):
-    """{backend: [each prompt alone on an aggregated server, with top-2 logprobs]}."""
-    servers = fleet.stage([(f"agg-{b}", b, "aggregated") for b in BACKENDS])
-    return {b: [generate(servers[f"agg-{b}"].url, body(p, return_logprob=True, top_logprobs_num=2)) for p in PROMPTS]
-            for b in BACKENDS}  # fmt: skip
+    """{server: [each prompt alone on an aggregated server, with top-2 logprobs]}: "mindspore",
+    "jax", "reference_torch" (Qwen3) and "mla" (DeepSeek-V3 on reference_torch)."""
+    specs = [Spec(f"agg-{b}", b, "aggregated") for b in BACKENDS] + [Spec("agg-mla", "reference_torch", "aggregated", "deepseek_v3")]
+    servers = fleet.stage(specs)
+    return {s.name.removeprefix("agg-"): [generate(servers[s.name].url, body(p, return_logprob=True, top_logprobs_num=2))
+                                          for p in PROMPTS] for s in specs}  # fmt: skip
 
 
 def check_pair(name: str, router: Router, refs: list[list[dict]], exact: bool) -> int:
@@ -224,7 +252,22 @@ def check_decode_only(prefill: Server, decode: Server, requests_sent: int) -> No
 
 
 REQUESTS_PER_CHECK = 2 * len(PROMPTS) + 1
-STAGE2 = [(f"{b}-{r}", b, r) for b in ("mindspore", "jax") for r in ("prefill", "decode")]
+STAGE2 = [Spec(f"{b}-{r}", b, r) for b in ("mindspore", "jax") for r in ("prefill", "decode")]
+#: reference_torch, Qwen3: SGLang's `ascend` transfer backend, its engine the test-only
+#: memfabric_hybrid stand-in (tests/memfabric_stand_in: Mooncake's TCP engine underneath), and
+#: SGLang's test retraction (every 3rd decode step) on the decode side, so requests are retracted
+#: to the cpu_tensor backup and resumed. DeepSeek-V3 (MLA, reference_torch) over Mooncake.
+ASCEND = dict(args=("--disaggregation-transfer-backend", "ascend"), pythonpath=(str(Path(__file__).parent / "memfabric_stand_in"),),
+              env=(("ASCEND_MF_STORE_URL", f"tcp://127.0.0.1:{free_port()}"), ("ASCEND_MF_TRANSFER_PROTOCOL", "sdma")))  # fmt: skip
+STAGE3 = [Spec("reference_torch-prefill", "reference_torch", "prefill", **ASCEND),
+          Spec("reference_torch-decode", "reference_torch", "decode", **{**ASCEND, "env": (*ASCEND["env"], ("SGLANG_TEST_RETRACT", "1"))}),
+          Spec("mla-prefill", "reference_torch", "prefill", "deepseek_v3"),
+          Spec("mla-decode", "reference_torch", "decode", "deepseek_v3")]  # fmt: skip
+RETRACTED = re.compile(r"Testing retraction\. #retracted_reqs: (\d+)")
+
+
+def pair_router(fleet, prefill: Server, decode: Server, mini_lb: bool = True) -> Router:
+    return Router(f"router-{prefill.name}-{decode.name}", prefill, fleet.bootstrap[prefill.name], decode, fleet.log_dir, mini_lb)
 
 
 @pytest.mark.parametrize("prefill_backend, decode_backend",
@@ -232,24 +275,76 @@ STAGE2 = [(f"{b}-{r}", b, r) for b in ("mindspore", "jax") for r in ("prefill", 
 def test_pd_matches_aggregated(fleet, references, prefill_backend, decode_backend):
     servers = fleet.stage(STAGE2)
     prefill, decode = servers[f"{prefill_backend}-prefill"], servers[f"{decode_backend}-decode"]
-    name = f"PD {prefill_backend} -> {decode_backend}"
-    router = Router(name.replace(" ", "").replace(">", ""), prefill, fleet.bootstrap[prefill.name], decode, fleet.log_dir, mini_lb=True)
+    router = pair_router(fleet, prefill, decode)
     try:
         same = prefill_backend == decode_backend
         refs = [references[decode_backend]] if same else [references[prefill_backend], references[decode_backend]]
-        check_pair(name, router, refs, exact=same)
+        check_pair(f"PD {prefill_backend} -> {decode_backend}", router, refs, exact=same)
     finally:
         router.stop()
     check_decode_only(prefill, decode, REQUESTS_PER_CHECK)
 
 
-def test_reference_torch_pair_behind_the_rust_router(fleet, references):
-    servers = fleet.stage([("reference_torch-prefill", "reference_torch", "prefill"),
-                           ("reference_torch-decode", "reference_torch", "decode")])  # fmt: skip
+def test_reference_torch_ascend_pair_behind_the_rust_router_with_decode_retraction(fleet, references):
+    """SGLang's Ascend transfer path (its KV manager, sender, receiver and config store) with the
+    memfabric_hybrid stand-in, the Rust router, and retraction on the decode side."""
+    servers = fleet.stage(STAGE3)
     prefill, decode = servers["reference_torch-prefill"], servers["reference_torch-decode"]
-    router = Router("rust-router", prefill, fleet.bootstrap[prefill.name], decode, fleet.log_dir, mini_lb=False)
+    router = pair_router(fleet, prefill, decode, mini_lb=False)
     try:
-        check_pair("PD reference_torch (Rust router)", router, [references["reference_torch"]], exact=True)
+        check_pair("PD reference_torch (ascend transfer, Rust router, decode retracting)", router, [references["reference_torch"]], exact=True)
     finally:
         router.stop()
     check_decode_only(prefill, decode, REQUESTS_PER_CHECK)
+    retracted = sum(int(n) for n in RETRACTED.findall(decode.log.read_text(errors="replace")))
+    print(f"{decode.name}: {retracted} requests retracted (cpu_tensor backup) and resumed")
+    assert retracted > 0, f"{decode.name}: no retraction in its log"
+
+
+def test_deepseek_v3_mla_pair(fleet, references):
+    """MLA: one latent per token and layer moves instead of K and V."""
+    servers = fleet.stage(STAGE3)
+    prefill, decode = servers["mla-prefill"], servers["mla-decode"]
+    router = pair_router(fleet, prefill, decode)
+    try:
+        check_pair("PD DeepSeek-V3 reference_torch", router, [references["mla"]], exact=True)
+    finally:
+        router.stop()
+    check_decode_only(prefill, decode, REQUESTS_PER_CHECK)
+
+
+def test_decode_killed_mid_stream_fails_requests_quickly(fleet, references):
+    """The decode server dies while streaming: the client's stream ends (an error, not a hang)
+    within 30 s, and so does a new request to the pair; the prefill server keeps running."""
+    servers = fleet.stage(STAGE3)
+    prefill, decode = servers["mla-prefill"], servers["mla-decode"]
+    router = pair_router(fleet, prefill, decode)
+    try:
+        long = {**body(PROMPTS[0]), "sampling_params": {"temperature": 0, "max_new_tokens": 3000, "ignore_eos": True}, "stream": True}
+        t0 = None
+        outcome = "stream completed"
+        try:
+            with requests.post(router.url + "/generate", json=long, stream=True, timeout=30) as r:
+                for k, line in enumerate(r.iter_lines(decode_unicode=True)):
+                    if k == 4:  # streaming: now kill the decode server
+                        os.killpg(decode.proc.pid, 9)
+                        t0 = time.monotonic()
+                    if t0 is not None and ("error" in line or line.strip() == "data: [DONE]"):
+                        outcome = f"stream ended: {line[:200]}"
+                        break
+        except requests.RequestException as e:
+            outcome = f"{type(e).__name__}"
+        assert t0 is not None, "the stream ended before the decode server was killed"
+        took = time.monotonic() - t0
+        print(f"decode server killed mid-stream: {outcome} after {took:.1f} s")
+        assert took < 30 and outcome != "stream completed", (outcome, took)
+        t1 = time.monotonic()
+        with contextlib.suppress(requests.RequestException):
+            r = requests.post(router.url + "/generate", json=body(PROMPTS[2]), timeout=30)
+            assert r.status_code != 200, "a request succeeded with the decode server dead"
+        print(f"a new request with the decode server dead: failed after {time.monotonic() - t1:.1f} s")
+        assert time.monotonic() - t1 < 31
+        assert prefill.proc.poll() is None, f"the prefill server died with its peer:\n{prefill.output()}"
+    finally:
+        router.stop()
+        decode.stop()
