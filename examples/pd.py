@@ -61,14 +61,16 @@ def start_router(prefill_url: str, bootstrap_port: int, decode_url: str, port: i
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    probe = {"text": "Hello", "sampling_params": {"max_new_tokens": 1}}
+    while time.monotonic() < deadline:  # until it serves: the Rust router answers 503 until its workers check healthy
         if proc.poll() is not None:
             raise RuntimeError(f"the router exited with status {proc.returncode}; see {log}")
         with contextlib.suppress(requests.RequestException):
-            if requests.get(url + "/health", timeout=5).status_code == 200:
+            if requests.post(url + "/generate", json=probe, timeout=30).status_code == 200:
                 return proc
-        time.sleep(0.5)
-    raise RuntimeError(f"the router was not up after 120 s; see {log}")
+        time.sleep(1)
+    stop_server(proc)
+    raise RuntimeError(f"the router was not serving after 120 s; see {log}")
 
 
 def at_once(url: str, prompts: list[str], max_new_tokens: int) -> list[tuple[list[int], float, float]]:

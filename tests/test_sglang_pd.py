@@ -20,7 +20,9 @@ Per pair: prompts one by one (the second hits the first's prefix in the prefill'
 must give the aggregated server's tokens exactly; the same prompts at once, and one streamed,
 too, or differ only at a near-tie (the reference's top-1/top-2 logprob gap below 1e-3 at the
 first difference, counted and printed), as in test_sglang_load.py. Mixed pairs are judged
-against both frameworks' references with the same rule. Then the decode server must not have
+against both frameworks' references with the same rule; same-backend pairs behind the mini
+router also return the prompt's input logprobs (computed on prefill, merged by the router)
+within 1e-4 of the aggregated server's. Then the decode server must not have
 run a prefill (no "Prefill batch" in its log) and the prefill server must report KV moved
 (sglang:kv_transfer_total_mb in its metrics), so a decode side that recomputed the prompt fails.
 With the decode server killed, the client's stream and a new request must end within 30 s
@@ -209,8 +211,27 @@ def references(fleet):
     "jax", "reference_torch" (Qwen3) and "mla" (DeepSeek-V3 on reference_torch)."""
     specs = [Spec(f"agg-{b}", b, "aggregated") for b in BACKENDS] + [Spec("agg-mla", "reference_torch", "aggregated", "deepseek_v3")]
     servers = fleet.stage(specs)
-    return {s.name.removeprefix("agg-"): [generate(servers[s.name].url, body(p, return_logprob=True, top_logprobs_num=2))
+    refs = {s.name.removeprefix("agg-"): [generate(servers[s.name].url, body(p, return_logprob=True, top_logprobs_num=2))
                                           for p in PROMPTS] for s in specs}  # fmt: skip
+    for b in BACKENDS:  # and the prompt's own logprobs (input logprobs), for one prompt
+        refs[f"{b}:input"] = generate(servers[f"agg-{b}"].url, INPUT_LOGPROBS)
+    return refs
+
+
+#: A request for the logprobs of the prompt's tokens too (SGLang's PD computes them on prefill).
+INPUT_LOGPROBS = body(PROMPTS[3], return_logprob=True, logprob_start_len=0)
+
+
+def check_input_logprobs(name: str, router: Router, ref: dict) -> None:
+    """The prompt's logprobs through the pair (the router merges the prefill's) equal the
+    aggregated server's: the same tokens, values within 1e-4 (float32)."""
+    got = generate(router.url, INPUT_LOGPROBS)
+    assert got["output_ids"] == ref["output_ids"], name
+    mine, theirs = got["meta_info"]["input_token_logprobs"], ref["meta_info"]["input_token_logprobs"]
+    assert [t[1] for t in mine] == [t[1] for t in theirs], f"{name}: input tokens differ"
+    diff = max(abs(a[0] - b[0]) for a, b in zip(mine, theirs) if a[0] is not None and b[0] is not None)
+    print(f"{name}: {len(mine)} input logprobs, max difference to the aggregated server {diff:.2e}")
+    assert diff < 1e-4, f"{name}: input logprobs differ by {diff}"
 
 
 def check_pair(name: str, router: Router, refs: list[list[dict]], exact: bool) -> int:
@@ -251,7 +272,7 @@ def check_decode_only(prefill: Server, decode: Server, requests_sent: int) -> No
     print(f"{prefill.name} -> {decode.name}: {float(count.group(1)):.0f} KV transfers, {float(total.group(1)):.3f} MB")
 
 
-REQUESTS_PER_CHECK = 2 * len(PROMPTS) + 1
+REQUESTS_PER_CHECK = 2 * len(PROMPTS) + 1  # (at least)
 STAGE2 = [Spec(f"{b}-{r}", b, r) for b in ("mindspore", "jax") for r in ("prefill", "decode")]
 #: reference_torch, Qwen3: SGLang's `ascend` transfer backend, its engine the test-only
 #: memfabric_hybrid stand-in (tests/memfabric_stand_in: Mooncake's TCP engine underneath), and
@@ -280,6 +301,8 @@ def test_pd_matches_aggregated(fleet, references, prefill_backend, decode_backen
         same = prefill_backend == decode_backend
         refs = [references[decode_backend]] if same else [references[prefill_backend], references[decode_backend]]
         check_pair(f"PD {prefill_backend} -> {decode_backend}", router, refs, exact=same)
+        if same:
+            check_input_logprobs(f"PD {prefill_backend}", router, references[f"{prefill_backend}:input"])
     finally:
         router.stop()
     check_decode_only(prefill, decode, REQUESTS_PER_CHECK)
