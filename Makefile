@@ -8,7 +8,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 # Re-run the set-up when any of these change.
 SETUP_INPUTS := requirements/base.txt requirements/nodeps.txt requirements/constraints.txt \
-	pyproject.toml backends/reference_torch/pyproject.toml backends/mindspore/pyproject.toml backends/jax/pyproject.toml backends/numpy/pyproject.toml
+	pyproject.toml backends/reference_torch/pyproject.toml backends/mindspore/pyproject.toml backends/jax/pyproject.toml backends/numpy/pyproject.toml \
+	sglang_fx/system_libs.py
 STAMP := $(VENV)/.sglang-fx-setup
 # pip warns once per package about the machine-wide extra index dirs that do not exist.
 QUIET := sed "/is ignored: it is neither a file nor a directory/d"
@@ -24,6 +25,7 @@ $(STAMP): $(SETUP_INPUTS)
 	rm -rf *.egg-info backends/*/*.egg-info  # stale metadata in the source tree shadows the installed entry points
 	$(PIP) install --no-deps --no-build-isolation -e . -e backends/reference_torch -e backends/mindspore -e backends/jax -e backends/numpy 2>&1 | $(QUIET)
 	$(VENV)/bin/sglang-fx setup-cpu-host
+	$(VENV)/bin/sglang-fx install-system-libs  # libibverbs for Mooncake (PD); pinned .debs, no root
 	touch $(STAMP)
 
 demo: setup

@@ -89,6 +89,17 @@ def cmd_fetch_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_install_system_libs(args: argparse.Namespace) -> int:
+    from .system_libs import SystemLibraryError, install
+
+    try:
+        print(f"system libraries for Mooncake's transfer engine: {install(args.prefix)}")
+    except SystemLibraryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_setup_cpu_host(args: argparse.Namespace) -> int:
     from .cpu_host import write_pth
 
@@ -169,6 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--site-packages", help="target directory (default: this environment's site-packages)")
     s.set_defaults(func=cmd_setup_cpu_host)
+
+    s = sub.add_parser(
+        "install-system-libs",
+        help="unpack the pinned Debian libraries Mooncake's transfer engine (PD disaggregation) links, no root needed",
+        description="Fetch libibverbs1, libnl-3-200 and libnl-route-3-200 (pinned versions) with apt-get download, check "
+        "their SHA-256 and unpack them under the environment; see sglang_fx/system_libs.py.",
+    )
+    s.add_argument("--prefix", help="environment directory (default: this Python's sys.prefix)")
+    s.set_defaults(func=cmd_install_system_libs)
     return p
 
 

@@ -36,6 +36,11 @@ Fixes:
   `torch.ops.sgl_kernel` stays empty, so SGLang's AMX checks
   (`_is_intel_amx_backend_available`) still answer False.
 
+- mooncake (SGLang's PD transfer engine): its `engine.so` links libibverbs.so.1, which no
+  wheel provides. Before `mooncake` is first imported, `sglang_fx.system_libs.preload()` loads
+  the copy `sglang-fx install-system-libs` unpacked into the environment, unless the system has
+  one. Only processes that import the engine (a PD server's schedulers) pay for it.
+
 Not done here: SGLANG_USE_CPU_ENGINE=1, which SGLang reads at import time to take its CPU path.
 This hook runs in every Python process of the environment, and choosing SGLang's device is the
 launcher's decision, not the interpreter's: `python -m sglang_fx.sglang.launch_server ...
@@ -188,12 +193,20 @@ def _torch_is_cpu_build() -> bool:
     return torch.version.cuda is None and getattr(torch.version, "hip", None) is None
 
 
+def preload_system_libs() -> bool:
+    """Before `import mooncake`: the system libraries its engine links (see system_libs)."""
+    from . import system_libs
+
+    system_libs.preload()
+    return True
+
+
 class _ImportHook(importlib.abc.MetaPathFinder):
     """Runs a package's fix just before its first import (`fixes`, one-shot), and provides
     stand-ins for modules that are missing here (`providers`, consulted on every lookup of
     that exact name). Never imports the packages themselves."""
 
-    fixes = {"torchvision": fix_torchvision}
+    fixes = {"torchvision": fix_torchvision, "mooncake": preload_system_libs}
     providers = {"sgl_kernel": sgl_kernel_spec}
 
     def find_spec(self, name, path=None, target=None):

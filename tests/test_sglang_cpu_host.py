@@ -49,3 +49,12 @@ def test_stand_in_refuses_unknown_names_and_raises_for_import_only_ones():
     with pytest.raises(NotImplementedError, match="speculative decoding"):
         sgl_kernel.verify_tree_greedy_cpu()
     assert not hasattr(torch.ops.sgl_kernel, "convert_weight_packed")  # SGLang's AMX probe stays False
+
+
+def test_mooncake_import_preloads_the_system_libraries(monkeypatch):
+    """The import hook loads libibverbs (system_libs.preload) before `mooncake` is imported."""
+    calls = []
+    monkeypatch.setattr(cpu_host._ImportHook, "fixes", {"mooncake": lambda: calls.append("preload")})
+    hook = cpu_host._ImportHook()
+    assert hook.find_spec("mooncake") is None and calls == ["preload"]  # then the normal finders import it
+    assert hook.find_spec("mooncake") is None and calls == ["preload"]  # once per process

@@ -116,6 +116,22 @@ def server_model_config(server_args: Any) -> Any:
     return model_config_of(server_args)
 
 
+def raw_server_args(server_args: Any) -> dict[str, Any]:
+    """The ServerArgs fields as the user gave them, before SGLang's resolution pipeline changed
+    any (`_raw_input`, recorded by arg_groups/pipeline.py:29); {} before resolution ran."""
+    return dict(getattr(server_args, "_raw_input", None) or {})
+
+
+def declare_server_args(server_args: Any, source: str, **fields: Any) -> None:
+    """Set resolved ServerArgs fields the way SGLang's own handlers do (`declare_resolution`,
+    arg_groups/overrides.py:110): the decision is recorded with its source, and projected onto
+    the config every process reads when the launcher publishes it. Valid until then (i.e. in
+    check_server_args, which runs after resolution and before publication)."""
+    from sglang.srt.arg_groups.overrides import declare_resolution
+
+    declare_resolution(server_args, source, **fields)
+
+
 def npu_rule_answered():
     """SGLang 0.5.23 asserts `get_platform().is_npu` whenever --model-impl is "mindspore"
     (validation_hook.py:318): a rule for its built-in sgl_mindspore wrapper. When sglang-fx

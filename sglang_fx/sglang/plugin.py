@@ -12,7 +12,9 @@ hooks (SGLang applies them right after):
   whether the model splits tp_size ways, so an unsupported configuration
   fails at start-up with every problem named, and, for "mindspore", answers SGLang's NPU-only
   rule with that capability check. On a CPU host it also sets SGLANG_CPU_OMP_THREADS_BIND
-  when several schedulers need it and the user has not (`bind_cpu_threads`).
+  when several schedulers need it and the user has not (`bind_cpu_threads`), and, with
+  --disaggregation-mode prefill|decode, checks and completes the PD settings a CPU host needs
+  (`prepare_disaggregation`, see sglang_fx/sglang/pd.py).
 - AROUND `get_model_architecture` (every process): for an sglang-fx name, resolves the model
   class to the adapter (`sglang_fx.sglang.model`) instead of SGLang's own.
 - AROUND `TokenizerManager._validate_one_request` (the HTTP server's process): refuses a
@@ -78,6 +80,7 @@ def register() -> None:
 def check_server_args(original, server_args: Any, *args: Any, **kwargs: Any):
     bind_cpu_threads(server_args)
     name = compat.impl_name(compat.server_view(server_args).model_impl)
+    prepare_disaggregation(name, server_args)
     if name not in _backends:
         valid = sorted(compat.sglang_model_impls() | set(_backends))
         if name not in compat.sglang_model_impls():
@@ -111,6 +114,15 @@ def bind_cpu_threads(server_args: Any) -> None:
         logger.info("sglang-fx: %s=%s (one CPU set per scheduler; set it yourself to choose)", compat.CPU_THREADS_BIND_ENV, value)
     # There is no CUDA here: don't wait for CUDA core dumps after a crash (SGLang waits 60 s).
     os.environ.setdefault(compat.CUDA_COREDUMP_ENV, "0")
+
+
+def prepare_disaggregation(name: str, server_args: Any) -> None:
+    """PD disaggregation (--disaggregation-mode prefill|decode), for every --model-impl: refuses
+    what cannot run and applies what a CPU host needs (sglang_fx/sglang/pd.py). Nothing outside
+    PD mode."""
+    from . import pd
+
+    pd.configure(server_args, sglang_fx_backend=name in _backends)
 
 
 def check_backend(name: str, server_args: Any) -> None:
