@@ -121,3 +121,73 @@ def test_ngram_greedy_equals_plain_and_accepts_drafts(servers, backend):
           f"{verdicts.count('same')} same, {verdicts.count('near-tie')} near-ties; spec_accept_length per request "
           f"{[round(a, 2) for a in accept]} (copy prompts first, mean {copy_mean:.2f}); verify steps {verify_steps}")  # fmt: skip
     assert copy_mean > 1.0, f"{backend}: NGRAM accepted no draft on prompts that copy text: {accept}"
+
+
+# --------------------------------------------------------------------------------------------
+# Without servers: the adapter's TARGET_VERIFY mapping and the start-up decision
+# --------------------------------------------------------------------------------------------
+
+
+def _verify_batch(full_mask: bool):
+    """A fake TARGET_VERIFY ForwardBatch: 2 requests with 3 and 5 committed tokens, 3 draft
+    tokens each (request 0 a chain, request 1 a root with two children)."""
+    import types
+
+    import torch
+
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode as SglMode
+
+    trees = [[[1, 0, 0], [1, 1, 0], [1, 1, 1]], [[1, 0, 0], [1, 1, 0], [1, 0, 1]]]
+    committed = [3, 5]
+    if full_mask:  # other devices' layout: [D, committed + D] per request, committed part all ones
+        mask = torch.cat([torch.cat([torch.ones(3, n), torch.tensor(t, dtype=torch.float32)], 1).flatten()
+                          for n, t in zip(committed, trees)])  # fmt: skip
+    else:
+        mask = torch.tensor(trees).flatten()
+    spec = types.SimpleNamespace(draft_token_num=3, custom_mask=mask.bool())
+    return types.SimpleNamespace(forward_mode=SglMode.TARGET_VERIFY, spec_info=spec, seq_lens=torch.tensor(committed),
+                                 seq_lens_cpu=torch.tensor(committed), out_cache_loc=torch.arange(100, 106),
+                                 req_pool_indices=torch.tensor([1, 0]))  # fmt: skip
+
+
+@pytest.mark.parametrize("full_mask", [False, True])
+def test_target_verify_becomes_an_spi_verify_step(full_mask):
+    import torch
+
+    from sglang_fx.metadata import ForwardMode
+    from sglang_fx.sglang.model import to_metadata
+
+    table = torch.arange(40, dtype=torch.int32).view(2, 20)
+    positions = torch.tensor([3, 4, 5, 5, 6, 6])
+    meta = to_metadata(_verify_batch(full_mask), positions, table, page_size=1)
+    assert meta.mode is ForwardMode.VERIFY
+    assert (meta.prefix_lens_cpu, meta.extend_lens_cpu, meta.seq_lens_cpu) == ((3, 5), (3, 3), (6, 8))
+    assert meta.seq_lens.tolist() == [6, 8] and meta.prefix_lens.tolist() == [3, 5]
+    assert meta.positions.tolist() == positions.tolist() and meta.out_cache_loc.tolist() == list(range(100, 106))
+    assert meta.logits_indices.tolist() == list(range(6))
+    assert torch.equal(meta.req_to_token, table[[1, 0], :8])
+    assert meta.visible(1).tolist() == [[True] * 5 + [True, False, False], [True] * 5 + [True, True, False],
+                                        [True] * 5 + [True, False, True]]  # fmt: skip
+    assert meta.visible(0)[:, 3:].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+
+
+def test_startup_decision_for_speculative_decoding():
+    import types
+
+    from sglang_fx.capabilities import Capabilities
+    from sglang_fx.sglang.compat import feature_problems
+
+    def caps(verify):
+        return Capabilities(dtypes={"cpu": frozenset({"float32"})}, architectures=frozenset(), verify=frozenset(verify))
+
+    def args(algorithm, breadth=None):
+        return types.SimpleNamespace(speculative_algorithm=algorithm, speculative_ngram_max_bfs_breadth=breadth)
+
+    assert feature_problems(args("NGRAM"), caps({"tree"})) == []
+    assert feature_problems(args("NGRAM", 1), caps({"chain"})) == []  # breadth 1: a chain
+    (tree_on_chain,) = feature_problems(args("NGRAM"), caps({"chain"}))
+    assert "needs tree verification" in tree_on_chain and "verifies chain masks only" in tree_on_chain
+    (none,) = feature_problems(args("NGRAM", 1), caps(()))
+    assert "needs chain verification" in none and "this backend verifies nothing" in none
+    (eagle,) = feature_problems(args("EAGLE3"), caps({"tree"}))
+    assert "--speculative-algorithm EAGLE3 is not supported" in eagle and "supported: NGRAM" in eagle
