@@ -200,7 +200,7 @@ class ForwardMetadata:
         [0, N) of the padded step's logits are this step's."""
         B, pad = self.batch_size, batch_size - self.batch_size
         if any(e != 1 for e in self.extend_lens_cpu) or pad < 0 or self.mode is ForwardMode.VERIFY:
-            raise ValueError(f"padded_decode pads a one-token-per-sequence EXTEND or DECODE step of at most {batch_size} sequences")
+            raise ValueError(f"padded_decode pads a one-token-per-sequence step of at most {batch_size} sequences, not a VERIFY step")
         if pad == 0 and len(self.logits_indices) == batch_size:
             return self, input_ids
 
