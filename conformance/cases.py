@@ -215,6 +215,143 @@ def attention_case(page_size: int, scenario: str, mla: bool = False) -> Case:
 
 
 # --------------------------------------------------------------------------------------------
+# Speculative verify steps (ForwardMode.VERIFY)
+# --------------------------------------------------------------------------------------------
+
+#: Draft trees as parent lists (-1: a root, child of the committed prefix), per sequence. "chain":
+#: each draft token follows the previous one. "tree": branching drafts, as NGRAM's breadth-first
+#: trees (node order is not depth order: node 2 is shallower than node 1's child 3).
+VERIFY_TREES = {
+    "chain": [[-1, 0, 1, 2], [-1], [-1, 0, 1, 2, 3, 4]],
+    "tree": [[-1, 0, 0, 1, 2, 3], [-1, 0, 0, 0], [-1, -1, 1, 2, 2]],
+}
+VERIFY_PREFIXES = [16, 5, 40]
+
+
+def _tree_masks(parents: list[int]) -> list[list[bool]]:
+    """[D, D] mask of a parent list: row i is True at i and its ancestors."""
+    rows = []
+    for i in range(len(parents)):
+        row, j = [False] * len(parents), i
+        while j >= 0:
+            row[j], j = True, parents[j]
+        rows.append(row)
+    return rows
+
+
+def _branches(parents: list[int]) -> list[list[int]]:
+    """Every root-to-leaf path of the draft tree, as node lists (each node is on one at least)."""
+    leaves = [i for i in range(len(parents)) if i not in parents]
+    paths = []
+    for leaf in leaves:
+        path, j = [], leaf
+        while j >= 0:
+            path.append(j)
+            j = parents[j]
+        paths.append(path[::-1])
+    return paths
+
+
+def verify_attention_case(kind: str, page_size: int) -> Case:
+    def run(ctx: Context) -> Outcome:
+        trees, prefixes = VERIFY_TREES[kind], VERIFY_PREFIXES
+        spec = AttentionSpec(num_heads=4, num_kv_heads=2, head_dim=16, v_head_dim=16, scale=16**-0.5)
+        g = torch.Generator().manual_seed(31 + page_size)
+        ex = ctx.backend.exchange(ctx.device)
+        prefix_kv = [(torch.randn((p, 2, 16), generator=g), torch.randn((p, 2, 16), generator=g)) for p in prefixes]
+        q = [torch.randn((len(t), 4, 16), generator=g) for t in trees]
+        k = [torch.randn((len(t), 2, 16), generator=g) for t in trees]
+        v = [torch.randn((len(t), 2, 16), generator=g) for t in trees]
+
+        def step(seqs: list[tuple[int, list[int]]], masks: list[list[list[bool]]] | None):
+            """Run one step in a fresh pool holding the prefixes of `seqs` (sequence b, its draft
+            nodes): VERIFY with `masks`, or EXTEND when None. Returns (output, pool, meta)."""
+            pages = sum(-(-(prefixes[b] + len(nodes)) // page_size) for b, nodes in seqs) + 2
+            layout = _layout(page_size, num_pages=pages)
+            pool = PagedKVPool(layout, ctx.device)
+            for i, (b, nodes) in enumerate(seqs):
+                slots = torch.tensor(pool.reserve(i, prefixes[b]), dtype=torch.int64)
+                pool.k_buffers[0][slots], pool.v_buffers[0][slots] = (t.to(ctx.device) for t in prefix_kv[b])
+            pool.reserve_many({i: len(nodes) for i, (b, nodes) in enumerate(seqs)})
+            lists = dict(token_slots=[pool.slots(i) for i in range(len(seqs))], prefix_lens=[prefixes[b] for b, _ in seqs],
+                         page_size=page_size, device=ctx.device)  # fmt: skip
+            meta = (ForwardMetadata.from_lists(logits="all", **lists) if masks is None
+                    else ForwardMetadata.verify_step(tree_masks=masks, **lists))  # fmt: skip
+            cat = [torch.cat([t[b][nodes] for b, nodes in seqs]).to(ctx.device) for t in (q, k, v)]
+            cache = ctx.backend.kv_cache(layout, pool.k_buffers, pool.v_buffers, ctx.device)
+            attn = ctx.backend.attention(spec, layout, ctx.device)
+            attn.plan(meta)
+            out = attn.forward(0, *(ex.from_torch(t) for t in cat), cache)
+            return ex.to_torch(out).cpu(), pool, meta, cat
+
+        everything = [(b, list(range(len(t)))) for b, t in enumerate(trees)]
+        out, pool, meta, (_, k_all, v_all) = step(everything, [_tree_masks(t) for t in trees])
+        written = max(_max_diff(pool.k_buffers[0][meta.out_cache_loc], k_all),
+                      _max_diff(pool.v_buffers[0][meta.out_cache_loc], v_all))  # fmt: skip
+        if written:
+            return Outcome(False, written, None, f"the K/V of the {meta.num_tokens} draft tokens were not all written at out_cache_loc")
+        rows = torch.tensor([0, *meta.extend_lens_cpu]).cumsum(0).tolist()
+        diff, extends = 0.0, 0
+        for b, parents in enumerate(trees):
+            for path in _branches(parents):  # one EXTEND per branch, in a pool of its own
+                expected, *_ = step([(b, path)], None)
+                diff = max(diff, _max_diff(out[[rows[b] + i for i in path]], expected))
+                extends += 1
+        return _close(diff, torch.float32, f"VERIFY of {len(trees)} sequences vs {extends} EXTENDs of their branches")
+
+    checks = (f"VERIFY step, {'chain' if kind == 'chain' else 'branching tree'} masks over 3 sequences with cached prefixes "
+              f"(page size {page_size}): every draft token's K/V written at out_cache_loc, each draft token's output "
+              f"within 1e-4 of an EXTEND of {'the same tokens' if kind == 'chain' else 'its branch alone'}")  # fmt: skip
+
+    def skip(ctx: Context) -> str | None:
+        caps = ctx.backend.capabilities
+        if caps.can_verify(kind):
+            return None
+        return f"{ctx.backend.name} declares no {kind} verify steps (Capabilities.verify: {', '.join(sorted(caps.verify)) or 'none'})"
+
+    return Case(f"verify/page{page_size}/{kind}", run, checks, "ForwardMetadata VERIFY in sglang_fx/metadata.py, Attention in sglang_fx/spi.py", skip)
+
+
+def verify_model_case(arch: str) -> Case:
+    """The whole model on a VERIFY step (RoPE at tree-depth positions, tree masks), against
+    transformers on each draft token's own branch."""
+
+    def run(ctx: Context) -> Outcome:
+        session = ctx.session(arch, page_size=16)
+        trees = VERIFY_TREES["tree"]
+        prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[3]]
+        drafts = [[(7 * b + 13 * i) % 500 + 3 for i in range(len(t))] for b, t in enumerate(trees)]
+        seqs = []
+        for p in prompts:
+            seq, _ = session.new_sequence(p)
+            session.forward([seq], [p[session.pool.length(seq) if seq in session.pool else 0 :]])
+            seqs.append(seq)
+        prefix = [session.pool.length(s) for s in seqs]
+        session.pool.reserve_many({s: len(d) for s, d in zip(seqs, drafts)})
+        meta = ForwardMetadata.verify_step(token_slots=[session.pool.slots(s) for s in seqs], prefix_lens=prefix,
+                                           tree_masks=[_tree_masks(t) for t in trees], page_size=16, device=ctx.device)  # fmt: skip
+        ids = torch.tensor([t for d in drafts for t in d], dtype=torch.int64, device=ctx.device)
+        logits = session.runner.forward(ids, meta, session.cache).cpu()
+        diff, row = 0.0, 0
+        for p, parents, d in zip(prompts, trees, drafts):
+            for i in range(len(parents)):
+                branch = next(path for path in _branches(parents) if i in path)
+                tokens = p + [d[j] for j in branch[: branch.index(i) + 1]]
+                diff = max(diff, _max_diff(logits[row + i], ctx.hf_logits(arch, tokens)[-1]))
+            row += len(parents)
+        return _close(diff, torch.float32, f"VERIFY logits of {row} draft tokens vs transformers on each one's branch")
+
+    def skip(ctx: Context) -> str | None:
+        caps = ctx.backend.capabilities
+        return None if caps.can_verify("tree") else f"{ctx.backend.name} declares no tree verify steps (Capabilities.verify)"
+
+    return Case(f"verify_logits/{arch}", run,
+                f"{arch}: logits of a tree VERIFY step (3 cached prompts, 15 draft tokens at tree-depth positions) within "
+                "1e-4 of transformers on each draft token's branch",
+                "ForwardMetadata VERIFY in sglang_fx/metadata.py, ModelRunner in sglang_fx/spi.py", skip)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
 # Whole model
 # --------------------------------------------------------------------------------------------
 
@@ -333,8 +470,9 @@ def cases_for(ctx: Context) -> list[Case]:
     cases = [exchange_case(d, c) for d in EXCHANGE_DTYPES for c in (True, False)]
     cases += [kv_case(p) for p in (1, 16, 128)]
     cases += [attention_case(p, s) for p in (1, 16, 128) for s in ATTENTION_BATCHES]
+    cases += [verify_attention_case(kind, p) for p in (1, 16) for kind in VERIFY_TREES]
     if MLA_ARCHES & set(ctx.architectures()):
         cases += [kv_case(16, mla=True)] + [attention_case(p, s, mla=True) for p in (1, 16) for s in ATTENTION_BATCHES]
     for arch in ctx.architectures():
-        cases += [logits_case(arch), logits_vs_reference_case(arch), greedy_case(arch)]
+        cases += [logits_case(arch), logits_vs_reference_case(arch), greedy_case(arch), verify_model_case(arch)]
     return cases

@@ -19,6 +19,9 @@ class Capabilities:
                     sharded weights, collectives over the TP group), "ep" (routed experts split
                     over the TP group). Empty: one process only. Data parallelism needs nothing
                     of a backend (each replica is a world of its own) and is always allowed.
+    verify          the speculative verify steps (ForwardMode.VERIFY in sglang_fx/metadata.py) it
+                    runs: "chain" (each draft token sees all earlier ones: one draft per
+                    sequence), "tree" (any tree mask; implies chain). Empty: none (SPI < 1.2).
     options         the keys of RunnerOptions.extra the runner takes -> what each means (shown
                     by `sglang-fx backends`); an unknown key is refused before loading. The
                     runner checks the values.
@@ -30,6 +33,7 @@ class Capabilities:
     features: frozenset[str] = field(default_factory=frozenset)
     parallelism: frozenset[str] = field(default_factory=frozenset)
     options: Mapping[str, str] = field(default_factory=dict)
+    verify: frozenset[str] = field(default_factory=frozenset)
 
     @property
     def devices(self) -> frozenset[str]:
@@ -45,6 +49,7 @@ class Capabilities:
         tp_size: int = 1,
         ep_size: int = 1,
         options: Mapping[str, str] | None = None,
+        verify: str | None = None,
     ) -> list[str]:
         """Every problem with running this configuration, as sentences naming the fix.
         An empty list means supported. Arguments left as None are not checked."""
@@ -75,11 +80,22 @@ class Capabilities:
                             "per model; use tp_size 1, or a backend that declares 'tp' in its parallelism")  # fmt: skip
         if ep_size > 1 and "ep" not in self.parallelism:
             problems.append(f"expert parallelism (ep_size {ep_size}) is not supported; use ep_size 1")
+        if verify is not None and not self.can_verify(verify):
+            problems.append(f"speculative decoding needs {verify} verification (ForwardMode.VERIFY), and this backend "
+                            f"verifies {' and '.join(sorted(self.verify)) + ' masks only' if self.verify else 'nothing'}; "
+                            "serve without speculative decoding" + (", or with a chain-shaped draft (topk 1)"
+                                                                   if self.verify else ""))  # fmt: skip
         unknown = sorted(set(options or {}) - set(self.options))
         if unknown:
             takes = ", ".join(sorted(self.options)) or "none"
             problems.append(f"unknown backend option(s) {', '.join(unknown)}; the options it takes: {takes}")
         return problems
+
+    def can_verify(self, kind: str) -> bool:
+        """Whether it runs a VERIFY step whose tree mask is a "chain" or a "tree"."""
+        if kind not in ("chain", "tree"):
+            raise ValueError(f"verify kind must be 'chain' or 'tree', got {kind!r}")
+        return kind in self.verify or (kind == "chain" and "tree" in self.verify)
 
     def describe(self) -> str:
         devices = "; ".join(f"{d}: {', '.join(sorted(ts))}" for d, ts in sorted(self.dtypes.items()))
@@ -88,5 +104,6 @@ class Capabilities:
             f"devices/dtypes [{devices}]; architectures [{', '.join(sorted(self.architectures))}]; "
             f"page sizes [{pages}]; features [{', '.join(sorted(self.features))}]; "
             f"parallelism [{', '.join(sorted(self.parallelism)) or 'none'}]; "
+            f"verify [{', '.join(sorted(self.verify)) or 'none'}]; "
             f"options [{', '.join(f'{k}: {v}' for k, v in sorted(self.options.items())) or 'none'}]"
         )

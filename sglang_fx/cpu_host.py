@@ -26,10 +26,20 @@ Fixes:
     copy_all_layer_kv_cache_cpu  (kernels/ops/kvcache/cache_move.py: the KV pool's slot
         move, `move_kv_cache`; SGLang also runs it once as a warm-up when a pool is built
         with enable_kv_cache_copy, i.e. with speculative decoding).
-  The speculative-decoding kernels that are imported at module level on CPU
-  (kernels/ops/speculative/*.py: tree building, greedy verification, draft cache slots) are
-  provided as functions that raise NotImplementedError when called: speculative decoding on
-  CPU without a real sgl_kernel is not supported here, and an import must not fail for it.
+  and, for speculative decoding (NGRAM, and the verification shared with EAGLE/STANDALONE at
+  topk 1), the operators of upstream's CPU reference (sgl-kernel/csrc/cpu/spec.cpp), written
+  from the contracts of their SGLang callers (kernels/ops/speculative/*.py):
+    reconstruct_indices_from_tree_mask  (in `sgl_kernel.speculative`, a submodule of the
+        stand-in; NGRAM: positions and tree links of its draft trees);
+    assign_extend_cache_locs_cpu  (the draft tokens' KV slots, read from req_to_token);
+    verify_tree_greedy_cpu  (greedy verification: the longest draft path the target agrees
+        with, and the target's token after it);
+    fill_accept_out_cache_loc_cpu, fill_bonus_tokens_cpu  (the accepted tokens' slots and
+        the bonus token per request, after verification).
+  The kernels only EAGLE-style drafting calls (tree building, draft cache slots, input-id
+  rotation) are provided as functions that raise NotImplementedError when called: draft-model
+  speculative decoding is refused at start-up for sglang-fx backends, and an import must not
+  fail for it.
   Any other name raises ImportError("cannot import name ..."), as if sgl_kernel were absent,
   so SGLang's own `try: from sgl_kernel import X / except ImportError` fallbacks keep working,
   and an unexpected use fails loudly instead of computing something wrong.
@@ -127,10 +137,116 @@ def assign_req_to_token_pool_cpu(req_pool_indices, req_to_token, start_offset, e
     req_to_token[req_pool_indices.long()[row], col] = out_cache_loc[:total].to(req_to_token.dtype)
 
 
+def assign_extend_cache_locs_cpu(req_pool_indices, req_to_token, start_offset, end_offset, out_cache_loc, pool_len) -> None:
+    """The reverse of assign_req_to_token_pool_cpu: out_cache_loc (packed, requests in order)
+    receives req_to_token[req_pool_indices[i], start_offset[i]:end_offset[i]] for every i.
+    pool_len = req_to_token.shape[1]."""
+    import torch
+
+    start, end = start_offset.long(), end_offset.long()
+    lens = end - start
+    total = int(lens.sum())
+    if total == 0:
+        return
+    row = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), lens)
+    first = torch.cumsum(lens, 0) - lens
+    col = start[row] + torch.arange(total, device=lens.device) - first[row]
+    out_cache_loc[:total] = req_to_token[req_pool_indices.long()[row], col].to(out_cache_loc.dtype)
+
+
+def reconstruct_indices_from_tree_mask(tree_mask, verified_seq_len, positions, retrieve_index, retrieve_next_token,
+                                       retrieve_next_sibling, batch_size, draft_token_num) -> None:  # fmt: skip
+    """The verify metadata of NGRAM's draft trees, from their masks. tree_mask: [B * n * n]
+    bool, row-major [B, n, n]: (b, i, j) True when node j is node i or an ancestor of it (nodes
+    in breadth-first order, node 0 the root). Writes, for every request b and node t:
+      positions [B * n]            verified_seq_len[b] + the number of t's strict ancestors;
+      retrieve_index [B, n]        b * n + t (the node's row in the step's flattened tokens);
+      retrieve_next_token [B, n]   t's first child (its smallest-index descendant), else -1;
+      retrieve_next_sibling [B, n] the next node after t with t's parent, else -1 (-1 for a root).
+    """
+    import torch
+
+    n, device = draft_token_num, tree_mask.device
+    mask = tree_mask.reshape(batch_size, n, n).to(torch.bool)
+    order = torch.arange(n, device=device)
+    ancestors = mask & (order[None, :] < order[:, None])[None]  # [B, i, j]: j a strict ancestor of i
+    positions.view(batch_size, n)[:] = (verified_seq_len.view(-1, 1).long() + ancestors.sum(-1)).to(positions.dtype)
+    retrieve_index.view(batch_size, n)[:] = (torch.arange(batch_size, device=device)[:, None] * n + order).to(retrieve_index.dtype)
+    none = torch.full((batch_size, n, n), n, device=device)
+    # first child: min k with tid among k's ancestors (the smallest descendant is a child)
+    child = torch.where(ancestors.transpose(1, 2), order.expand(batch_size, n, n), none).min(-1).values
+    retrieve_next_token.view(batch_size, n)[:] = torch.where(child < n, child, -1).to(retrieve_next_token.dtype)
+    parent = torch.where(ancestors, order.expand(batch_size, n, n), -1).max(-1).values  # [B, n], -1 for a root
+    same = (parent[:, None, :] == parent[:, :, None]) & (order[None, :] > order[:, None])[None] & (parent[:, :, None] >= 0)
+    sibling = torch.where(same, order.expand(batch_size, n, n), none).min(-1).values
+    retrieve_next_sibling.view(batch_size, n)[:] = torch.where(sibling < n, sibling, -1).to(retrieve_next_sibling.dtype)
+
+
+def verify_tree_greedy_cpu(predicts, accept_index, accept_token_num, candidates, retrive_index, retrive_next_token,
+                           retrive_next_sibling, target_predict) -> None:  # fmt: skip
+    """Greedy verification of draft trees (argument names as SGLang passes them). For request b
+    (candidates [B, n] its draft tokens, node 0 the last committed token; target_predict [B, n]
+    the target's argmax after each node; the retrive_* [B, n] from the tree): starting at node 0,
+    repeatedly take the child whose draft token equals the target's prediction after the current
+    node (children in next_token/next_sibling order), until none does or accept_index [B, S] is
+    full. Writes accept_index[b, 0..a] (the flattened rows b*n + t of node 0 and the a accepted
+    nodes; the rest untouched), accept_token_num[b] = a, and predicts [B*n] at each of those rows:
+    the target's token there (for the last, the bonus token)."""
+    batch, n = candidates.shape
+    steps = accept_index.shape[1]
+    flat_target = target_predict.reshape(-1)
+    for b in range(batch):
+        cand, index = candidates[b].tolist(), retrive_index[b].tolist()
+        nxt, sib = retrive_next_token[b].tolist(), retrive_next_sibling[b].tolist()
+        last, node, accepted = index[0], 0, 0
+        accept_index[b, 0] = last
+        for _ in range(1, steps):
+            target = int(flat_target[last])
+            node = nxt[node]
+            while node != -1 and cand[node] != target:
+                node = sib[node]
+            if node == -1:
+                break
+            predicts[last] = target
+            accepted += 1
+            last = index[node]
+            accept_index[b, accepted] = last
+        accept_token_num[b] = accepted
+        predicts[last] = flat_target[last]
+
+
+def fill_accept_out_cache_loc_cpu(accept_index, out_cache_loc, accept_out_cache_loc) -> None:
+    """The slots of the accepted tokens, packed: accept_index (any shape, -1 = rejected) names
+    rows of out_cache_loc; the k-th accepted entry (in flattened order) writes
+    accept_out_cache_loc[k] = out_cache_loc[accept_index entry]."""
+    idx = accept_index.reshape(-1)
+    kept = idx[idx != -1].long()
+    accept_out_cache_loc[: kept.numel()] = out_cache_loc[kept].to(accept_out_cache_loc.dtype)
+
+
+def fill_bonus_tokens_cpu(accept_tokens, accept_lens, bonus_tokens, accept_stride) -> None:
+    """bonus_tokens[i] = the last accepted token of request i: accept_tokens (flattened, one row
+    of accept_stride per request) at i * accept_stride + accept_lens[i] - 1 (accept_lens counts
+    the bonus token)."""
+    import torch
+
+    lens = accept_lens.long()
+    rows = torch.arange(lens.numel(), device=lens.device) * int(accept_stride)
+    bonus_tokens[: lens.numel()] = accept_tokens.reshape(-1)[rows + lens - 1].to(bonus_tokens.dtype)
+
+
 #: name -> implementation, for the `sgl_kernel` stand-in. Only functions SGLang calls on CPU.
 _SGL_KERNEL_CPU = {
     "copy_all_layer_kv_cache_cpu": copy_all_layer_kv_cache_cpu,
     "assign_req_to_token_pool_cpu": assign_req_to_token_pool_cpu,
+    "assign_extend_cache_locs_cpu": assign_extend_cache_locs_cpu,
+    "verify_tree_greedy_cpu": verify_tree_greedy_cpu,
+    "fill_accept_out_cache_loc_cpu": fill_accept_out_cache_loc_cpu,
+    "fill_bonus_tokens_cpu": fill_bonus_tokens_cpu,
+}
+#: The stand-in's submodules: name -> {name -> implementation}.
+_SGL_KERNEL_SUBMODULES = {
+    "speculative": {"reconstruct_indices_from_tree_mask": reconstruct_indices_from_tree_mask},
 }
 
 
@@ -149,14 +265,10 @@ def _not_on_cpu(name: str, feature: str):
 #: Names SGLang imports at module level on CPU but only calls for features sglang-fx does not
 #: support on CPU; calling one raises NotImplementedError (never a wrong result).
 _SGL_KERNEL_IMPORT_ONLY = {
-    # kernels/ops/speculative/{spec_tree,cache_locs,eagle,multi_layer_eagle}.py
-    "build_tree_kernel_efficient_cpu": "speculative decoding",
-    "verify_tree_greedy_cpu": "speculative decoding",
-    "assign_draft_cache_locs_contiguous_cpu": "speculative decoding",
-    "assign_extend_cache_locs_cpu": "speculative decoding",
-    "fill_accept_out_cache_loc_cpu": "speculative decoding",
-    "fill_bonus_tokens_cpu": "speculative decoding",
-    "rotate_input_ids_cpu": "speculative decoding",
+    # kernels/ops/speculative/{spec_tree,cache_locs,multi_layer_eagle}.py: EAGLE-style drafting
+    "build_tree_kernel_efficient_cpu": "draft-model speculative decoding",
+    "assign_draft_cache_locs_contiguous_cpu": "draft-model speculative decoding",
+    "rotate_input_ids_cpu": "draft-model speculative decoding",
 }
 _SGL_KERNEL_CPU.update({n: _not_on_cpu(n, f) for n, f in _SGL_KERNEL_IMPORT_ONLY.items()})
 
@@ -170,21 +282,34 @@ def _sgl_kernel_missing(name: str):
 
 
 class _SglKernelLoader(importlib.abc.Loader):
+    def __init__(self, names: dict):
+        self.names = names
+
     def create_module(self, spec):
         return None  # the default module object
 
     def exec_module(self, module) -> None:
-        module.__dict__.update(_SGL_KERNEL_CPU)
+        module.__dict__.update(self.names)
         module.__doc__ = "sglang-fx CPU stand-in for sgl_kernel (see sglang_fx.cpu_host)."
         module.__getattr__ = _sgl_kernel_missing
         module.SGLANG_FX_STAND_IN = True
 
 
 def sgl_kernel_spec(name: str):
-    """The stand-in's spec, when `sgl_kernel` is not installed and torch is a CPU build."""
+    """The stand-in's spec (a package, for its submodules), when `sgl_kernel` is not installed
+    and torch is a CPU build."""
     if importlib.machinery.PathFinder.find_spec(name) is not None or not _torch_is_cpu_build():
         return None
-    return importlib.machinery.ModuleSpec(name, _SglKernelLoader(), origin="sglang_fx.cpu_host")
+    return importlib.machinery.ModuleSpec(name, _SglKernelLoader(_SGL_KERNEL_CPU), origin="sglang_fx.cpu_host", is_package=True)
+
+
+def sgl_kernel_submodule_spec(name: str):
+    """The spec of a stand-in submodule (`sgl_kernel.speculative`), once the stand-in is loaded."""
+    parent = sys.modules.get("sgl_kernel")
+    names = _SGL_KERNEL_SUBMODULES.get(name.split(".", 1)[1])
+    if parent is None or not getattr(parent, "SGLANG_FX_STAND_IN", False) or names is None:
+        return None
+    return importlib.machinery.ModuleSpec(name, _SglKernelLoader(names), origin="sglang_fx.cpu_host")
 
 
 def _torch_is_cpu_build() -> bool:
@@ -207,7 +332,7 @@ class _ImportHook(importlib.abc.MetaPathFinder):
     that exact name). Never imports the packages themselves."""
 
     fixes = {"torchvision": fix_torchvision, "mooncake": preload_system_libs}
-    providers = {"sgl_kernel": sgl_kernel_spec}
+    providers = {"sgl_kernel": sgl_kernel_spec, **{f"sgl_kernel.{m}": sgl_kernel_submodule_spec for m in _SGL_KERNEL_SUBMODULES}}
 
     def find_spec(self, name, path=None, target=None):
         fix = self.fixes.pop(name, None)

@@ -9,10 +9,12 @@ Notation used in the shapes below:
     T  number of new tokens in the step, sum(extend_lens); T == B in decode
     L  max(seq_lens)
     N  number of tokens whose logits are wanted (len(logits_indices))
+    D_b  new tokens of sequence b (extend_lens[b]); in a VERIFY step, its draft tokens
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ import torch
 class ForwardMode(enum.Enum):
     EXTEND = "extend"  # one or more new tokens per sequence, possibly after a cached prefix
     DECODE = "decode"  # exactly one new token per sequence
+    VERIFY = "verify"  # speculative verification: D_b draft tokens per sequence, a tree mask among them
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,6 +54,22 @@ class ForwardMetadata:
         seq_lens_cpu, prefix_lens_cpu, extend_lens_cpu
                         The same lengths as Python ints, for shape decisions without a device
                         sync. Must agree with the tensors.
+        tree_mask       None, except in a VERIFY step: [sum_b D_b * D_b] bool, sequence by
+                        sequence, each a row-major [D_b, D_b] block: entry (i, j) of sequence b
+                        is True iff its new token i sees its new token j (j is i itself or an
+                        ancestor of i in the draft tree; always True for i == j).
+
+    VERIFY (speculative decoding's verify step; only for a backend whose Capabilities.verify
+    declares it): sequence b has prefix_lens[b] committed tokens, all of which every new token
+    sees, and D_b draft tokens forming a tree (a chain when each token's mask row is its
+    predecessors). The new tokens' K/V go to out_cache_loc (and req_to_token[b, prefix_lens[b] +
+    i] == out_cache_loc of new token i), like an EXTEND; only two things differ:
+        positions   new token i is at prefix_lens[b] + depth_i, its depth in the tree (the
+                    number of other new tokens it sees), not prefix_lens[b] + i;
+        visibility  new token i sees the committed prefix and the new tokens its tree_mask row
+                    allows, not all earlier new tokens. `visible(b)` builds that mask.
+    logits_indices lists every new token (N == T). With a chain mask (token i sees tokens
+    0..i) a VERIFY step computes exactly the EXTEND of the same tokens.
     """
 
     mode: ForwardMode
@@ -65,6 +84,7 @@ class ForwardMetadata:
     seq_lens_cpu: tuple[int, ...]
     prefix_lens_cpu: tuple[int, ...]
     extend_lens_cpu: tuple[int, ...]
+    tree_mask: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -73,6 +93,45 @@ class ForwardMetadata:
     @property
     def num_tokens(self) -> int:
         return sum(self.extend_lens_cpu)
+
+    def visible(self, b: int) -> torch.Tensor:
+        """[D_b, seq_lens[b]] bool: which tokens of sequence b (by index in req_to_token[b]) each
+        of its new tokens attends to. EXTEND/DECODE: causal (new token i sees tokens
+        0..prefix_lens[b] + i). VERIFY: the whole committed prefix, plus the new tokens its row
+        of the tree mask allows."""
+        length, prefix, new = self.seq_lens_cpu[b], self.prefix_lens_cpu[b], self.extend_lens_cpu[b]
+        device = self.req_to_token.device
+        if self.mode is not ForwardMode.VERIFY:
+            return torch.arange(length, device=device)[None, :] <= torch.arange(prefix, length, device=device)[:, None]
+        start = sum(e * e for e in self.extend_lens_cpu[:b])
+        tree = self.tree_mask[start : start + new * new].view(new, new).to(device=device, dtype=torch.bool)
+        return torch.cat([torch.ones((new, prefix), dtype=torch.bool, device=device), tree], dim=1)
+
+    @classmethod
+    def verify_step(
+        cls,
+        *,
+        token_slots: Sequence[Sequence[int]],
+        prefix_lens: Sequence[int],
+        tree_masks: Sequence[Sequence[Sequence[bool]]],
+        page_size: int = 1,
+        device: torch.device | str = "cpu",
+    ) -> ForwardMetadata:
+        """A VERIFY step (host-side helper): token_slots and prefix_lens as in `from_lists` (the
+        slots after prefix_lens[b] are the draft tokens'), tree_masks[b] the [D_b, D_b] mask of
+        sequence b (row i: the draft tokens new token i sees, itself included). Positions are
+        prefix + depth; logits for every new token."""
+        base = cls.from_lists(token_slots=token_slots, prefix_lens=prefix_lens, logits="all", page_size=page_size, device=device)
+        masks = [torch.tensor(m, dtype=torch.bool).reshape(e, e) for m, e in zip(tree_masks, base.extend_lens_cpu)]
+        if any(not bool(m.diagonal().all()) for m in masks):
+            raise ValueError("every draft token must see itself: each tree mask needs True on its diagonal")
+        depth = [int(p) + (m.sum(1) - 1) for m, p in zip(masks, prefix_lens)]
+        return dataclasses.replace(
+            base,
+            mode=ForwardMode.VERIFY,
+            positions=torch.cat(depth).to(device=device, dtype=torch.int64),
+            tree_mask=torch.cat([m.flatten() for m in masks]).to(device),
+        )
 
     @classmethod
     def from_lists(
@@ -140,8 +199,8 @@ class ForwardMetadata:
         logits_indices is padded to batch_size entries by repeating its last one: rows
         [0, N) of the padded step's logits are this step's."""
         B, pad = self.batch_size, batch_size - self.batch_size
-        if any(e != 1 for e in self.extend_lens_cpu) or pad < 0:
-            raise ValueError(f"padded_decode pads a one-token-per-sequence step of at most {batch_size} sequences")
+        if any(e != 1 for e in self.extend_lens_cpu) or pad < 0 or self.mode is ForwardMode.VERIFY:
+            raise ValueError(f"padded_decode pads a one-token-per-sequence step of at most {batch_size} sequences, not a VERIFY step")
         if pad == 0 and len(self.logits_indices) == batch_size:
             return self, input_ids
 

@@ -35,7 +35,9 @@ Array = Any  # the backend framework's tensor type
 #:   and backends of the old MAJOR are refused with the versions that match.
 #: History: 1.0, the five hooks. 1.1, parallelism: Capabilities.parallelism and .options,
 #: RunnerOptions.parallel, and the runner made before any other object of the backend.
-SPI_VERSION = "1.1"
+#: 1.2, speculative verification: ForwardMode.VERIFY with ForwardMetadata.tree_mask (and
+#: .visible), Capabilities.verify; the host sends VERIFY steps only to a backend declaring it.
+SPI_VERSION = "1.2"
 
 
 def spi_problem(declared: str) -> str | None:
@@ -131,7 +133,11 @@ class Attention(Protocol):
         tables, masks, block tables) from the ForwardMetadata.
     forward(layer, q, k, v, cache): q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, Dv] for the new
         tokens. Writes k/v into the cache at meta.out_cache_loc, then attends causally: new
-        token at position p sees its sequence's tokens 0..p (cached prefix and new).
+        token i of sequence b sees its sequence's tokens 0..prefix_lens[b] + i (cached prefix
+        and new; indices into req_to_token[b]). In a VERIFY step (only sent to a backend
+        declaring Capabilities.verify) it sees the committed prefix and the new tokens its
+        tree-mask row allows instead; `meta.visible(b)` gives either mask as [D_b, L_b] bool.
+        Mask by token index, never by meta.positions (in VERIFY they are tree depths).
         Returns [T, Hq, Dv] in q's dtype.
         v is None iff the cache layout has no V (MLA): the values are then the first Dv
         channels of the keys (the latent), with Hkv == 1.

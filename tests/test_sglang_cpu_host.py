@@ -46,8 +46,13 @@ def test_stand_in_refuses_unknown_names_and_raises_for_import_only_ones():
     assert getattr(sgl_kernel, "SGLANG_FX_STAND_IN", False)
     with pytest.raises(ImportError, match="cannot import name"):
         exec("from sgl_kernel import fused_add_rmsnorm")
-    with pytest.raises(NotImplementedError, match="speculative decoding"):
-        sgl_kernel.verify_tree_greedy_cpu()
+    with pytest.raises(NotImplementedError, match="draft-model speculative decoding"):
+        sgl_kernel.build_tree_kernel_efficient_cpu()
+    from sgl_kernel.speculative import reconstruct_indices_from_tree_mask  # NGRAM's import
+
+    assert reconstruct_indices_from_tree_mask is cpu_host.reconstruct_indices_from_tree_mask
+    with pytest.raises(ImportError):
+        exec("import sgl_kernel.flash_attn")
     assert not hasattr(torch.ops.sgl_kernel, "convert_weight_packed")  # SGLang's AMX probe stays False
 
 
@@ -58,3 +63,74 @@ def test_mooncake_import_preloads_the_system_libraries(monkeypatch):
     hook = cpu_host._ImportHook()
     assert hook.find_spec("mooncake") is None and calls == ["preload"]  # then the normal finders import it
     assert hook.find_spec("mooncake") is None and calls == ["preload"]  # once per process
+
+
+# Speculative decoding: hand-worked trees. Node order is breadth-first; parents per request:
+#   request 0: [-1, 0, 0, 1, 2, 3]   0 -> {1, 2}, 1 -> 3, 2 -> 4, 3 -> 5
+#   request 1: [-1, 0, 0, 0, 1, 1]   0 -> {1, 2, 3}, 1 -> {4, 5}
+#   request 2: [-1, 0, 1, 2, 3, 4]   a chain
+TREES = [[-1, 0, 0, 1, 2, 3], [-1, 0, 0, 0, 1, 1], [-1, 0, 1, 2, 3, 4]]
+
+
+def _mask(parents):
+    rows = []
+    for i in range(len(parents)):
+        row, j = [False] * len(parents), i
+        while j >= 0:
+            row[j], j = True, parents[j]
+        rows.append(row)
+    return rows
+
+
+def test_reconstruct_indices_from_tree_mask_hand_worked():
+    mask = torch.tensor([_mask(p) for p in TREES], dtype=torch.bool).flatten()
+    positions = torch.zeros(18, dtype=torch.int64)
+    index, next_token, next_sibling = (torch.zeros((3, 6), dtype=torch.int64) for _ in range(3))
+    cpu_host.reconstruct_indices_from_tree_mask(mask, torch.tensor([10, 3, 0]), positions, index, next_token, next_sibling, 3, 6)
+    assert positions.tolist() == [10, 11, 11, 12, 12, 13] + [3, 4, 4, 4, 5, 5] + [0, 1, 2, 3, 4, 5]
+    assert index.tolist() == [list(range(6)), list(range(6, 12)), list(range(12, 18))]
+    assert next_token.tolist() == [[1, 3, 4, 5, -1, -1], [1, 4, -1, -1, -1, -1], [1, 2, 3, 4, 5, -1]]
+    assert next_sibling.tolist() == [[-1, 2, -1, -1, -1, -1], [-1, 2, 3, -1, 5, -1], [-1] * 6]
+
+
+def test_verify_tree_greedy_cpu_hand_worked():
+    mask = torch.tensor([_mask(p) for p in TREES], dtype=torch.bool).flatten()
+    index, next_token, next_sibling = (torch.zeros((3, 6), dtype=torch.int64) for _ in range(3))
+    cpu_host.reconstruct_indices_from_tree_mask(mask, torch.zeros(3), torch.zeros(18, dtype=torch.int64), index, next_token,
+                                                next_sibling, 3, 6)  # fmt: skip
+    candidates = torch.tensor([[50, 7, 8, 9, 10, 11], [50, 5, 6, 7, 8, 9], [50, 1, 2, 3, 4, 5]])
+    # The target's argmax after each node. Request 0: after the root it wants 8 (node 2, the
+    # second child), after node 2 it wants 10 (node 4, a leaf), then 42 is the bonus token.
+    # Request 1: it wants 99 after the root, no draft matches. Request 2: the chain matches all
+    # along, and accept_index (4 wide) stops it after 3 accepted drafts, bonus 4.
+    target = torch.tensor([[8, 0, 10, 0, 42, 0], [99, 0, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6]])
+    predicts = torch.full((18,), -7, dtype=torch.int32)
+    accept_index = torch.full((3, 4), -1, dtype=torch.int32)
+    accepted = torch.zeros(3, dtype=torch.int32)
+    cpu_host.verify_tree_greedy_cpu(predicts=predicts, accept_index=accept_index, accept_token_num=accepted,
+                                    candidates=candidates, retrive_index=index, retrive_next_token=next_token,
+                                    retrive_next_sibling=next_sibling, target_predict=target)  # fmt: skip
+    assert accepted.tolist() == [2, 0, 3]
+    assert accept_index.tolist() == [[0, 2, 4, -1], [6, -1, -1, -1], [12, 13, 14, 15]]
+    want = [-7] * 18
+    want[0], want[2], want[4], want[6], want[12], want[13], want[14], want[15] = 8, 10, 42, 99, 1, 2, 3, 4
+    assert predicts.tolist() == want
+
+
+def test_assign_extend_cache_locs_cpu_reads_the_table():
+    table = torch.arange(40, dtype=torch.int32).view(4, 10) + 100
+    out = torch.full((5,), -1, dtype=torch.int64)
+    cpu_host.assign_extend_cache_locs_cpu(torch.tensor([2, 0]), table, torch.tensor([3, 7]), torch.tensor([5, 10]), out, 10)
+    assert out.tolist() == [123, 124, 107, 108, 109]
+
+
+def test_fill_accept_out_cache_loc_and_bonus_tokens_cpu():
+    accept_index = torch.tensor([[0, 2, 4, -1], [6, -1, -1, -1], [12, 13, 14, 15]], dtype=torch.int32)
+    out_cache_loc = torch.arange(18, dtype=torch.int64) * 10 + 1
+    packed = torch.full((10,), -1, dtype=torch.int64)
+    cpu_host.fill_accept_out_cache_loc_cpu(accept_index, out_cache_loc, packed)
+    assert packed.tolist() == [1, 21, 41, 61, 121, 131, 141, 151, -1, -1]
+    tokens = torch.tensor([[8, 10, 42, 0], [99, 0, 0, 0], [1, 2, 3, 4]])
+    bonus = torch.zeros(3, dtype=torch.int64)
+    cpu_host.fill_bonus_tokens_cpu(tokens.flatten(), torch.tensor([3, 1, 4]), bonus, 4)
+    assert bonus.tolist() == [42, 99, 4]

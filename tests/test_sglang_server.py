@@ -12,8 +12,9 @@ One module-scoped set of processes, started together so their start-ups overlap:
   long shared prefix (a radix-cache hit, `cached_tokens` in meta_info);
 - launches that must fail at start-up with a clear message and a non-zero exit: an unknown
   --model-impl, a backend whose framework is missing, a backend without the CPU device, an
-  architecture a backend does not declare (a tiny DeepSeek-V3 on a Qwen3-only backend), and
-  speculative decoding and LoRA, which sglang-fx backends do not run yet.
+  architecture a backend does not declare (a tiny DeepSeek-V3 on a Qwen3-only backend),
+  draft-model speculative decoding (EAGLE), NGRAM on a backend that declares no verify steps
+  (jax), and LoRA, which sglang-fx backends do not run yet.
 Every wait is bounded and every process group is terminated at the end.
 Budget: about 2.5 minutes on a 2-core machine (start-ups ~1 minute of it).
 """
@@ -64,12 +65,16 @@ FAILING = {
     "architecture_unsupported": ("deepseek_v3", ("--model-impl", "qwen3_only_test"), "sglang.launch_server", [
         "sglang-fx backend 'qwen3_only_test' cannot serve this",
         "architecture 'DeepseekV3ForCausalLM' is not supported; supported: "]),
-    # Not yet run by sglang-fx: refused at start-up instead of dying at the first verify step or
-    # when SGLang's LoRA manager finds no modules to wrap.
-    "speculative_decoding": ("qwen3", ("--model-impl", "reference_torch", "--speculative-algorithm", "NGRAM"),
-                             "sglang.launch_server", [
+    # Not (yet) run by sglang-fx: refused at start-up instead of dying at the first draft step,
+    # the first verify step, or when SGLang's LoRA manager finds no modules to wrap.
+    "speculative_draft_model": ("qwen3", ("--model-impl", "reference_torch", "--speculative-algorithm", "EAGLE"),
+                                "sglang.launch_server", [
         "sglang-fx backend 'reference_torch' cannot serve this",
-        "speculative decoding (--speculative-algorithm NGRAM) is not supported by sglang-fx backends yet"]),
+        "speculative decoding with --speculative-algorithm EAGLE is not supported by sglang-fx backends yet",
+        "supported: NGRAM"]),
+    "speculative_no_verify": ("qwen3", ("--model-impl", "jax", "--speculative-algorithm", "NGRAM"), "sglang.launch_server", [
+        "sglang-fx backend 'jax' cannot serve this",
+        "speculative decoding needs tree verification (ForwardMode.VERIFY), and this backend verifies nothing"]),
     "lora": ("qwen3", ("--model-impl", "reference_torch", "--enable-lora", "--max-lora-rank", "8",
                        "--lora-target-modules", "q_proj"), "sglang.launch_server", [
         "sglang-fx backend 'reference_torch' cannot serve this",

@@ -229,20 +229,39 @@ def parallel_problems(server_args: Any) -> list[str]:
     return out
 
 
-def feature_problems(server_args: Any) -> list[str]:
-    """SGLang serving features sglang-fx backends do not run yet (launcher side, from the
-    arguments). Without this, speculative decoding starts and dies at the first verify step
-    (or in the CPU stand-in of sgl_kernel), and LoRA fails once SGLang's LoRA manager finds no
-    modules to wrap in the adapter."""
+#: Speculative algorithms sglang-fx runs: they need only verify steps of the target (no draft
+#: model, no hidden states).
+SPEC_ALGORITHMS = ("NGRAM",)
+
+
+def feature_problems(server_args: Any, capabilities: Any = None) -> list[str]:
+    """SGLang serving features the backend cannot run (launcher side, from the arguments and
+    the backend's Capabilities). Without this, an unsupported speculative algorithm starts and
+    dies at its first draft step, and LoRA fails once SGLang's LoRA manager finds no modules to
+    wrap in the adapter."""
     out = []
     algorithm = getattr(server_args, "speculative_algorithm", None)
-    if algorithm:
-        out.append(f"speculative decoding (--speculative-algorithm {algorithm}) is not supported by sglang-fx backends "
-                   "yet; serve without it, or use --model-impl sglang")  # fmt: skip
+    if algorithm and str(algorithm).upper() not in SPEC_ALGORITHMS:
+        out.append(f"speculative decoding with --speculative-algorithm {algorithm} is not supported by sglang-fx backends "
+                   f"yet (it needs a draft model run through the SPI); supported: {', '.join(SPEC_ALGORITHMS)}, "
+                   "or use --model-impl sglang")  # fmt: skip
+    elif algorithm and capabilities is not None:
+        out += capabilities.validate(verify=spec_verify_kind(server_args))
     if getattr(server_args, "enable_lora", False) or getattr(server_args, "lora_paths", None):
         out.append("LoRA adapters (--enable-lora, --lora-paths) are not supported by sglang-fx backends yet; merge the "
                    "adapter into the checkpoint's weights, or use --model-impl sglang")  # fmt: skip
     return out
+
+
+def spec_verify_kind(server_args: Any) -> str:
+    """The verify mask a speculative server sends: "tree" when a draft may branch (NGRAM's
+    breadth, default 10, or EAGLE's topk above 1), else "chain"."""
+    breadth = getattr(server_args, "speculative_ngram_max_bfs_breadth", None)
+    if str(getattr(server_args, "speculative_algorithm", "")).upper() == "NGRAM":
+        width = 10 if breadth is None else int(breadth)
+    else:
+        width = int(getattr(server_args, "speculative_eagle_topk", None) or 1)
+    return "tree" if width > 1 else "chain"
 
 
 def cpu_threads_binding(server_args: Any) -> str | None:

@@ -120,8 +120,11 @@ class SglangFxForCausalLM(torch.nn.Module):
         if mode.is_idle():
             return compat.logits_output(torch.empty((0, self.spec.vocab_size), dtype=torch.float32, device=input_ids.device))
         cache = self._bind()
-        all_logits = compat.wants_input_logprobs(forward_batch)
+        all_logits = not mode.is_target_verify() and compat.wants_input_logprobs(forward_batch)
         meta = to_metadata(forward_batch, positions, compat.req_to_token(), cache.layout.page_size, all_logits)
+        if meta.mode is ForwardMode.VERIFY and not self.backend.info.capabilities.verify:
+            raise UnsupportedConfigError(f"sglang-fx backend {self.backend_name!r} declares no verify steps "
+                                         "(Capabilities.verify): serve it without speculative decoding")  # fmt: skip
         logits = self.runner.forward(input_ids.to(torch.int64), meta, cache)  # [N, V] float32
         if all_logits:
             return self.logits_processor(input_ids, logits, None, forward_batch)
@@ -133,12 +136,15 @@ def to_metadata(
 ) -> ForwardMetadata:
     """ForwardMetadata of one SGLang step. Decode: one new token per sequence, seq_lens
     already counting it. Extend (and mixed): extend_seq_lens new tokens after
-    extend_prefix_lens cached ones. Only index tensors are built; the KV cache is untouched."""
+    extend_prefix_lens cached ones. Target verify: see `verify_metadata`. Only index tensors
+    are built; the KV cache is untouched."""
     mode = fb.forward_mode
+    if mode.name == "TARGET_VERIFY":
+        return verify_metadata(fb, positions, req_to_token, page_size)
     if mode.name not in ("EXTEND", "MIXED", "DECODE"):
         raise UnsupportedConfigError(
-            f"sglang-fx does not run SGLang forward mode {mode.name} (speculative decoding, split prefill "
-            "and diffusion LLMs are not supported)"
+            f"sglang-fx does not run SGLang forward mode {mode.name} (draft-model speculative decoding, split "
+            "prefill and diffusion LLMs are not supported)"
         )
     device = positions.device
     lens = fb.seq_lens_cpu if fb.seq_lens_cpu is not None else fb.seq_lens.cpu()
@@ -176,6 +182,46 @@ def to_metadata(
         seq_lens_cpu=seq_lens_cpu,
         prefix_lens_cpu=prefix_cpu,
         extend_lens_cpu=extend_cpu,
+    )
+
+
+def verify_metadata(fb: Any, positions: torch.Tensor, req_to_token: torch.Tensor, page_size: int) -> ForwardMetadata:
+    """The VERIFY step of SGLang's TARGET_VERIFY: each of the B requests has seq_lens[b]
+    committed tokens and D = spec_info.draft_token_num draft tokens, whose slots SGLang already
+    wrote into req_to_token after the committed ones and into out_cache_loc; positions are
+    SGLang's (committed length + tree depth); spec_info.custom_mask is the draft-only tree mask
+    [B * D * D] bool on CPU. With the full mask of other devices ([sum_b D * (seq_lens[b] + D)],
+    the committed part all ones) its draft columns are taken. Logits for all B * D tokens."""
+    spec = fb.spec_info
+    draft = int(spec.draft_token_num)
+    lens = fb.seq_lens_cpu if fb.seq_lens_cpu is not None else fb.seq_lens.cpu()
+    committed = tuple(int(x) for x in lens.tolist())
+    batch, device = len(committed), positions.device
+    mask = spec.custom_mask.to(torch.bool).flatten()
+    if mask.numel() == sum(draft * (n + draft) for n in committed):  # full mask: [D, n + D] per request
+        rows, start = [], 0
+        for n in committed:
+            rows.append(mask[start : start + draft * (n + draft)].view(draft, n + draft)[:, n:].flatten())
+            start += draft * (n + draft)
+        mask = torch.cat(rows)
+    if mask.numel() < batch * draft * draft:
+        raise UnsupportedConfigError(f"TARGET_VERIFY's custom_mask has {mask.numel()} entries; sglang-fx expects the "
+                                     f"draft-only tree mask of {batch} requests x {draft}x{draft} draft tokens")  # fmt: skip
+    seq_lens = fb.seq_lens.to(torch.int32)
+    return ForwardMetadata(
+        mode=ForwardMode.VERIFY,
+        positions=positions.to(torch.int64),
+        out_cache_loc=fb.out_cache_loc.to(torch.int64),
+        seq_lens=seq_lens + draft,
+        prefix_lens=seq_lens,
+        extend_lens=torch.full((batch,), draft, dtype=torch.int32, device=device),
+        req_to_token=req_to_token[fb.req_pool_indices, : max(committed) + draft],
+        logits_indices=torch.arange(batch * draft, dtype=torch.int64, device=device),
+        page_size=page_size,
+        seq_lens_cpu=tuple(n + draft for n in committed),
+        prefix_lens_cpu=committed,
+        extend_lens_cpu=(draft,) * batch,
+        tree_mask=mask[: batch * draft * draft],
     )
 
 

@@ -143,7 +143,7 @@ def check_backend(name: str, server_args: Any) -> None:
             architecture=archs[0] if archs else None, dtype=dtype, device=device, page_size=view.page_size,
             tp_size=tp, ep_size=ep, options=backend_options(name),
         )
-        problems += compat.parallel_problems(view) + compat.feature_problems(view)
+        problems += compat.parallel_problems(view) + compat.feature_problems(view, capabilities)
         if not problems and (tp > 1 or ep > 1):
             problems += sharding.problems(load_spec(compat.model_path(model_config.hf_config) or view.model_path), tp, ep)
         # SGLang skips CUDA-graph capture for "mindspore" only (cuda_graph_setup.py:729); the

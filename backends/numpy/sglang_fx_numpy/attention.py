@@ -10,7 +10,8 @@ from .kv_cache import NumpyKVCache
 
 class NumpyPagedAttention:
     """Paged attention, one sequence at a time: write the new K/V into the pool, gather the
-    sequence's keys and values from its slots (req_to_token), attend causally in float32."""
+    sequence's keys and values from its slots (req_to_token), attend in float32 under the step's
+    mask (`ForwardMetadata.visible`: causal, or prefix plus draft tree in a VERIFY step)."""
 
     def __init__(self, spec: AttentionSpec):
         self.spec = spec
@@ -19,9 +20,8 @@ class NumpyPagedAttention:
         self.out_cache_loc = meta.out_cache_loc.numpy()
         self.seqs = []  # (first new-token row, new tokens, slots [L] of all its tokens, visible [new, L])
         row = 0
-        for b, (length, prefix, new) in enumerate(zip(meta.seq_lens_cpu, meta.prefix_lens_cpu, meta.extend_lens_cpu)):
-            keys, queries = np.arange(length), np.arange(prefix, length)
-            self.seqs.append((row, new, meta.req_to_token[b, :length].numpy(), keys[None, :] <= queries[:, None]))
+        for b, (length, new) in enumerate(zip(meta.seq_lens_cpu, meta.extend_lens_cpu)):
+            self.seqs.append((row, new, meta.req_to_token[b, :length].numpy(), meta.visible(b).numpy()))
             row += new
 
     def forward(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray | None, cache: NumpyKVCache) -> np.ndarray:

@@ -22,13 +22,14 @@ from .kv_cache import NumpyKVCache
 from .llama import llama_family
 
 NAME = "numpy"
-SPI = "1.1"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
+SPI = "1.2"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
 
 CAPABILITIES = Capabilities(
     dtypes={"cpu": frozenset({"float32", "float16"})},  # NumPy has no bfloat16
     architectures=frozenset(ARCHITECTURES),
     page_sizes=None,  # any
     features=frozenset({"prefix_cache", "all_token_logits"}),
+    verify=frozenset({"tree"}),  # speculative verify steps, any draft tree (attention.py)
 )
 
 

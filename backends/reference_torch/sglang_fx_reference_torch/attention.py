@@ -9,7 +9,8 @@ from sglang_fx.spi import AttentionSpec, KVCache
 
 class TorchPagedAttention:
     """Paged attention, one sequence at a time: gather the sequence's K/V from its slots
-    (req_to_token), then causal SDPA with the new tokens offset by the cached prefix."""
+    (req_to_token), then SDPA under the step's mask (`ForwardMetadata.visible`: causal, or the
+    committed prefix plus the draft tree in a VERIFY step)."""
 
     def __init__(self, spec: AttentionSpec):
         self.spec = spec
@@ -18,11 +19,8 @@ class TorchPagedAttention:
         self.out_cache_loc = meta.out_cache_loc
         self.seqs = []  # (first new-token row, new tokens, slots [L_b] of all tokens, mask [e, L_b])
         row = 0
-        for b, (length, prefix, new) in enumerate(zip(meta.seq_lens_cpu, meta.prefix_lens_cpu, meta.extend_lens_cpu)):
-            slots = meta.req_to_token[b, :length].long()
-            key_pos = torch.arange(length, device=slots.device)
-            query_pos = torch.arange(prefix, length, device=slots.device)
-            self.seqs.append((row, new, slots, key_pos[None, :] <= query_pos[:, None]))
+        for b, (length, new) in enumerate(zip(meta.seq_lens_cpu, meta.extend_lens_cpu)):
+            self.seqs.append((row, new, meta.req_to_token[b, :length].long(), meta.visible(b)))
             row += new
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, cache: KVCache) -> torch.Tensor:

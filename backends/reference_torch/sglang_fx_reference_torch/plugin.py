@@ -19,7 +19,7 @@ from .deepseek_v3 import deepseek_v3
 from .llama import llama_family
 
 NAME = "reference_torch"
-SPI = "1.1"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
+SPI = "1.2"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
 FLOATS = frozenset({"float32", "float16", "bfloat16"})
 
 
@@ -36,6 +36,7 @@ def sglang_fx_backend_info() -> BackendInfo:
             page_sizes=None,
             features=frozenset({"prefix_cache", "all_token_logits"}),
             parallelism=frozenset({"tp", "ep"}),
+            verify=frozenset({"tree"}),  # speculative verify steps, any draft tree (attention.py)
         ),
     )
 
