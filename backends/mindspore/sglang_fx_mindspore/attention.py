@@ -116,6 +116,7 @@ class PortablePagedAttention(nn.Cell):
     MindSporeKVCache.write, or the model graph's in-place scatter into `cache.keys`/`values`)."""
 
     writes_kv = False
+    pads_scores = True  # scores of B * Hq * E * L values: the runner splits steps that exceed its limit
 
     def __init__(self, spec: AttentionSpec, layout: KVLayout, device: str, exchange: MindSporeExchange):
         super().__init__()
@@ -267,6 +268,7 @@ class AscendPagedAttention(nn.Cell):
     of which it reads the first Dv channels (mla_v_dim)."""
 
     writes_kv = True
+    pads_scores = False  # the fused kernels hold no [new tokens, keys] scores
 
     def __init__(self, spec: AttentionSpec, layout: KVLayout, device: str, exchange: MindSporeExchange):
         super().__init__()
