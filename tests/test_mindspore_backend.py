@@ -668,6 +668,11 @@ def test_split_runs_every_token_once_in_order_within_the_limit():
     assert all(len(p.meta.logits_indices) == 1 for p in last)  # the others compute one, dropped
     whole = split(meta, ids, heads, attention_scores(meta, heads))
     assert len(whole) == 1 and whole[0].meta is meta
+    # a ragged step: the short prompts beside the long one would pad to 512 x 512 scores each
+    ragged = ForwardMetadata.from_lists(token_slots=[list(range(512)), *[list(range(600 + 20 * i, 616 + 20 * i)) for i in range(3)]],
+                                        prefix_lens=[0] * 4)  # fmt: skip
+    pieces = split(ragged, torch.arange(ragged.num_tokens), 9, 1 << 30)
+    assert [p.meta.extend_lens_cpu for p in pieces] == [(512,), (16, 16, 16)]
 
 
 def test_a_step_split_into_pieces_gives_the_whole_steps_logits_and_pool(tiny):

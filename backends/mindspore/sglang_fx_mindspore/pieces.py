@@ -11,6 +11,11 @@ the pool ends as after the whole step, each token sees exactly the keys it saw, 
 of a step's attention is bounded by the limit (linear in its tokens). It runs on the graphs
 the runner has anyway (the dynamic graph takes any step), so it compiles nothing new.
 
+The same split spares the work padding wastes on a ragged step: every sequence's queries are
+padded to the longest's (E) and its keys to L, so a 512-token prompt beside three short ones
+costs four 512 x 512 score blocks. Sequences go together only while that padding costs less
+than WASTE score values per layer (below that, one more step's fixed cost outweighs it).
+
 Framework-neutral (torch and ForwardMetadata only): any backend whose attention pads per step
 can use it.
 """
@@ -22,6 +27,11 @@ from dataclasses import dataclass
 import torch
 
 from sglang_fx.metadata import ForwardMetadata
+
+
+#: Score values per layer that padding may waste before sequences run as separate pieces: about
+#: the attention work of one step's fixed cost (kernel launches, host planning) on SmolLM2, CPU.
+WASTE = 1 << 20
 
 
 def attention_scores(meta: ForwardMetadata, num_heads: int) -> int:
@@ -43,24 +53,29 @@ class Piece:
 
 def split(meta: ForwardMetadata, input_ids: torch.Tensor, num_heads: int, limit: int) -> list[Piece]:
     """meta's step as pieces whose `attention_scores` are at most `limit` (a sequence chunk of
-    one token is the least piece: then its own B * Hq * L is the bound). One piece, meta itself,
-    when the step fits."""
-    if attention_scores(meta, num_heads) <= limit:
-        return [Piece(meta, input_ids, torch.arange(len(meta.logits_indices)))]
+    one token is the least piece: then its own B * Hq * L is the bound), and whose padding wastes
+    at most WASTE score values per layer more than running its sequences apart would. One
+    piece, meta itself, when the step needs no split."""
+
+    def scores(group: list[tuple[int, int, int]]) -> int:
+        E = max(c - a for _, a, c in group)
+        return len(group) * num_heads * E * max(meta.prefix_lens_cpu[b] + c for b, _, c in group)
+
     # (sequence, first new token, end new token) items: a sequence cut into chunks that fit alone
     items: list[tuple[int, int, int]] = []
     for b, (ext, seq_len) in enumerate(zip(meta.extend_lens_cpu, meta.seq_lens_cpu)):
         chunk = max(1, limit // (num_heads * seq_len))
         items += [(b, a, min(a + chunk, ext)) for a in range(0, ext, chunk)]
-    groups: list[list[tuple[int, int, int]]] = [[]]
-    for item in items:  # consecutive items while they fit (a sequence appears once per group)
+    groups: list[list[tuple[int, int, int]]] = [[items[0]]]
+    for item in items[1:]:  # consecutive items (a sequence appears once per group)
         group = groups[-1] + [item]
-        E = max(c - a for _, a, c in group)
-        L = max(meta.prefix_lens_cpu[b] + c for b, _, c in group)
-        if groups[-1] and (len(group) * num_heads * E * L > limit or item[0] == groups[-1][-1][0]):
+        merged = scores(group)
+        if merged > limit or item[0] == groups[-1][-1][0] or merged > scores(groups[-1]) + scores([item]) + WASTE:
             groups.append([item])
         else:
             groups[-1] = group
+    if len(groups) == 1:
+        return [Piece(meta, input_ids, torch.arange(len(meta.logits_indices)))]
     starts = [0]
     for e in meta.extend_lens_cpu:
         starts.append(starts[-1] + e)
