@@ -89,10 +89,9 @@ def portable_inputs(meta: ForwardMetadata, num_heads: int, num_kv_heads: int) ->
     ext, prefix = meta.extend_lens.long(), meta.prefix_lens.long()
     starts = ext.cumsum(0) - ext  # [B] first row of each sequence
     e = torch.arange(E, device=dev)
-    query_pos = prefix[:, None] + e[None, :]  # [B, E]; padding rows see a superset
-    visible = (j[:, None, :] <= query_pos[:, :, None]).repeat_interleave(G, dim=1)  # [B, R, L]
-    bias = torch.zeros(visible.shape, dtype=torch.float32, device=dev).masked_fill_(~visible, float("-inf"))
-    bias = bias[:, None].expand(B, Hkv, -1, -1).contiguous()  # [B, Hkv, R, L]
+    query_pos = (prefix[:, None] + e[None, :]).repeat_interleave(G, dim=1)  # [B, R]; padding rows see a superset
+    hidden = j[:, None, None, :] > query_pos[:, None, :, None]  # [B, 1, R, L]
+    bias = torch.zeros((B, Hkv, E * G, L), dtype=torch.float32, device=dev).masked_fill_(hidden, float("-inf"))
     q_rows = torch.where(e[None, :] < ext[:, None], starts[:, None] + e[None, :], 0)  # [B, E], padding -> 0
     head = torch.arange(Hq, device=dev).view(Hkv, 1, G)  # [Hkv, 1, G]
     q_index = (q_rows[:, None, :, None] * Hq + head).reshape(B, Hkv, E * G)
@@ -116,6 +115,7 @@ class PortablePagedAttention(nn.Cell):
     MindSporeKVCache.write, or the model graph's in-place scatter into `cache.keys`/`values`)."""
 
     writes_kv = False
+    pads_scores = True  # scores of B * Hq * E * L values: the runner splits steps that exceed its limit
 
     def __init__(self, spec: AttentionSpec, layout: KVLayout, device: str, exchange: MindSporeExchange):
         super().__init__()
@@ -267,6 +267,7 @@ class AscendPagedAttention(nn.Cell):
     of which it reads the first Dv channels (mla_v_dim)."""
 
     writes_kv = True
+    pads_scores = False  # the fused kernels hold no [new tokens, keys] scores
 
     def __init__(self, spec: AttentionSpec, layout: KVLayout, device: str, exchange: MindSporeExchange):
         super().__init__()

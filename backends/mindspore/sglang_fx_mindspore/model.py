@@ -47,6 +47,7 @@ from .kernels import parameters
 from .kv_cache import MindSporeKVCache
 from .layers import gathers_experts
 from .llama import LlamaFamily
+from .pieces import split
 from .plugin import CAPABILITIES
 from .runtime import DEVICE_TARGETS, ms_dtype
 
@@ -54,6 +55,9 @@ logger = logging.getLogger(__name__)
 
 OPTIONS = tuple(CAPABILITIES.options)  # the keys of RunnerOptions.extra this backend takes
 MODES = ("jit", "pynative")
+#: Default `attention_scores`: 2^23 float32 values (32 MB) per score tensor. SmolLM2's 8 x 512-token
+#: chat prefill (18.9M values) runs as 3 pieces, an 8192-token prompt as 2^23 / (Hq * 8192)-token chunks.
+ATTENTION_SCORES = 1 << 23
 
 #: HF architecture -> its Decoder; the plugin's Capabilities.architectures lists the same names.
 ARCHITECTURES: dict[str, type[Decoder]] = {
@@ -74,7 +78,10 @@ class MindSporeRunner:
     every decode graph), or decode batch sizes ("1,2,4,8", each one of decode_batches): compiled
     on the first forward, before its step; jit only;
     "compile_cache": a directory where the precompiled graphs are kept across restarts
-    (`compile_cache.CompileCache`); needs precompile.
+    (`compile_cache.CompileCache`); needs precompile;
+    "attention_scores": the most values one step's attention scores may hold per layer
+    (B * Hq * E * L for the portable tier) before the step runs as several (`pieces.split`);
+    default ATTENTION_SCORES.
 
     Weights are placed at construction; the attention tier, the step Cell and its compiled graph
     depend on the KV layout, so they are built on the first forward (and again only if a cache
@@ -94,6 +101,11 @@ class MindSporeRunner:
             raise UnsupportedConfigError(f"mindspore backend: precompile {precompile!r} needs mode jit (mode {mode} compiles nothing)")
         self.precompile = buckets.precompile_batches(precompile, self.decode_batches, "mindspore")
         self.cache_root = options.extra.get("compile_cache")
+        scores = options.extra.get("attention_scores", str(ATTENTION_SCORES))
+        if not str(scores).isdigit() or int(scores) < 1:
+            raise UnsupportedConfigError(f"mindspore backend: attention_scores {scores!r} is not a positive number of values "
+                                         f"(default {ATTENTION_SCORES})")  # fmt: skip
+        self.attention_scores = int(scores)
         if self.cache_root is not None and self.precompile is None:
             raise UnsupportedConfigError("mindspore backend: compile_cache keeps the precompiled graphs; set precompile too "
                                          "(e.g. precompile=all)")  # fmt: skip
@@ -190,6 +202,19 @@ class MindSporeRunner:
             if first and self.precompile is not None:
                 self._compile_ahead(cache, meta.positions.device)
         wanted, batch = len(meta.logits_indices), self._decode_batch(meta)
+        if batch is None and self.attn.pads_scores:
+            pieces = split(meta, input_ids, self.attn.num_heads, self.attention_scores)
+            if len(pieces) > 1:  # in order: a later piece reads the K/V the earlier ones stored
+                out = None
+                for p in pieces:
+                    logits = self._run(p.input_ids, p.meta, cache, None)
+                    out = logits.new_empty((wanted, logits.shape[1])) if out is None else out
+                    out[p.logits_rows] = logits[: len(p.logits_rows)]
+                return out
+        return self._run(input_ids, meta, cache, batch)[:wanted]
+
+    def _run(self, input_ids: torch.Tensor, meta: ForwardMetadata, cache: MindSporeKVCache, batch: int | None) -> torch.Tensor:
+        """One step on the graph for `batch` (None: the dynamic graph) -> logits [>= N, V] float32."""
         if batch is not None:
             meta, input_ids = meta.padded_decode(input_ids, batch)
         self.attn.plan(meta)
@@ -200,4 +225,4 @@ class MindSporeRunner:
         ids, logits_indices = input_ids.to(torch.int32), meta.logits_indices.to(torch.int32)
         out = self._step(batch, keys, values, cache.slot_views, ex(ids), ex(meta.positions), ex(logits_indices),
                          ex(meta.out_cache_loc), self.attn.inputs, self.attn.variant, gather_experts, batch is not None)  # fmt: skip
-        return self.exchange.output_to_torch(out)[:wanted]
+        return self.exchange.output_to_torch(out)

@@ -38,6 +38,8 @@ CAPABILITIES = Capabilities(
         "precompile": "graphs to compile before the first step instead of on first use: none (default), all "
         "(the prefill graph and every decode batch size), or decode batch sizes, e.g. 1,2,4,8 (jit only)",
         "compile_cache": "a directory that keeps the precompiled graphs across restarts (needs precompile)",
+        "attention_scores": "the most attention score values (B * heads * new tokens * keys) one step may hold per "
+        "layer before it runs as several steps; default 8388608 (32 MB float32): linear attention memory",
     },
 )
 
