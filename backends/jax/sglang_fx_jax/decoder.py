@@ -8,7 +8,7 @@ With `scan=True` they run under `lax.scan` over weights stacked by layer, so one
 compiled instead of all (about 3x faster to compile SmolLM2's 30 layers), but XLA then slices
 each layer's weights out of the stack, a copy, which made batch-1 decode 3x slower. Layers of
 different kinds (DeepSeek-V3's dense layers before its MoE ones) form consecutive segments, one
-scan each, and a `lax.switch` on the layer index picks the gather from that layer's KV pool
+scan each, and a `lax.switch` on the layer index picks the read of that layer's KV pool
 (the pools stay separate host buffers; stacking them would copy the whole pool every step).
 
 The body returns the new K/V of every layer, [layers, T, Hkv, D] (V likewise, or None), which
@@ -35,7 +35,7 @@ from sglang_fx.checkpoint import ModelSpec
 from sglang_fx.sharding import Shard
 from sglang_fx.spi import AttentionSpec
 
-from .attention import Inputs, attend, gather
+from .attention import Inputs, attend, pool_reader
 from .layers import Collectives, Rope, is_linear, mlp, moe, rms_norm
 
 Weights = Mapping[str, jax.Array]
@@ -77,6 +77,7 @@ class Decoder:
         self.spec, self.shard, self.block, self.rope, self.attn_spec, self.comm = shard.local, shard, block, rope, attn_spec, comm
         self.scan = scan
         self.segments = segments(self.spec)
+        self.moe_gather: bool | None = None  # how `layers.moe` dispatches: None by its crossover (the runner's "moe" option)
 
     # --- weights: HF names -> the pytree body and head take --------------------------------------
 
@@ -117,17 +118,17 @@ class Decoder:
         Returns (hidden [T, H] before the final norm, k [layers, T, Hkv, D], v likewise or None)."""
         x = self.embed(w["embed"], input_ids)
         cos, sin = self.rope.angles(positions, x.dtype)
-        reads = [lambda i=i: gather(k_pools[i], None if v_pools is None else v_pools[i], inputs) for i in range(self.spec.num_layers)]
+        reads = [pool_reader(k_pools[i], None if v_pools is None else v_pools[i]) for i in range(self.spec.num_layers)]
 
         def layer(x, p, read, moe_layer):
             def attn(q, k, v):
-                return attend(q, k, v, *read(), inputs, self.attn_spec.scale, self.attn_spec.v_head_dim)
+                return attend(q, k, v, read, inputs, self.attn_spec.scale, self.attn_spec.v_head_dim)
 
             spec, eps, comm = self.spec, self.spec.rms_norm_eps, self.comm
             h, k, v = self.block(spec, p, rms_norm(x, p["input_layernorm.weight"], eps), self.rope, cos, sin, attn)
             x = x + comm.psum(h)
             h = rms_norm(x, p["post_attention_layernorm.weight"], eps)
-            return x + comm.psum(moe(spec.moe, self.shard.experts, p, h) if moe_layer else mlp(p, h)), (k, v)
+            return x + comm.psum(moe(spec.moe, self.shard.experts, p, h, self.moe_gather) if moe_layer else mlp(p, h)), (k, v)
 
         new_k, new_v = [], []
         if not self.scan:
@@ -141,7 +142,7 @@ class Decoder:
 
             def scanned(x, args, seg=seg, mine=mine):
                 p, index = args
-                return layer(x, p, lambda: lax.switch(index, mine) if len(mine) > 1 else mine[0](), seg.moe)
+                return layer(x, p, (lambda slots: lax.switch(index, mine, slots)) if len(mine) > 1 else mine[0], seg.moe)
 
             x, (k, v) = lax.scan(scanned, x, (lw, jnp.arange(seg.stop - seg.start)))
             new_k.append(k)
