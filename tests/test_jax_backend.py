@@ -298,3 +298,21 @@ def test_moe_gathered_experts_equal_the_dense_compute(tiny, arch):
         seqs = [s.new_sequence(p)[0] for p in PROMPTS]
         out[dispatch] = torch.cat([s.forward(seqs, PROMPTS), s.forward(seqs, [[1], [2], [3]])])
     torch.testing.assert_close(out["gather"], out["dense"], rtol=0, atol=1e-4)
+
+
+def test_a_tied_lm_head_is_kept_once(tiny):
+    """A tied embedding is kept only as lm_head's transposed copy ([H, V], which the logits matmul
+    wants); the embedding reads its columns, so the host's table is not held. Untied, both are."""
+    import gc
+    import weakref
+
+    from sglang_fx.checkpoint import Checkpoint, load_spec
+
+    for arch, tied in (("qwen3", True), ("llama", False)):
+        spec = load_spec(tiny(arch), "float32")
+        weights = Checkpoint(tiny(arch)).load(spec)
+        table = weakref.ref(weights["model.embed_tokens.weight"])
+        runner = load_backend("jax").runner(spec, weights, RunnerOptions("cpu", {}))
+        del weights
+        gc.collect()
+        assert ("embed" not in runner.weights) == tied and (table() is None) == tied
