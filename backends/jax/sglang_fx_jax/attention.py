@@ -106,7 +106,7 @@ def extend_shape(meta: ForwardMetadata) -> tuple[int, int, int, int]:
 def extend_inputs(meta: ForwardMetadata, tokens: int, context: int, blocks: int, rows: int) -> ExtendInputs:
     """Any step, in the bucket of `extend_shape`."""
     table = meta.req_to_token.numpy()
-    key_block, width = min(KEY_BLOCK, context), min(TILE, blocks)
+    key_block, width = min(KEY_BLOCK, context), tile_width(blocks)
     key_slots, key_new, key_pos = np.zeros(context, np.int32), np.full(context, -1, np.int32), np.zeros(context, np.int32)
     block_rows, block_pos = np.full((blocks, rows), tokens, np.int32), np.zeros((blocks, rows), np.int32)
     token_out = np.zeros(tokens, np.int32)
@@ -137,10 +137,17 @@ def extend_inputs(meta: ForwardMetadata, tokens: int, context: int, blocks: int,
                         np.int32(len(tiles)), token_out)  # fmt: skip
 
 
+def tile_width(blocks: int) -> int:
+    """Pairs per tile: TILE, or half the query blocks when fewer (NQ is 2 T / Q for a step of
+    few sequences, so T / Q blocks are real), so that a step of one sequence computes few
+    padding pairs."""
+    return max(1, min(TILE, blocks // 2))
+
+
 def tile_bound(context: int, blocks: int) -> int:
     """The most tiles a step of `blocks` query blocks over `context` keys runs: each round (key
     block) has at most `blocks` pairs, in tiles of W."""
-    key_block, width = min(KEY_BLOCK, context), min(TILE, blocks)
+    key_block, width = min(KEY_BLOCK, context), tile_width(blocks)
     rounds = -(-context // key_block)
     return rounds * -(-blocks // width)
 
