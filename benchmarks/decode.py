@@ -1,10 +1,12 @@
 """Decode step time per backend, measured in one run on one tiny-but-not-trivial Qwen3.
 
-    python benchmarks/decode.py [--variant LABEL=BACKEND[:KEY=VALUE,...]] [--steps N]
+    python benchmarks/decode.py [--model qwen3|qwen3_moe] [--variant LABEL=BACKEND[:KEY=VALUE,...]] [--steps N]
 
 Default variants: mindspore-jit, mindspore-jit-dynamic (jit without the fixed-batch decode
 graphs: decode_batches=none), mindspore-pynative, jax, jax-scan (layers=scan), reference_torch,
-numpy (those whose backend is available). Each variant prefills `--prompt-len` tokens per sequence, warms up, then times
+numpy (those whose backend is available). `--model qwen3_moe`: a Qwen3-MoE-shaped model (64 experts,
+top-8), e.g. with `--variant jax=jax --variant jax-dense=jax:moe=dense` for the JAX backend's
+expert dispatch against running every expert densely. Each variant prefills `--prompt-len` tokens per sequence, warms up, then times
 `--steps` decode steps at each batch size (median step time). That repeats for `--rounds`
 rounds, the variants taking turns, and the table gives each variant's best round and its ratio
 to the first variant's. Shared machines slow down for seconds at a time: the best of rounds
@@ -26,6 +28,8 @@ from sglang_fx.registry import default_registry
 from sglang_fx.tiny import make_tiny_model
 
 MODEL = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=64)
+MOE_MODEL = dict(MODEL, num_hidden_layers=4, moe_intermediate_size=256, num_experts=64, num_experts_per_tok=8)
+MODELS = {"qwen3": MODEL, "qwen3_moe": MOE_MODEL}
 DEFAULT_VARIANTS = ["mindspore-jit=mindspore:mode=jit", "mindspore-jit-dynamic=mindspore:mode=jit,decode_batches=none",
                     "mindspore-pynative=mindspore:mode=pynative", "jax=jax", "jax-scan=jax:layers=scan", "reference_torch=reference_torch",
                     "numpy=numpy"]  # fmt: skip
@@ -70,6 +74,7 @@ def measure(variant: str, path: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=MODELS, default="qwen3", help="the tiny architecture and its sizes (default qwen3)")
     ap.add_argument("--variant", action="append", help="LABEL=BACKEND[:KEY=VALUE,...] (repeatable)")
     ap.add_argument("--batch", type=int, action="append", help="batch sizes (default 1 and 8)")
     ap.add_argument("--steps", type=int, default=20)
@@ -92,8 +97,8 @@ def main() -> None:
             variants.append(variant)
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        path = make_tiny_model("qwen3", tmp, seed=0, **MODEL)
-        print(f"model: qwen3 {MODEL}, float32, page size 16; {args.steps} timed decode steps after {args.warmup} warm-up;")
+        path = make_tiny_model(args.model, tmp, seed=0, **MODELS[args.model])
+        print(f"model: {args.model} {MODELS[args.model]}, float32, page size 16; {args.steps} timed decode steps after {args.warmup} warm-up;")
         print(f"best of {args.rounds} rounds; each variant runs in its own process (torch's and MindSpore's thread pools interfere in one)")
         for _ in range(args.rounds):
             for variant in variants:

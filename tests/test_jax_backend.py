@@ -88,6 +88,7 @@ def test_unsupported_configurations_are_refused_by_name(backend, tiny):
         (spec, {}, "cuda:0", "device 'cuda:0' is not supported; supported devices: cpu"),
         (spec, {"decode_batch": "1"}, "cpu", r"unknown option\(s\) \['decode_batch'\]; it takes decode_batches, precompile, layers, compile_cache"),
         (spec, {"layers": "loop"}, "cpu", "layers 'loop' is not unroll or scan"),
+        (spec, {"moe": "sparse"}, "cpu", "moe 'sparse' is not auto, dense, gather"),
         (spec, {"decode_batches": "1,two"}, "cpu", "decode_batches '1,two' is not a comma-separated list of positive batch sizes"),
         (spec, {"decode_batches": "0"}, "cpu", "decode_batches '0' is not"),
         (spec, {"decode_batches": "1,2", "precompile": "4"}, "cpu", "precompile '4' is not none, all, or .* among 1,2"),
@@ -240,3 +241,78 @@ def test_half_precision_runs_and_agrees_with_the_reference(tiny, dtype):
         out[name] = torch.cat([s.forward(seqs, PROMPTS), s.forward(seqs, [[1], [2], [3]])])
     assert out["jax"].dtype == torch.float32
     assert (out["jax"] - out["reference_torch"]).abs().max() <= TOLERANCE[getattr(torch, dtype)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention memory: linear in the step's tokens
+# ---------------------------------------------------------------------------------------------
+
+
+def test_an_8k_prompt_takes_linear_attention_memory(tiny, monkeypatch):
+    """An 8192-token prompt in one extend step: XLA's own account of the compiled body program
+    (`memory_analysis`: its temporaries and outputs, besides the arguments, which are the weights,
+    the pool and the step's index arrays) stays under 300 MB, where one [T, T] float32 score
+    matrix per head would be 1 GiB. And the step computes what the same prompt in two chunks of
+    4096 tokens (the second after the cached first) does."""
+    model = tiny("qwen3", max_position_embeddings=8192)
+    prompt = [(7 * j) % 500 + 3 for j in range(8192)]
+    s = Session("jax", model, dtype="float32", page_size=16, max_total_tokens=2 * 8192 + 64)
+    calls, body = [], s.runner._body
+    monkeypatch.setattr(s.runner, "_body", lambda *a: calls.append(a) or body(*a))
+    whole = s.forward([s.new_sequence(prompt)[0]], [prompt])
+    stats = body.lower(*calls[0]).compile().memory_analysis()
+    used = stats.temp_size_in_bytes + stats.output_size_in_bytes
+    assert used < 300e6, f"the 8k-token step takes {used / 1e6:.0f} MB besides its arguments"
+    seq = s.new_sequence([1])[0]  # a fresh sequence, sharing no page
+    for start in range(0, 8192, 4096):
+        chunked = s.forward([seq], [prompt[start : start + 4096]])
+    assert torch.isfinite(whole).all() and (whole - chunked).abs().max() < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# MoE dispatch
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_moe_gathered_experts_equal_the_dense_compute(tiny, arch):
+    """`layers.moe` gathering each token's k experts gives what running every expert densely
+    does, for a step the crossover gathers (1 token) and one it does not (8); and whole-model
+    logits agree between the runner options moe=gather and moe=dense."""
+    import jax.numpy as jnp
+
+    from sglang_fx_jax.layers import gathers_experts, moe
+
+    s = Session("jax", tiny(arch), dtype="float32", page_size=16)
+    decoder, held = s.runner.decoder, s.runner.shard.experts
+    spec = decoder.spec.moe
+    assert gathers_experts(1, spec, held) and not gathers_experts(8, spec, held)
+    layer = s.runner.weights["layers"][decoder.spec.num_layers - 1]  # an MoE layer
+    for tokens in (1, 8):
+        x = jnp.asarray(torch.randn(tokens, decoder.spec.hidden_size).numpy())
+        gathered, dense = (torch.from_dlpack(moe(spec, held, layer, x, gather)) for gather in (True, False))
+        torch.testing.assert_close(gathered, dense, rtol=0, atol=1e-5)
+    out = {}
+    for dispatch in ("gather", "dense"):
+        s = Session("jax", tiny(arch), dtype="float32", page_size=16, options={"moe": dispatch})
+        seqs = [s.new_sequence(p)[0] for p in PROMPTS]
+        out[dispatch] = torch.cat([s.forward(seqs, PROMPTS), s.forward(seqs, [[1], [2], [3]])])
+    torch.testing.assert_close(out["gather"], out["dense"], rtol=0, atol=1e-4)
+
+
+def test_a_tied_lm_head_is_kept_once(tiny):
+    """A tied embedding is kept only as lm_head's transposed copy ([H, V], which the logits matmul
+    wants); the embedding reads its columns, so the host's table is not held. Untied, both are."""
+    import gc
+    import weakref
+
+    from sglang_fx.checkpoint import Checkpoint, load_spec
+
+    for arch, tied in (("qwen3", True), ("llama", False)):
+        spec = load_spec(tiny(arch), "float32")
+        weights = Checkpoint(tiny(arch)).load(spec)
+        table = weakref.ref(weights["model.embed_tokens.weight"])
+        runner = load_backend("jax").runner(spec, weights, RunnerOptions("cpu", {}))
+        del weights
+        gc.collect()
+        assert ("embed" not in runner.weights) == tied and (table() is None) == tied

@@ -1,29 +1,37 @@
 """Paged attention in JAX over the host's KV pool, with static shapes.
 
-The pool is read, never written, inside a jitted step: each layer gathers the keys and values of
-the step's sequences from the pool by slot, puts the step's own new K/V at their places in what
-it gathered (the host stores them into the pool after the step: `kv_cache.JaxKVCache`), and
-attends with a mask. Two layouts, chosen per step on the host (`plan`):
+The pool is read, never written, inside a jitted step: attention reads the keys and values of
+the step's sequences from the pool by slot, takes the step's own new K/V from the step instead
+(the host stores them into the pool after the step: `kv_cache.JaxKVCache`), and masks by
+position. Two layouts, chosen per step on the host (`plan`):
 
 - `DecodeInputs`, one new token per sequence: keys [B, L] per sequence, L the context padded to
   a power of two; the new token is the last of its sequence. Work: B x L.
-- `ExtendInputs`, any step: the step's keys flattened, C = sum of the sequences' lengths padded
-  to a power of two, and T new tokens padded likewise; a query sees the keys of its own sequence
-  up to its position. Work: T x C, which for the usual prefill (few sequences) is near the
-  causal minimum, and needs two bucket sizes, not three (batch, tokens, context).
+- `ExtendInputs`, any step: blocked, flash-style. The step's new tokens form query blocks of Q
+  rows, each block from one sequence; the step's keys are listed flat, sequence after sequence
+  (C of them). A tile is W (query block, key block) pairs, each pair a block's queries against K
+  consecutive keys of its own sequence; tiles run one after another in a loop whose trip count is
+  the step's, each updating its blocks' running max, sum and output (online softmax). So a query
+  meets only its own sequence's keys, up to its last visible position, and memory is linear in
+  the step's tokens: the loop's temporaries are one tile's [W, Hq, Q, K] scores.
+  Which key a query sees is decided per pair of (query, key) by position (`key_pos <=
+  query_pos`) within the pair's key range, never by token order; a tree mask over the step's
+  new tokens (speculative verify) can be ANDed in from `key_new`, the step row of each new key.
 
-Scores and softmax in float32. Shapes: T new tokens, B sequences, Hq/Hkv heads, G = Hq // Hkv,
-D/Dv head dims, S pool slots. Latent attention (no V pool) reads its values as the first Dv
-channels of the keys, Hkv == 1.
+Scores and softmax in float32; a hidden score is HIDDEN. Shapes: T new tokens, B sequences, Hq/Hkv
+heads, G = Hq // Hkv, D/Dv head dims, S pool slots. Latent attention (no V pool) reads its values
+as the first Dv channels of the keys, Hkv == 1.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from sglang_fx.buckets import power_of_two
 from sglang_fx.metadata import ForwardMetadata
@@ -34,6 +42,9 @@ from .kv_cache import JaxKVCache
 HIDDEN = -1e30  # the score of a key a query may not see (finite: an all-hidden padding row stays finite)
 MIN_CONTEXT = 64  # smallest context bucket
 MIN_TOKENS = 16  # smallest token bucket of a step that is not a padded decode
+QUERY_BLOCK = 128  # most query rows of a block (fewer when the step's longest extend is shorter)
+KEY_BLOCK = 128  # keys of a block (fewer when the context bucket is smaller)
+TILE = 8  # (query block, key block) pairs computed together
 
 
 class DecodeInputs(NamedTuple):
@@ -45,20 +56,30 @@ class DecodeInputs(NamedTuple):
 
 
 class ExtendInputs(NamedTuple):
-    """Any step, flattened. C keys: key_slots [C] int32 pool slots, key_seq [C] int32 sequence
-    (-1: padding), key_pos [C] int32 position. T queries: query_seq [T] int32 (-1: padding, which
-    sees only padding keys), query_pos [T] int32, new_index [T] int32: where the token's own key
-    is among the C (C for padding: dropped)."""
+    """Any step, blocked. Keys, C of them, every sequence's in turn: key_slots [C] int32 pool slot,
+    key_new [C] int32 the step row of a key this step writes (-1: read it from the pool), key_pos
+    [C] int32 its position. Query blocks, NQ of Q rows each from one sequence: block_rows [NQ, Q]
+    int32 the step row of each query (T or more: padding), block_pos [NQ, Q] int32 its position.
+    Tiles, NT of W pairs: tile_block [NT, W] int32 the pair's query block (NQ: none, a padding
+    pair), tile_key [NT, W] int32 the first of its K keys, tile_end [NT, W] int32 the end of its
+    sequence's keys (keys at or past it are hidden); num_tiles [] int32: the tiles to run (the rest
+    are padding). token_out [T] int32: where each step row's output is among the NQ x Q rows."""
 
     key_slots: jax.Array
-    key_seq: jax.Array
+    key_new: jax.Array
     key_pos: jax.Array
-    query_seq: jax.Array
-    query_pos: jax.Array
-    new_index: jax.Array
+    block_rows: jax.Array
+    block_pos: jax.Array
+    tile_block: jax.Array
+    tile_key: jax.Array
+    tile_end: jax.Array
+    num_tiles: jax.Array
+    token_out: jax.Array
 
 
 Inputs = DecodeInputs | ExtendInputs
+#: read(slots [...] int32) -> (keys [..., Hkv, D], values [..., Hkv, Dv] or None): one layer's pool rows.
+Read = Callable[[jax.Array], tuple[jax.Array, "jax.Array | None"]]
 
 
 def decode_inputs(meta: ForwardMetadata, context: int) -> DecodeInputs:
@@ -71,22 +92,64 @@ def decode_inputs(meta: ForwardMetadata, context: int) -> DecodeInputs:
     return DecodeInputs(slots, lengths)
 
 
-def extend_inputs(meta: ForwardMetadata, tokens: int, context: int) -> ExtendInputs:
-    """Any step, its T new tokens padded to `tokens` and its sum(seq_lens) keys to `context`."""
-    seq_lens, prefix_lens = meta.seq_lens_cpu, meta.prefix_lens_cpu
+def extend_shape(meta: ForwardMetadata) -> tuple[int, int, int, int]:
+    """An extend step's bucket: (tokens T, keys C, query blocks NQ, rows per block Q). Q is the
+    longest extend's power of two (16 to QUERY_BLOCK); NQ is 2 T / Q, which holds the blocks of
+    any step of at most T / Q sequences, or the blocks' power of two beyond that. So a step's
+    program depends on its tokens, keys and longest extend, each rounded to a power of two."""
+    tokens = power_of_two(meta.num_tokens, MIN_TOKENS)
+    rows = min(QUERY_BLOCK, power_of_two(max(meta.extend_lens_cpu), MIN_TOKENS))
+    blocks = power_of_two(max(sum(-(-n // rows) for n in meta.extend_lens_cpu), 2 * tokens // rows))
+    return tokens, power_of_two(sum(meta.seq_lens_cpu), MIN_CONTEXT), blocks, rows
+
+
+def extend_inputs(meta: ForwardMetadata, tokens: int, context: int, blocks: int, rows: int) -> ExtendInputs:
+    """Any step, in the bucket of `extend_shape`."""
     table = meta.req_to_token.numpy()
-    key_slots, key_seq, key_pos = (np.zeros(context, np.int32) for _ in range(3))
-    key_seq[:] = -1
-    query_seq, query_pos = np.full(tokens, -1, np.int32), np.zeros(tokens, np.int32)
-    new_index = np.full(tokens, context, np.int32)
-    c = t = 0
-    for b, (length, prefix) in enumerate(zip(seq_lens, prefix_lens)):
-        new = length - prefix
-        key_slots[c : c + length], key_seq[c : c + length], key_pos[c : c + length] = table[b, :length], b, np.arange(length)
-        query_seq[t : t + new], query_pos[t : t + new] = b, np.arange(prefix, length)
-        new_index[t : t + new] = np.arange(c + prefix, c + length)
-        c, t = c + length, t + new
-    return ExtendInputs(key_slots, key_seq, key_pos, query_seq, query_pos, new_index)
+    key_block, width = min(KEY_BLOCK, context), tile_width(blocks)
+    key_slots, key_new, key_pos = np.zeros(context, np.int32), np.full(context, -1, np.int32), np.zeros(context, np.int32)
+    block_rows, block_pos = np.full((blocks, rows), tokens, np.int32), np.zeros((blocks, rows), np.int32)
+    token_out = np.zeros(tokens, np.int32)
+    pairs: list[tuple[int, int, int, int]] = []  # (round, block, first key, end of keys)
+    c = t = nq = 0
+    for b, (length, prefix) in enumerate(zip(meta.seq_lens_cpu, meta.prefix_lens_cpu)):
+        key_slots[c : c + length], key_pos[c : c + length] = table[b, :length], np.arange(length)
+        key_new[c + prefix : c + length] = np.arange(t, t + length - prefix)
+        for first in range(prefix, length, rows):  # one query block per `rows` new tokens
+            n = min(rows, length - first)
+            block_rows[nq, :n], block_pos[nq, :n] = np.arange(t, t + n), np.arange(first, first + n)
+            token_out[t : t + n] = nq * rows + np.arange(n)
+            visible = first + n  # keys at positions < first + n: the block's last query sees those
+            pairs += [(r, nq, c + r * key_block, c + length) for r in range(-(-visible // key_block))]
+            nq, t = nq + 1, t + n
+        c += length
+    pairs.sort()  # round by round: a tile's pairs are of distinct blocks
+    tiles: list[list[tuple[int, int, int]]] = []
+    for r in range(pairs[-1][0] + 1 if pairs else 0):
+        active = [p[1:] for p in pairs if p[0] == r]
+        tiles += [active[i : i + width] for i in range(0, len(active), width)]
+    limit = tile_bound(context, blocks)
+    tile = np.zeros((limit, width, 3), np.int32)
+    tile[..., 0] = blocks  # padding pairs: the scratch block, no visible key
+    for i, pairs_of_tile in enumerate(tiles):
+        tile[i, : len(pairs_of_tile)] = pairs_of_tile
+    return ExtendInputs(key_slots, key_new, key_pos, block_rows, block_pos, tile[..., 0], tile[..., 1], tile[..., 2],
+                        np.int32(len(tiles)), token_out)  # fmt: skip
+
+
+def tile_width(blocks: int) -> int:
+    """Pairs per tile: TILE, or half the query blocks when fewer (NQ is 2 T / Q for a step of
+    few sequences, so T / Q blocks are real), so that a step of one sequence computes few
+    padding pairs."""
+    return max(1, min(TILE, blocks // 2))
+
+
+def tile_bound(context: int, blocks: int) -> int:
+    """The most tiles a step of `blocks` query blocks over `context` keys runs: each round (key
+    block) has at most `blocks` pairs, in tiles of W."""
+    key_block, width = min(KEY_BLOCK, context), tile_width(blocks)
+    rounds = -(-context // key_block)
+    return rounds * -(-blocks // width)
 
 
 def plan(meta: ForwardMetadata, decode: bool) -> tuple[Inputs, int]:
@@ -94,40 +157,88 @@ def plan(meta: ForwardMetadata, decode: bool) -> tuple[Inputs, int]:
     step whose batch is already padded to its bucket (`ForwardMetadata.padded_decode`)."""
     if decode:
         return decode_inputs(meta, power_of_two(max(meta.seq_lens_cpu), MIN_CONTEXT)), meta.batch_size
-    tokens = power_of_two(meta.num_tokens, MIN_TOKENS)
-    return extend_inputs(meta, tokens, power_of_two(sum(meta.seq_lens_cpu), MIN_CONTEXT)), tokens
+    shape = extend_shape(meta)
+    return extend_inputs(meta, *shape), shape[0]
 
 
-def gather(k_pool: jax.Array, v_pool: jax.Array | None, inputs: Inputs) -> tuple[jax.Array, jax.Array | None]:
-    """The step's keys and values read from one layer's pool [S, Hkv, D/Dv]: [B, L, Hkv, D/Dv]
-    (DecodeInputs) or [C, Hkv, D/Dv] (ExtendInputs); values None without a V pool."""
-    slots = inputs.slots if isinstance(inputs, DecodeInputs) else inputs.key_slots
-    return k_pool[slots], None if v_pool is None else v_pool[slots]
+def bucket(inputs: Inputs) -> tuple:
+    """The static shapes a step's program depends on (besides the token count): decode (context,),
+    extend (keys, query blocks, rows per block)."""
+    if isinstance(inputs, DecodeInputs):
+        return (inputs.slots.shape[1],)
+    return (len(inputs.key_slots), *inputs.block_rows.shape)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array | None, keys: jax.Array, values: jax.Array | None, inputs: Inputs,
-           scale: float, v_head_dim: int) -> jax.Array:  # fmt: skip
-    """q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, Dv] or None: the step's new tokens (padded);
-    keys/values: `gather`'s, which need not hold this step's k/v yet (they are put in here).
-    values None: latent attention, whose values are the keys' first v_head_dim channels.
-    Returns [T, Hq, Dv] in q's dtype."""
+def pool_reader(k_pool: jax.Array, v_pool: jax.Array | None) -> Read:
+    """`Read` over one layer's pool [S, Hkv, D/Dv] (v_pool None without a V pool)."""
+    return lambda slots: (k_pool[slots], None if v_pool is None else v_pool[slots])
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array | None, read: Read, inputs: Inputs, scale: float, v_head_dim: int) -> jax.Array:
+    """q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, Dv] or None: the step's new tokens (padded); read:
+    the layer's pool, which need not hold this step's k/v yet (they are taken from k/v). v None:
+    latent attention, whose values are the keys' first v_head_dim channels. Returns [T, Hq, Dv]
+    in q's dtype."""
+    if isinstance(inputs, DecodeInputs):
+        return attend_decode(q, k, v, read, inputs, scale, v_head_dim)
+    return attend_extend(q, k, v, read, inputs, scale, v_head_dim)
+
+
+def attend_decode(q, k, v, read: Read, inputs: DecodeInputs, scale: float, v_head_dim: int) -> jax.Array:
     T, Hkv, D = k.shape
     f32 = jnp.float32
-    if isinstance(inputs, DecodeInputs):
-        B, L = inputs.slots.shape
-        new = (jnp.arange(B), inputs.lengths - 1)  # each sequence's new token is its last
-        keys = keys.at[new].set(k.astype(keys.dtype))  # [B, L, Hkv, D]
-        values = keys[..., :v_head_dim] if values is None else values.at[new].set(v.astype(values.dtype))
-        visible = jnp.arange(L)[None, :] < inputs.lengths[:, None]  # [B, L]
-        s = jnp.einsum("bkgd,blkd->bkgl", q.reshape(B, Hkv, -1, D).astype(f32), keys.astype(f32)) * scale
-        p = jax.nn.softmax(jnp.where(visible[:, None, None, :], s, HIDDEN), axis=-1)
-        return jnp.einsum("bkgl,blkd->bkgd", p, values.astype(f32)).reshape(B, -1, v_head_dim).astype(q.dtype)
-    keys = keys.at[inputs.new_index].set(k.astype(keys.dtype), mode="drop")  # [C, Hkv, D]
-    values = keys[..., :v_head_dim] if values is None else values.at[inputs.new_index].set(v.astype(values.dtype), mode="drop")
-    visible = (inputs.key_seq[None, :] == inputs.query_seq[:, None]) & (inputs.key_pos[None, :] <= inputs.query_pos[:, None])
-    s = jnp.einsum("tkgd,ckd->tkgc", q.reshape(T, Hkv, -1, D).astype(f32), keys.astype(f32)) * scale  # [T, Hkv, G, C]
+    keys, values = read(inputs.slots)  # [B, L, Hkv, D]
+    B, L = inputs.slots.shape
+    new = (jnp.arange(B), inputs.lengths - 1)  # each sequence's new token is its last
+    keys = keys.at[new].set(k.astype(keys.dtype))
+    values = keys[..., :v_head_dim] if values is None else values.at[new].set(v.astype(values.dtype))
+    visible = jnp.arange(L)[None, :] < inputs.lengths[:, None]  # [B, L]
+    s = jnp.einsum("bkgd,blkd->bkgl", q.reshape(B, Hkv, -1, D).astype(f32), keys.astype(f32)) * scale
     p = jax.nn.softmax(jnp.where(visible[:, None, None, :], s, HIDDEN), axis=-1)
-    return jnp.einsum("tkgc,ckd->tkgd", p, values.astype(f32)).reshape(T, -1, v_head_dim).astype(q.dtype)
+    return jnp.einsum("bkgl,blkd->bkgd", p, values.astype(f32)).reshape(B, -1, v_head_dim).astype(q.dtype)
+
+
+def attend_extend(q, k, v, read: Read, inputs: ExtendInputs, scale: float, v_head_dim: int) -> jax.Array:
+    T, Hkv, D = k.shape
+    f32 = jnp.float32
+    NQ, Q = inputs.block_rows.shape
+    C = inputs.key_slots.shape[0]
+    K = min(KEY_BLOCK, C)
+    G = q.shape[1] // Hkv
+    # Query blocks [NQ + 1, Hkv, G*Q, D] (rows g-major), scaled; block NQ is the padding pairs' scratch.
+    qb = jnp.take(q.astype(f32) * scale, inputs.block_rows, axis=0, mode="fill", fill_value=0)  # [NQ, Q, Hq, D]
+    qb = qb.reshape(NQ, Q, Hkv, G, D).transpose(0, 2, 3, 1, 4).reshape(NQ, Hkv, G * Q, D)
+    qb = jnp.concatenate([qb, jnp.zeros((1, Hkv, G * Q, D), f32)])
+    qpos = jnp.tile(jnp.concatenate([inputs.block_pos, jnp.zeros((1, Q), jnp.int32)]), (1, G))  # [NQ + 1, G*Q]
+    Dv = v_head_dim
+
+    def tile(i, state):
+        m, l, acc = state  # [NQ + 1, Hkv, G*Q], likewise, [NQ + 1, Hkv, G*Q, Dv]
+        blocks, first, end = inputs.tile_block[i], inputs.tile_key[i], inputs.tile_end[i]  # [W]
+        index = jnp.minimum(first[:, None] + jnp.arange(K)[None, :], C - 1)  # [W, K]
+        new = inputs.key_new[index]
+        keys, values = read(inputs.key_slots[index])  # [W, K, Hkv, D]
+        own = (new >= 0)[..., None, None]
+        keys = jnp.where(own, k[jnp.maximum(new, 0)].astype(keys.dtype), keys).astype(f32)
+        if values is None:
+            values = keys[..., :Dv]
+        else:
+            values = jnp.where(own, v[jnp.maximum(new, 0)].astype(values.dtype), values).astype(f32)
+        visible = (index < end[:, None])[:, None, :] & (inputs.key_pos[index][:, None, :] <= qpos[blocks][:, :, None])  # [W, G*Q, K]
+        s = jnp.where(visible[:, None], jnp.einsum("wkrd,wckd->wkrc", qb[blocks], keys), HIDDEN)  # [W, Hkv, G*Q, K]
+        m_old = m[blocks]
+        m_new = jnp.maximum(m_old, s.max(-1))
+        p = jnp.exp(s - m_new[..., None])
+        alpha = jnp.exp(m_old - m_new)
+        l_new = alpha * l[blocks] + p.sum(-1)
+        acc_new = alpha[..., None] * acc[blocks] + jnp.einsum("wkrc,wckd->wkrd", p, values)
+        return m.at[blocks].set(m_new), l.at[blocks].set(l_new), acc.at[blocks].set(acc_new)
+
+    state = (jnp.full((NQ + 1, Hkv, G * Q), HIDDEN, f32), jnp.zeros((NQ + 1, Hkv, G * Q), f32), jnp.zeros((NQ + 1, Hkv, G * Q, Dv), f32))
+    _, l, acc = lax.fori_loop(0, inputs.num_tiles, tile, state)
+    out = acc[:NQ] / jnp.where(l[:NQ] > 0, l[:NQ], 1)[..., None]  # a block no tile reached: zeros
+    out = out.reshape(NQ, Hkv, G, Q, Dv).transpose(0, 3, 1, 2, 4).reshape(NQ * Q, Hkv * G, Dv)
+    return out[inputs.token_out].astype(q.dtype)
 
 
 class JaxPagedAttention:
@@ -137,7 +248,7 @@ class JaxPagedAttention:
         self.spec = spec
 
         def run(q, k, v, k_pool, v_pool, inputs):
-            return attend(q, k, v, *gather(k_pool, v_pool, inputs), inputs, spec.scale, spec.v_head_dim)
+            return attend(q, k, v, pool_reader(k_pool, v_pool), inputs, spec.scale, spec.v_head_dim)
 
         self._run = jax.jit(run)
 

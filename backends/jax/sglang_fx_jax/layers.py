@@ -96,17 +96,38 @@ def route(spec: MoESpec, w: Mapping[str, jax.Array], x: jax.Array) -> tuple[jax.
     return weights * spec.routed_scaling_factor, experts
 
 
-def moe(spec: MoESpec, held: range, w: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
-    """Routed experts (+ shared experts). Every token runs through each of the `held` experts
-    (this rank's: w["mlp.experts.*"] are [len(held), ...]) and is weighted by its routing weight,
-    zero for experts it was not routed to: static shapes, at the cost of E/k times the expert
-    compute of a dispatch. The result is this rank's partial sum."""
+def gathers_experts(tokens: int, spec: MoESpec, held: range) -> bool:
+    """Whether `moe` gathers each token's chosen experts (True) or runs every held expert densely:
+    gathering reads tokens x k experts' weights (a copy each) instead of all held ones, and wins
+    while tokens x k is under half the held experts. Measured, 64 experts of 512 x 256, top-8,
+    jax 0.7.1, 2 cores: gathered 5.8x faster at 1 token, 40x at 2, 1.6x at 4 (XLA's batched
+    matvec over the 32 gathered matrices slows down sharply there), 0.8x at 16."""
+    return tokens * spec.top_k * 2 <= len(held)
+
+
+def moe(spec: MoESpec, held: range, w: Mapping[str, jax.Array], x: jax.Array, gather: bool | None = None) -> jax.Array:
+    """Routed experts (+ shared experts); x [T, H]. w["mlp.experts.*"] are this rank's `held`
+    experts, [len(held), ...]; the result is this rank's partial sum. gather (default
+    `gathers_experts`): each token's k chosen experts' weights are gathered ([T, k, H, I]) and
+    applied to it alone; else every token runs through each held expert, weighted by its routing
+    weight (zero for experts it was not routed to): static shapes either way, the dense one at
+    E/k times the expert compute."""
     weights, experts = route(spec, w, x)
-    combine = (jax.nn.one_hot(experts, spec.num_experts, dtype=f32) * weights[..., None]).sum(1)  # [T, E]
-    combine = combine[:, held.start : held.stop].astype(x.dtype)
     gate, up, down = (w[f"mlp.experts.{n}_proj.weight"] for n in ("gate", "up", "down"))  # [e, H, I], [e, H, I], [e, I, H]
-    h = jax.nn.silu(jnp.einsum("th,ehi->tei", x, gate)) * jnp.einsum("th,ehi->tei", x, up)
-    out = jnp.einsum("tei,eih->th", h * combine[:, :, None], down)
+    if gather is None:
+        gather = gathers_experts(len(x), spec, held)
+    if gather:
+        local = experts - held.start  # [T, k]; other ranks' experts weigh zero here
+        weights = jnp.where((local >= 0) & (local < len(held)), weights, 0).astype(x.dtype)
+        local = jnp.clip(local, 0, len(held) - 1)
+        xs = jnp.broadcast_to(x[:, None, :], local.shape + x.shape[1:])  # [T, k, H]
+        h = jax.nn.silu(jnp.einsum("tkh,tkhi->tki", xs, gate[local])) * jnp.einsum("tkh,tkhi->tki", xs, up[local])
+        out = jnp.einsum("tki,tkih->th", h * weights[..., None], down[local])
+    else:
+        combine = (jax.nn.one_hot(experts, spec.num_experts, dtype=f32) * weights[..., None]).sum(1)  # [T, E]
+        combine = combine[:, held.start : held.stop].astype(x.dtype)
+        h = jax.nn.silu(jnp.einsum("th,ehi->tei", x, gate)) * jnp.einsum("th,ehi->tei", x, up)
+        out = jnp.einsum("tei,eih->th", h * combine[:, :, None], down)
     return out + mlp(w, x, "mlp.shared_experts.") if spec.num_shared_experts else out
 
 

@@ -49,11 +49,14 @@ ARCHITECTURES = {
     "DeepseekV3ForCausalLM": deepseek_v3,
 }
 
+#: The "moe" option -> `layers.moe`'s gather argument.
+MOE = {"auto": None, "dense": False, "gather": True}
+
 
 class JaxRunner:
     """`spi.ModelRunner`. options.extra: "decode_batches" (default `buckets.DECODE_BATCHES`;
     "none": decode steps run as extend steps), "precompile" (none | all | decode batch sizes),
-    "layers" (unroll | scan), "compile_cache" (a directory, or none); every value is checked
+    "layers" (unroll | scan), "moe" (auto | dense | gather: `layers.moe`), "compile_cache" (a directory, or none); every value is checked
     before anything starts. Weights are placed at construction: linear weights as transposed
     copies, the others aliasing the host's tensors (`Decoder.arrange`)."""
 
@@ -69,12 +72,16 @@ class JaxRunner:
         layers = options.extra.get("layers", "unroll")
         if layers not in ("unroll", "scan"):
             raise UnsupportedConfigError(f"jax backend: layers {layers!r} is not unroll or scan")
+        moe = options.extra.get("moe", "auto")
+        if moe not in MOE:
+            raise UnsupportedConfigError(f"jax backend: moe {moe!r} is not {', '.join(MOE)}")
         self.shard = Shard.of(spec, options.parallel)
         self.placement = place(options.parallel)  # joins JAX's world first when tp > 1
         configure()
         use_compile_cache(options.extra.get("compile_cache"))
         self.spec = spec
         self.decoder = ARCHITECTURES[spec.architecture](self.shard, self.placement.collectives, scan=layers == "scan")
+        self.decoder.moe_gather = MOE[moe]
         self.weights = self.placement.weights(self.decoder.arrange(weights))
         self._body = self.placement.jit(self.decoder.body, sharded=(0, 1, 2))
         self._head = self.placement.jit(self.decoder.head, sharded=(0, 1))
@@ -99,8 +106,8 @@ class JaxRunner:
         cache.write_layers(slots, p.local(k)[:, :T], None if v is None else p.local(v)[:, :T])
         out = p.local(logits)[:wanted]
         kind = "decode" if batch is not None else "extend"
-        bucket = (kind, tokens, inputs.slots.shape[1] if batch is not None else len(inputs.key_slots))
-        if bucket not in self._buckets:  # (kind, tokens, context): a new program of the body (the head's are small)
+        bucket = (kind, tokens, *attention.bucket(inputs))
+        if bucket not in self._buckets:  # (kind, tokens, ...): a new program of the body (the head's are small)
             self._buckets.add(bucket)
             logger.info("sglang-fx jax: %s step of %d tokens compiled and ran in %.1f s (bucket %s)", kind, T,
                         time.perf_counter() - start, bucket)  # fmt: skip

@@ -35,6 +35,8 @@ CAPABILITIES = Capabilities(
         "(prefill and every decode batch size), or decode batch sizes, e.g. 1,2,4,8",
         "layers": "unroll (default): one program with every layer's code; scan: lax.scan over weights stacked by layer",
         "compile_cache": "JAX's persistent compilation cache directory (default <sglang-fx cache>/jax), or none",
+        "moe": "how MoE layers dispatch: auto (default: each token's k experts gathered for steps of few tokens, "
+        "every expert densely above), dense, or gather",
     },
 )
 
