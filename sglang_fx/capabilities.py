@@ -19,6 +19,9 @@ class Capabilities:
                     sharded weights, collectives over the TP group), "ep" (routed experts split
                     over the TP group). Empty: one process only. Data parallelism needs nothing
                     of a backend (each replica is a world of its own) and is always allowed.
+    quantization    the quantized-checkpoint schemes it runs (`sglang_fx.quant`: "w8a8_int8", with
+                    int8 weights kept int8 and an int8 x int8 -> int32 product). Empty: float
+                    checkpoints only (SPI 1.2; a backend written for 1.1 declares none).
     options         the keys of RunnerOptions.extra the runner takes -> what each means (shown
                     by `sglang-fx backends`); an unknown key is refused before loading. The
                     runner checks the values.
@@ -29,6 +32,7 @@ class Capabilities:
     page_sizes: frozenset[int] | None = None
     features: frozenset[str] = field(default_factory=frozenset)
     parallelism: frozenset[str] = field(default_factory=frozenset)
+    quantization: frozenset[str] = field(default_factory=frozenset)
     options: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -45,6 +49,7 @@ class Capabilities:
         tp_size: int = 1,
         ep_size: int = 1,
         options: Mapping[str, str] | None = None,
+        quantization: str | None = None,
     ) -> list[str]:
         """Every problem with running this configuration, as sentences naming the fix.
         An empty list means supported. Arguments left as None are not checked."""
@@ -75,6 +80,10 @@ class Capabilities:
                             "per model; use tp_size 1, or a backend that declares 'tp' in its parallelism")  # fmt: skip
         if ep_size > 1 and "ep" not in self.parallelism:
             problems.append(f"expert parallelism (ep_size {ep_size}) is not supported; use ep_size 1")
+        if quantization is not None and quantization not in self.quantization:
+            runs = ", ".join(sorted(self.quantization)) or "none (float checkpoints only)"
+            problems.append(f"quantized checkpoints of scheme {quantization!r} are not supported; the schemes it runs: {runs}; "
+                            "use a float checkpoint or a backend that declares the scheme")  # fmt: skip
         unknown = sorted(set(options or {}) - set(self.options))
         if unknown:
             takes = ", ".join(sorted(self.options)) or "none"
@@ -88,5 +97,6 @@ class Capabilities:
             f"devices/dtypes [{devices}]; architectures [{', '.join(sorted(self.architectures))}]; "
             f"page sizes [{pages}]; features [{', '.join(sorted(self.features))}]; "
             f"parallelism [{', '.join(sorted(self.parallelism)) or 'none'}]; "
+            f"quantization [{', '.join(sorted(self.quantization)) or 'none'}]; "
             f"options [{', '.join(f'{k}: {v}' for k, v in sorted(self.options.items())) or 'none'}]"
         )
