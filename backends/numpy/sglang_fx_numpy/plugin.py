@@ -13,22 +13,25 @@ from sglang_fx import hookimpl
 from sglang_fx.capabilities import Capabilities
 from sglang_fx.checkpoint import ARCHITECTURES
 from sglang_fx.errors import UnsupportedConfigError
+from sglang_fx.quant import W8A8_INT8
 from sglang_fx.spi import BackendInfo
 
 from .attention import NumpyPagedAttention
 from .deepseek_v3 import deepseek_v3
 from .exchange import NumpyExchange
 from .kv_cache import NumpyKVCache
+from .layers import int8_weights
 from .llama import llama_family
 
 NAME = "numpy"
-SPI = "1.1"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
+SPI = "1.2"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
 
 CAPABILITIES = Capabilities(
     dtypes={"cpu": frozenset({"float32", "float16"})},  # NumPy has no bfloat16
     architectures=frozenset(ARCHITECTURES),
     page_sizes=None,  # any
     features=frozenset({"prefix_cache", "all_token_logits"}),
+    quantization=frozenset({W8A8_INT8}),  # int8 weights, int32 products (layers.linear)
 )
 
 
@@ -59,4 +62,4 @@ def sglang_fx_make_runner(spec, weights, options):
     exchange = NumpyExchange()
     arrays = {name: exchange.from_torch(t) for name, t in weights.items()}  # aliases, no copy
     build = deepseek_v3 if spec.mla is not None else llama_family
-    return build(spec, arrays)
+    return build(spec, int8_weights(spec, arrays))

@@ -8,6 +8,7 @@ from sglang_fx import hookimpl
 from sglang_fx.capabilities import Capabilities
 from sglang_fx.checkpoint import ARCHITECTURES
 from sglang_fx.errors import UnsupportedConfigError
+from sglang_fx.quant import W8A8_INT8
 from sglang_fx.sharding import Shard
 from sglang_fx.spi import BackendInfo
 
@@ -15,11 +16,12 @@ from .attention import TorchPagedAttention
 from .collectives import TorchCollectives
 from .exchange import TorchExchange
 from .kv_cache import TorchKVCache
+from .layers import int8_weights
 from .deepseek_v3 import deepseek_v3
 from .llama import llama_family
 
 NAME = "reference_torch"
-SPI = "1.1"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
+SPI = "1.2"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
 FLOATS = frozenset({"float32", "float16", "bfloat16"})
 
 
@@ -36,6 +38,7 @@ def sglang_fx_backend_info() -> BackendInfo:
             page_sizes=None,
             features=frozenset({"prefix_cache", "all_token_logits"}),
             parallelism=frozenset({"tp", "ep"}),
+            quantization=frozenset({W8A8_INT8}),
         ),
     )
 
@@ -61,4 +64,4 @@ def sglang_fx_make_runner(spec, weights, options):
         raise UnsupportedConfigError(f"{NAME} takes no backend options, got {sorted(options.extra)}")
     build = deepseek_v3 if spec.mla is not None else llama_family
     comm = TorchCollectives(options.parallel.tp)
-    return build(Shard.of(spec, options.parallel), weights, torch.device(options.device), comm)
+    return build(Shard.of(spec, options.parallel), int8_weights(spec, weights), torch.device(options.device), comm)
