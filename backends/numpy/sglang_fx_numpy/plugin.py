@@ -23,6 +23,12 @@ from .kv_cache import NumpyKVCache
 from .layers import int8_weights
 from .llama import llama_family
 
+#: The tiny DeepSeek-V3 at W8A8 has an activation 1.9e-6 from a rounding tie (token 10 of the first
+#: prompt): float32 sums in transformers' order and in ours round it apart, and 32 greedy steps of
+#: that amplifying model part ways (80% of tokens agree; its logits case passes within 5e-2).
+KNOWN_GAPS = {"w8a8/greedy/DeepseekV3ForCausalLM": "one activation 1.9e-6 from a rounding tie rounds apart from "
+              "fake-quantized transformers (float summation order); greedy parts at step 7"}  # fmt: skip
+
 NAME = "numpy"
 SPI = "1.2"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
 
@@ -37,7 +43,8 @@ CAPABILITIES = Capabilities(
 
 @hookimpl
 def sglang_fx_backend_info() -> BackendInfo:
-    return BackendInfo(name=NAME, spi_version=SPI, framework="numpy", framework_version=np.__version__, capabilities=CAPABILITIES)
+    return BackendInfo(name=NAME, spi_version=SPI, framework="numpy", framework_version=np.__version__, capabilities=CAPABILITIES,
+                       known_gaps=KNOWN_GAPS)
 
 
 @hookimpl

@@ -20,6 +20,12 @@ from .layers import int8_weights
 from .deepseek_v3 import deepseek_v3
 from .llama import llama_family
 
+#: The tiny DeepSeek-V3 at W8A8 has an activation 1.9e-6 from a rounding tie (token 10 of the first
+#: prompt): float32 sums in transformers' order and in ours round it apart, and 32 greedy steps of
+#: that amplifying model part ways (80% of tokens agree; its logits case passes within 5e-2).
+KNOWN_GAPS = {"w8a8/greedy/DeepseekV3ForCausalLM": "one activation 1.9e-6 from a rounding tie rounds apart from "
+              "fake-quantized transformers (float summation order); greedy parts at step 7"}  # fmt: skip
+
 NAME = "reference_torch"
 SPI = "1.2"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
 FLOATS = frozenset({"float32", "float16", "bfloat16"})
@@ -29,6 +35,7 @@ FLOATS = frozenset({"float32", "float16", "bfloat16"})
 def sglang_fx_backend_info() -> BackendInfo:
     return BackendInfo(
         name=NAME,
+        known_gaps=KNOWN_GAPS,
         spi_version=SPI,
         framework="torch",
         framework_version=torch.__version__,
