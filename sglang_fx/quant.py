@@ -138,9 +138,9 @@ def parse_config(qc: Mapping, linears: Mapping[str, str], float_only: Iterable[s
         bad = _mismatch(g.get("weights"), _WEIGHTS)
         bad_act = _mismatch(g.get("input_activations"), _ACTIVATIONS)
         if fmt != "int-quantized" or bad or bad_act or g.get("output_activations"):
-            what = (f"format {fmt!r}" + (f", weights {', '.join(bad)}" if bad else "")
-                    + (f", input activations {', '.join(bad_act)}" if bad_act else "")
-                    + (", output activations quantized" if g.get("output_activations") else ""))  # fmt: skip
+            what = "; ".join(([f"format {fmt!r}"] if fmt != "int-quantized" else []) + ([f"weights {', '.join(bad)}"] if bad else [])
+                             + ([f"input activations {', '.join(bad_act)}"] if bad_act else [])
+                             + (["output activations quantized"] if g.get("output_activations") else []))  # fmt: skip
             raise UnsupportedConfigError(f"{where}: config group {gname!r} is not W8A8 int8 ({what}); sglang-fx runs {SUPPORTED}")
         targets = g.get("targets") or []
         quantized |= {n for n, c in linears.items() if any(matches(n, c, t) for t in targets)
