@@ -132,8 +132,9 @@ def check_backend(name: str, server_args: Any) -> None:
         dtype = str(model_config.dtype).removeprefix("torch.")
         device = str(view.device or "cpu")
         tp, ep = int(view.tp_size or 1), int(getattr(view, "ep_size", 1) or 1)
+        path = compat.model_path(model_config.hf_config) or getattr(view, "model_path", None)
         try:  # config.json only: the quantization scheme, and the sizes sharding needs
-            spec, spec_error = load_spec(compat.model_path(model_config.hf_config) or view.model_path), None
+            spec, spec_error = (load_spec(path) if path else None), None
         except SglangFxError as e:  # an unsupported architecture is named by validate below
             spec, spec_error = None, e
         problems = capabilities.validate(
