@@ -16,7 +16,7 @@ from sglang_fx.metadata import ForwardMetadata
 from sglang_fx.parallel import SINGLE
 from sglang_fx.spi import AttentionSpec
 
-from .context import MLA_ARCHES, REFERENCE_BACKEND, TOLERANCE, Context, naive_attention
+from .context import MLA_ARCHES, REFERENCE_BACKEND, TOLERANCE, W8A8, Context, naive_attention
 
 
 @dataclass(frozen=True)
@@ -447,6 +447,92 @@ def greedy_case(arch: str, variant: str = "") -> Case:
                 "ModelRunner, Attention, KVCache in sglang_fx/spi.py")  # fmt: skip
 
 
+# --------------------------------------------------------------------------------------------
+# Quantized checkpoints (W8A8 int8, sglang_fx/quant.py)
+# --------------------------------------------------------------------------------------------
+
+#: max |a - b| of W8A8 logits against the fake-quantized transformers model and between backends.
+#: The integer math is the same, but float32 sums in another order can move an activation across
+#: a rounding edge: one quantum of one channel, which then reaches every later token through the
+#: KV cache. Measured: 2e-6 when nothing flips (Qwen3, Qwen2, Llama, Qwen3-MoE); 2.9e-2 on the tiny
+#: DeepSeek-V3, where one value of token 10 lies 1.9e-6 from a tie (that model's W8A8 logits move
+#: 2.9 from its float ones, so it amplifies any change). A wrong rule or scale moves them by > 1e-1.
+W8A8_TOLERANCE = 5e-2
+
+
+def _w8a8_skip(ctx: Context) -> str | None:
+    if "w8a8_int8" not in ctx.backend.capabilities.quantization:
+        return f"{ctx.backend.name} declares no w8a8_int8 in Capabilities.quantization"
+    return None
+
+
+def w8a8_linear_case(arch: str) -> Case:
+    def run(ctx: Context) -> Outcome:
+        from sglang_fx.quant import w8a8_linear
+
+        from sglang_fx.checkpoint import Checkpoint
+
+        session = ctx.session(arch, variant=W8A8)
+        spec = session.spec
+        weights = Checkpoint(ctx.checkpoint(arch, W8A8)).load(spec)
+        g = torch.Generator().manual_seed(0)
+        worst, names = 0.0, sorted(n for n in spec.quant.linears if n.startswith("model.layers.0."))
+        for name in names:
+            w, scale = weights[name + ".weight"], weights[name + ".weight_scale"]
+            x = torch.randn((6, w.shape[1]), generator=g) * torch.logspace(-3, 2, 6)[:, None]  # tokens of very different sizes
+            x[0] = 0  # an all-zero token: scale floors at 1e-10 / 127, q = 0
+            x[1, 3] = 1e3  # an outlier channel
+            ours = session.runner.apply_linear(name, x).cpu()
+            ref = torch.from_numpy(w8a8_linear(x.numpy(), w.numpy(), scale.numpy()))
+            worst = max(worst, (_max_diff(ours, ref) / max(ref.abs().max().item(), 1e-30)))
+        return Outcome(worst <= 1e-6, worst, None, f"{len(names)} linears of layer 0: max diff {worst:.3g} of the largest output "
+                       f"(tolerance 1e-6: the int32 sums are exact, only the scale products round)")  # fmt: skip
+
+    def skip(ctx: Context) -> str | None:
+        if _w8a8_skip(ctx) or hasattr(ctx.session(arch, variant=W8A8).runner, "apply_linear"):
+            return _w8a8_skip(ctx)
+        return "the runner has no apply_linear probe (optional, SPI 1.3)"
+
+    return Case(f"w8a8/linear/{arch}", run, f"{arch}: each W8A8 linear of layer 0 (apply_linear probe) against sglang_fx.quant.w8a8_linear",
+                "sglang_fx/quant.py, apply_linear in ModelRunner (sglang_fx/spi.py)", skip)  # fmt: skip
+
+
+def w8a8_logits_case(arch: str) -> Case:
+    def run(ctx: Context) -> Outcome:
+        logits, shared = _session_logits(ctx, arch, W8A8)
+        diff, moved, row = 0.0, 0.0, 0
+        for p, s in zip(PROMPTS[1:], shared):
+            n = len(p) - s
+            diff = max(diff, _max_diff(logits[row : row + n].cpu(), ctx.hf_logits(arch, p, W8A8)[s:]))
+            moved = max(moved, _max_diff(logits[row : row + n].cpu(), ctx.hf_logits(arch, p)[s:]))
+            row += n
+        return Outcome(diff <= W8A8_TOLERANCE, diff, None, f"vs fake-quantized transformers: max abs diff {diff:.3g} (tolerance "
+                       f"{W8A8_TOLERANCE:g}); W8A8 vs the float model: max abs diff {moved:.3g} (a figure, no tolerance)")  # fmt: skip
+
+    return Case(f"w8a8/logits/{arch}", run,
+                f"{arch}: W8A8 all-token logits of a ragged batch after a prefix hit against transformers with dequantized "
+                f"weights and per-token fake-quantized activations (and how far they move from the float model)",
+                "sglang_fx/quant.py, ModelRunner in sglang_fx/spi.py", _w8a8_skip)  # fmt: skip
+
+
+def w8a8_vs_reference_case(arch: str) -> Case:
+    def run(ctx: Context) -> Outcome:
+        ours, _ = _session_logits(ctx, arch, W8A8)
+        ref, _ = _session_logits(ctx, arch, W8A8, backend=REFERENCE_BACKEND)
+        diff = _max_diff(ours.cpu(), ref.cpu())
+        return Outcome(diff <= W8A8_TOLERANCE, diff, None, f"vs {REFERENCE_BACKEND}: max abs diff {diff:.3g} (tolerance {W8A8_TOLERANCE:g})")
+
+    return Case(f"w8a8/logits_vs_reference/{arch}", run, f"{arch}: W8A8 logits against the {REFERENCE_BACKEND} backend's",
+                "sglang_fx/quant.py, ModelRunner in sglang_fx/spi.py", _w8a8_skip)  # fmt: skip
+
+
+def w8a8_greedy_case(arch: str) -> Case:
+    base = greedy_case(arch, W8A8)
+    return Case(f"w8a8/greedy/{arch}", base.run,
+                f"{arch}: {GREEDY_STEPS} greedy W8A8 steps of 4 ragged prompts (one cached) identical to fake-quantized transformers",
+                "sglang_fx/quant.py, ModelRunner in sglang_fx/spi.py", _w8a8_skip)  # fmt: skip
+
+
 #: Under tensor parallelism, these architectures also run with one KV head (replicated per rank).
 KV_REPLICATION_ARCHES = ("Qwen3ForCausalLM",)
 
@@ -475,4 +561,8 @@ def cases_for(ctx: Context) -> list[Case]:
         cases += [kv_case(16, mla=True)] + [attention_case(p, s, mla=True) for p in (1, 16) for s in ATTENTION_BATCHES]
     for arch in ctx.architectures():
         cases += [logits_case(arch), logits_vs_reference_case(arch), greedy_case(arch), verify_model_case(arch)]
+    if ctx.architectures():
+        cases.append(w8a8_linear_case(ctx.architectures()[0]))
+    for arch in ctx.architectures():
+        cases += [w8a8_logits_case(arch), w8a8_vs_reference_case(arch), w8a8_greedy_case(arch)]
     return cases

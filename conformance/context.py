@@ -35,6 +35,12 @@ MLA_ARCHES = frozenset({"DeepseekV3ForCausalLM"})
 #: parallelism must replicate on every rank.
 VARIANTS: dict[str, dict] = {"": {}, "kv1": {"num_key_value_heads": 1}}
 
+#: The quantized variant: the tiny checkpoint through `sglang-fx quantize --scheme w8a8`. Its
+#: ground truth is transformers on the float checkpoint with each quantized linear's weight
+#: replaced by weight * weight_scale and its input fake-quantized per token by sglang_fx.quant's
+#: rule (written again below in torch, independent of every backend).
+W8A8 = "w8a8"
+
 #: max |a - b| accepted per dtype, for logits and attention outputs.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 
@@ -66,12 +72,18 @@ class Context:
         out = self.workdir / name
         if (out / "config.json").is_file():
             return out
+        if variant == W8A8:
+            from sglang_fx.quantize import quantize
+
+            return quantize(self.checkpoint(arch), out, "w8a8")
         return make_tiny_model(TINY_ARCHES[arch], out, seed=0, **VARIANTS[variant])
 
     @functools.cache
     def hf_model(self, arch: str, variant: str = ""):
         import transformers
 
+        if variant == W8A8:
+            return fake_quantized(self.hf_model(arch), self.checkpoint(arch, W8A8))
         model = transformers.AutoModelForCausalLM.from_pretrained(self.checkpoint(arch, variant), dtype=torch.float32)
         return model.eval()
 
@@ -112,3 +124,55 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: i
     kpos = torch.arange(k.shape[0])[None, :]
     scores = scores.masked_fill(kpos > qpos, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+def fake_quantize_tokens(x: torch.Tensor) -> torch.Tensor:
+    """x [..., in] -> the float values its per-token int8 quantization stands for, by the rule of
+    sglang_fx/quant.py: scale = max(absmax, 1e-10) / 127 in float32, q = round half to even of
+    x / scale clipped to +-127, back to q * scale."""
+    x32 = x.float()
+    scale = x32.abs().amax(-1, keepdim=True).clamp_min(1e-10) / 127
+    return (torch.round(x32 / scale).clamp(-127, 127) * scale).to(x.dtype)
+
+
+def fake_quantized(float_model, quantized_path: Path):
+    """A copy of transformers `float_model` computing W8A8 in float: each linear the quantized
+    checkpoint covers gets weight * weight_scale as its weight and fake-quantized inputs."""
+    import copy
+
+    from sglang_fx.checkpoint import Checkpoint, load_spec
+
+    spec = load_spec(quantized_path, "float32")
+    weights = Checkpoint(quantized_path).load(spec)
+    model = copy.deepcopy(float_model)
+    dequant = {n: weights[n + ".weight"].float() * weights[n + ".weight_scale"] for n in spec.quant.linears}
+    experts = sorted({n.split(".experts.")[0] for n in dequant if ".mlp.experts." in n})
+    for prefix in experts:  # transformers fuses routed experts into 3-D parameters (no nn.Linear per expert)
+        _fake_quantized_experts(model.get_submodule(prefix + ".experts"), dequant, prefix + ".experts.")
+    for name in sorted(n for n in spec.quant.linears if ".mlp.experts." not in n):
+        linear = model.get_submodule(name)
+        linear.weight.data = dequant[name]
+        linear.register_forward_pre_hook(lambda module, args: (fake_quantize_tokens(args[0]), *args[1:]))
+    return model.eval()
+
+
+def _fake_quantized_experts(experts, dequant: dict[str, torch.Tensor], prefix: str) -> None:
+    """transformers' fused experts module (gate_up_proj [E, 2I, H], down_proj [E, H, I]) with
+    dequantized weights, and its forward replaced by the same loop with both expert linears'
+    inputs fake-quantized per token."""
+    import torch.nn.functional as F
+
+    n = experts.gate_up_proj.shape[0]
+    experts.gate_up_proj.data = torch.stack([torch.cat([dequant[f"{prefix}{e}.gate_proj"], dequant[f"{prefix}{e}.up_proj"]]) for e in range(n)])
+    experts.down_proj.data = torch.stack([dequant[f"{prefix}{e}.down_proj"] for e in range(n)])
+
+    def forward(hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for e in top_k_index.unique().tolist():
+            token, slot = torch.where(top_k_index == e)
+            gate, up = F.linear(fake_quantize_tokens(hidden_states[token]), experts.gate_up_proj[e]).chunk(2, dim=-1)
+            h = F.linear(fake_quantize_tokens(experts.act_fn(gate) * up), experts.down_proj[e])
+            out.index_add_(0, token, (h * top_k_weights[token, slot, None]).to(out.dtype))
+        return out
+
+    experts.forward = forward

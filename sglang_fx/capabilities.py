@@ -22,6 +22,9 @@ class Capabilities:
     verify          the speculative verify steps (ForwardMode.VERIFY in sglang_fx/metadata.py) it
                     runs: "chain" (each draft token sees all earlier ones: one draft per
                     sequence), "tree" (any tree mask; implies chain). Empty: none (SPI < 1.2).
+    quantization    the quantized-checkpoint schemes it runs (`sglang_fx.quant`: "w8a8_int8", with
+                    int8 weights kept int8 and an int8 x int8 -> int32 product). Empty: float
+                    checkpoints only (SPI 1.3; a backend written for 1.1 or 1.2 declares none).
     options         the keys of RunnerOptions.extra the runner takes -> what each means (shown
                     by `sglang-fx backends`); an unknown key is refused before loading. The
                     runner checks the values.
@@ -32,6 +35,7 @@ class Capabilities:
     page_sizes: frozenset[int] | None = None
     features: frozenset[str] = field(default_factory=frozenset)
     parallelism: frozenset[str] = field(default_factory=frozenset)
+    quantization: frozenset[str] = field(default_factory=frozenset)
     options: Mapping[str, str] = field(default_factory=dict)
     verify: frozenset[str] = field(default_factory=frozenset)
 
@@ -50,6 +54,7 @@ class Capabilities:
         ep_size: int = 1,
         options: Mapping[str, str] | None = None,
         verify: str | None = None,
+        quantization: str | None = None,
     ) -> list[str]:
         """Every problem with running this configuration, as sentences naming the fix.
         An empty list means supported. Arguments left as None are not checked."""
@@ -85,6 +90,10 @@ class Capabilities:
                             f"verifies {' and '.join(sorted(self.verify)) + ' masks only' if self.verify else 'nothing'}; "
                             "serve without speculative decoding" + (", or with a chain-shaped draft (topk 1)"
                                                                    if self.verify else ""))  # fmt: skip
+        if quantization is not None and quantization not in self.quantization:
+            runs = ", ".join(sorted(self.quantization)) or "none (float checkpoints only)"
+            problems.append(f"quantized checkpoints of scheme {quantization!r} are not supported; the schemes it runs: {runs}; "
+                            "use a float checkpoint or a backend that declares the scheme")  # fmt: skip
         unknown = sorted(set(options or {}) - set(self.options))
         if unknown:
             takes = ", ".join(sorted(self.options)) or "none"
@@ -105,5 +114,6 @@ class Capabilities:
             f"page sizes [{pages}]; features [{', '.join(sorted(self.features))}]; "
             f"parallelism [{', '.join(sorted(self.parallelism)) or 'none'}]; "
             f"verify [{', '.join(sorted(self.verify)) or 'none'}]; "
+            f"quantization [{', '.join(sorted(self.quantization)) or 'none'}]; "
             f"options [{', '.join(f'{k}: {v}' for k, v in sorted(self.options.items())) or 'none'}]"
         )

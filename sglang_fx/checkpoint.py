@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import CheckpointError, UnsupportedConfigError
+from .quant import QuantSpec, modelslim, parse_config
 
 if TYPE_CHECKING:
     from .sharding import Shard
@@ -80,7 +81,9 @@ class ModelSpec:
     qk_norm: Qwen3's RMSNorm over each q/k head before RoPE. attention_bias: biases on the
     q/k/v projections (Qwen2). dtype: the parameter dtype the model runs in.
     moe: routed experts, or None for a dense model. mla: latent attention, or None for GQA
-    (then head_dim/num_kv_heads describe the KV cache).
+    (then head_dim/num_kv_heads describe the KV cache). quant: the quantization scheme and the
+    linears it covers (`sglang_fx.quant`), or None for a float checkpoint; dtype is then the
+    dtype of everything left float and of the activations.
     """
 
     architecture: str
@@ -101,6 +104,7 @@ class ModelSpec:
     dtype: torch.dtype
     moe: MoESpec | None = None
     mla: MLASpec | None = None
+    quant: QuantSpec | None = None
 
     def is_moe_layer(self, i: int) -> bool:
         return self.moe is not None and i not in self.moe.dense_layers
@@ -235,20 +239,36 @@ def load_spec(model_path: str | Path, dtype: str | torch.dtype | None = None) ->
             f"{path}: architecture {archs or cfg.get('model_type')!r} is not supported; "
             f"supported: {', '.join(ARCHITECTURES)}"
         )
-    if cfg.get("quantization_config"):
-        method = cfg["quantization_config"].get("quant_method", "?")
-        raise UnsupportedConfigError(f"{path}: quantized checkpoints ({method}) are not supported yet; use a bf16/fp16/fp32 checkpoint")
+    refused = modelslim(model_path)
+    if refused:
+        raise UnsupportedConfigError(refused)
     if dtype in (None, "auto"):
         dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
     try:
-        return ARCHITECTURES[arch](cfg, arch, resolve_dtype(dtype))
+        spec = ARCHITECTURES[arch](cfg, arch, resolve_dtype(dtype))
     except KeyError as e:
         raise CheckpointError(f"{path}: missing required field {e.args[0]!r} for {arch}") from None
+    if cfg.get("quantization_config"):
+        spec = replace(spec, quant=_quant_spec(spec, cfg["quantization_config"], str(path)))
+    return spec
+
+
+def _quant_spec(spec: ModelSpec, qc: dict, where: str) -> QuantSpec:
+    """The linears `qc` quantizes. Their class names are what compressed-tensors matches "Linear"
+    against: every projection is an nn.Linear in transformers, and so is Qwen3-MoE's router, but
+    DeepSeek-V3's router is a module of its own."""
+    names = [n.removesuffix(".weight") for n, s in expected_weights(spec).items()
+             if n.endswith(".weight") and len(s) == 2 and n != "model.embed_tokens.weight"]  # fmt: skip
+    router = "DeepseekV3TopkRouter" if spec.mla is not None else "Linear"
+    linears = {n: router if n.endswith(".mlp.gate") else "Linear" for n in names}
+    float_only = [n for n in names if n == "lm_head" or n.endswith((".mlp.gate", ".kv_b_proj"))]
+    return parse_config(qc, linears, float_only, where)
 
 
 def expected_weights(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """HF parameter name -> shape, for every tensor the model needs (lm_head.weight included
-    even when tied; `Checkpoint.load` fills it from the embedding)."""
+    even when tied; `Checkpoint.load` fills it from the embedding). A quantized linear X adds
+    X.weight_scale [out, 1] (spec.quant)."""
     H = spec.hidden_size
     shapes: dict[str, tuple[int, ...]] = {
         "model.embed_tokens.weight": (spec.vocab_size, H),
@@ -264,6 +284,8 @@ def expected_weights(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
             shapes |= {p + "mlp." + n: s for n, s in _moe_weights(H, spec.moe).items()}
         else:
             shapes |= {p + "mlp." + n: s for n, s in _mlp_weights(H, spec.intermediate_size).items()}
+    if spec.quant is not None:
+        shapes |= {n + "_scale": (s[0], 1) for n, s in list(shapes.items()) if spec.quant.covers(n)}
     return shapes
 
 
@@ -371,6 +393,24 @@ class SafetensorsFile:
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
+def _load_dtype(spec: ModelSpec, name: str, file: SafetensorsFile) -> torch.dtype:
+    """The dtype tensor `name` is handed to backends in; CheckpointError when a quantized linear's
+    tensors are not stored as the scheme says."""
+    stored = file.tensors[name]["dtype"]
+    if spec.quant is None:
+        return spec.dtype
+    if spec.quant.covers(name):
+        if stored != "I8":
+            raise CheckpointError(f"tensor {name!r} in {file.path} is {stored}, but config.json's quantization_config makes it an "
+                                  f"int8 ({spec.quant.scheme}) weight (I8); the checkpoint does not match its config")  # fmt: skip
+        return torch.int8
+    if name.endswith(".weight_scale"):
+        if stored not in ("F32", "F16", "BF16"):
+            raise CheckpointError(f"tensor {name!r} in {file.path} is {stored}; a weight scale must be F32, F16 or BF16")
+        return torch.float32
+    return spec.dtype
+
+
 class Checkpoint:
     """An HF checkpoint directory: config.json plus model.safetensors, or shards listed in
     model.safetensors.index.json."""
@@ -407,7 +447,8 @@ class Checkpoint:
         )
 
     def load(self, spec: ModelSpec, shard: Shard | None = None) -> dict[str, torch.Tensor]:
-        """Every tensor in `expected_weights(spec)`, checked and cast to spec.dtype; with a
+        """Every tensor in `expected_weights(spec)`, checked and cast to spec.dtype (a quantized
+        linear's weight stays int8 and its weight_scale becomes float32, an exact widening); with a
         `shard`, only the tensors and slices that rank holds (`Shard.expected()` shapes), read
         from disk slice by slice. Raises CheckpointError naming the tensor and file on a missing,
         truncated or mis-shaped tensor. A tied lm_head.weight is the embedding tensor itself."""
@@ -432,7 +473,7 @@ class Checkpoint:
             cut = None if shard is None else shard.split(n)
             if cut is not None and len(cut[1]) == got[cut[0]]:
                 cut = None  # all of it: one read
-            t = file.read(n, cut).to(spec.dtype)
+            t = file.read(n, cut).to(_load_dtype(spec, n, file))
             if t.shape != local[n]:  # a vocabulary block of the last rank: pad with zero rows
                 t = torch.cat([t, t.new_zeros((local[n][0] - t.shape[0], *t.shape[1:]))])
             out[n] = t

@@ -100,6 +100,13 @@ def cmd_install_system_libs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .quantize import quantize
+
+    print(f"wrote the {args.scheme} checkpoint of {args.src} to {quantize(args.src, args.dst, args.scheme)}")
+    return 0
+
+
 def cmd_setup_cpu_host(args: argparse.Namespace) -> int:
     from .cpu_host import write_pth
 
@@ -162,6 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--list", action="store_true", help="list the models sglang-fx can fetch, and whether each is cached")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     s.set_defaults(func=cmd_fetch_model)
+
+    s = sub.add_parser(
+        "quantize",
+        help="write a compressed-tensors W8A8 int8 checkpoint from a float one (no calibration data)",
+        description="Quantize every linear of the decoder layers to int8 per output channel (round half to even, "
+        "scale = absmax / 127), activations dynamic per token at run time; embeddings, norms, LM head, MoE routers and "
+        "MLA's kv_b_proj stay float. config.json gets a compressed-tensors quantization_config (format int-quantized).",
+    )
+    s.add_argument("src", help="a float checkpoint directory")
+    s.add_argument("dst", help="the directory to write (new or empty)")
+    s.add_argument("--scheme", default="w8a8", choices=["w8a8"], help="quantization scheme (default: w8a8)")
+    s.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser(
         "new-backend",

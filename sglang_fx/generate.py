@@ -45,7 +45,8 @@ class Session:
         self.backend = load_backend(backend) if isinstance(backend, str) else backend
         self.spec = load_spec(model_path, dtype)
         self.backend.check(architecture=self.spec.architecture, dtype=self.spec.dtype_name, device=device, page_size=page_size,
-                           tp_size=parallel.tp_size, ep_size=parallel.ep_size)  # fmt: skip
+                           tp_size=parallel.tp_size, ep_size=parallel.ep_size,
+                           quantization=self.spec.quant.scheme if self.spec.quant else None)  # fmt: skip
         shard = Shard.of(self.spec, parallel)
         weights = Checkpoint(model_path).load(self.spec, shard)
         self.layout = layout_for(shard.local, num_pages=-(-max_total_tokens // page_size), page_size=page_size)

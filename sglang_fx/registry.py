@@ -95,7 +95,8 @@ class Backend:
 
     def runner(self, spec: ModelSpec, weights: Mapping[str, torch.Tensor], options: RunnerOptions) -> ModelRunner:
         p = options.parallel
-        self.check(architecture=spec.architecture, dtype=spec.dtype_name, device=options.device, tp_size=p.tp_size, ep_size=p.ep_size)
+        self.check(architecture=spec.architecture, dtype=spec.dtype_name, device=options.device, tp_size=p.tp_size, ep_size=p.ep_size,
+                   quantization=spec.quant.scheme if spec.quant else None)  # fmt: skip
         return self._make("sglang_fx_make_runner", ModelRunner, spec=spec, weights=weights, options=options)
 
 

@@ -158,7 +158,12 @@ class Shard:
         return e is None or e in self.experts
 
     def split(self, name: str) -> Split | None:
-        """(dim, range) of the HF tensor `name` this rank reads, or None for all of it."""
+        """(dim, range) of the HF tensor `name` this rank reads, or None for all of it. A quantized
+        linear's per-channel weight_scale [out, 1] splits with its weight's rows (column-parallel)
+        and is whole on every rank of a row-parallel one (its output channels are not split)."""
+        if name.endswith(".weight_scale"):
+            cut = self.split(name.removesuffix("_scale"))
+            return cut if cut is not None and cut[0] == 0 else None
         s, leaf = self.spec, ".".join(name.split(".")[-2:])
         proj = leaf.split(".")[0]
         if name in ("model.embed_tokens.weight", "lm_head.weight"):

@@ -37,7 +37,11 @@ Array = Any  # the backend framework's tensor type
 #: RunnerOptions.parallel, and the runner made before any other object of the backend.
 #: 1.2, speculative verification: ForwardMode.VERIFY with ForwardMetadata.tree_mask (and
 #: .visible), Capabilities.verify; the host sends VERIFY steps only to a backend declaring it.
-SPI_VERSION = "1.2"
+#: 1.3, quantized checkpoints: Capabilities.quantization, ModelSpec.quant, and for a quantized
+#: checkpoint int8 weights plus float32 `weight_scale`s in the runner's weights (sglang_fx/quant.py);
+#: a backend written for 1.1 or 1.2 declares no scheme, so it keeps running float checkpoints and is
+#: refused (at start-up, naming the scheme) only for quantized ones.
+SPI_VERSION = "1.3"
 
 
 def spi_problem(declared: str) -> str | None:
@@ -161,6 +165,11 @@ class ModelRunner(Protocol):
         tokens; writes their K/V into cache; returns float32 torch logits [N, vocab] for
         meta.logits_indices, in that order. The logits are an ordinary tensor the caller owns,
         not one made under torch.inference_mode: SGLang's sampler updates them in place.
+
+    Optional (SPI 1.3), probed with hasattr by the conformance suite's "w8a8/linear" cases:
+    apply_linear(name, x): the model's linear `name` (HF module name, "model.layers.0.mlp.down_proj")
+        as loaded, on x [T, in] float32 torch (cast to the model's dtype first) -> [T, out]
+        float32 torch; for a quantized linear, its W8A8 product (sglang_fx/quant.py).
     """
 
     spec: ModelSpec

@@ -134,10 +134,10 @@ def test_moe_and_mla_specs(tiny):
     assert {n: tuple(t.shape) for n, t in weights.items()} == expected_weights(ds)
 
 
-def test_quantized_checkpoints_are_refused(copy_of):
+def test_other_quantization_methods_are_refused(copy_of):
     path = copy_of()
     cfg = json.loads((path / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedConfigError, match=r"quantized checkpoints \(fp8\) are not supported yet"):
+    with pytest.raises(UnsupportedConfigError, match=r"quantization method 'fp8' is not supported; sglang-fx runs compressed-tensors W8A8"):
         load_spec(path)

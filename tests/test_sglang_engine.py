@@ -112,3 +112,24 @@ def test_engine_serves_deepseek_v3_from_sglangs_latent_kv_pool(env, models, tmp_
     report, log = compare(env, models["deepseek_v3"], with_backends(["reference_torch"]), 1, tmp_path)
     base = report["results"]["reference_torch"]
     assert len(base["batch"]) == 8 and max(base["cached_tokens"]) > 0, log
+
+
+def test_engine_serves_a_w8a8_checkpoint_at_float32(env, models, tmp_path):
+    """A W8A8 Qwen3 made by `sglang-fx quantize`, served by sglang.Engine at --dtype float32 with
+    --model-impl reference_torch (SGLang alone refuses compressed-tensors at float32; the plugin
+    hook serve_quantized_at_any_dtype lets sglang-fx read the scheme): greedy tokens identical to
+    the standalone reference backend on the same checkpoint."""
+    import transformers
+
+    from sglang_fx.generate import Session
+    from sglang_fx.quantize import quantize
+    from sglang_fx.tiny import SAMPLE_PROMPTS
+
+    model = quantize(models["qwen3"], tmp_path / "qwen3-w8a8")
+    report, log = compare(env, str(model), ["reference_torch"], 1, tmp_path)
+    served = report["results"]["reference_torch"]
+    tok = transformers.AutoTokenizer.from_pretrained(model)
+    prompts = [tok(p).input_ids for p in SAMPLE_PROMPTS]
+    assert served["input_ids"] == prompts[2], log  # SGLang tokenizes as transformers does
+    session = Session("reference_torch", model, dtype="float32", max_total_tokens=2048)
+    assert session.generate(prompts, len(served["batch"][0])) == served["batch"], log

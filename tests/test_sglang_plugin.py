@@ -96,3 +96,28 @@ def test_unknown_backend_options_fail_at_startup(registry, monkeypatch):
         plugin.check_backend("reference_torch", args)
     monkeypatch.setenv(OPTIONS_ENV, '{"mindspore": {"mode": "jit"}}')  # another backend's options
     plugin.check_backend("reference_torch", args)
+
+
+def test_quantized_checkpoints_at_startup(registry, monkeypatch, tmp_path):
+    """The hook serve_quantized_at_any_dtype builds no SGLang quantization config for sglang-fx
+    names (native keeps SGLang's); the launcher refuses a scheme the backend does not declare,
+    naming it and what the backend runs."""
+    from dataclasses import replace
+
+    from sglang_fx.quantize import quantize
+    from sglang_fx.sglang.quantization import serve_quantized_at_any_dtype
+    from sglang_fx.tiny import make_tiny_model
+
+    assert serve_quantized_at_any_dtype(lambda cfg: "sglang's", SimpleNamespace(model_impl="sglang")) == "sglang's"
+    assert serve_quantized_at_any_dtype(lambda cfg: "sglang's", SimpleNamespace(model_impl="reference_torch")) is None
+    model = quantize(make_tiny_model("qwen3", tmp_path / "f"), tmp_path / "q")
+    model_config = SimpleNamespace(hf_config=SimpleNamespace(architectures=["Qwen3ForCausalLM"]), dtype="torch.float32")
+    monkeypatch.setattr(compat, "server_model_config", lambda server_args: model_config)
+    args = SimpleNamespace(model_impl="reference_torch", device="cpu", page_size=1, tp_size=1, ep_size=1,
+                           disable_cuda_graph=True, model_path=str(model))  # fmt: skip
+    plugin.check_backend("reference_torch", args)  # declares w8a8_int8
+    info = registry.info("reference_torch")
+    float_only = replace(info, capabilities=replace(info.capabilities, quantization=frozenset()))
+    monkeypatch.setattr(type(registry), "available_info", lambda self, name, isolated=False: float_only)
+    with pytest.raises(ValueError, match=r"quantized checkpoints of scheme 'w8a8_int8' are not supported; the schemes it runs: none"):
+        plugin.check_backend("reference_torch", args)

@@ -38,6 +38,9 @@ TESTED_VERSION = "0.5.23"
 #: HookRegistry targets (dotted paths) that the plugin wraps.
 GET_MODEL_ARCHITECTURE = "sglang.srt.model_loader.utils.get_model_architecture"
 CHECK_SERVER_ARGS = "sglang.srt.arg_groups.validation_hook.check_server_args"
+#: Where the model loader turns config.json's quantization_config into SGLang's QuantizationConfig
+#: (and refuses a --dtype the scheme's kernels do not take); see sglang_fx/sglang/quantization.py.
+GET_QUANT_CONFIG = "sglang.srt.model_loader.loader._get_quantization_config"
 #: Where the HTTP server's process checks each request's tokens before it goes to the scheduler;
 #: a ValueError raised there becomes a 400 answer naming the problem.
 VALIDATE_REQUEST = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"

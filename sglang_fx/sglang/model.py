@@ -43,8 +43,9 @@ class SglangFxForCausalLM(torch.nn.Module):
         super().__init__()
         if quant_config is not None:
             raise UnsupportedConfigError(
-                f"sglang-fx backend {self.backend_name!r} does not run quantized checkpoints "
-                f"({type(quant_config).__name__}); use an unquantized one or --model-impl sglang"
+                f"sglang-fx backend {self.backend_name!r} got SGLang's quantization config "
+                f"({type(quant_config).__name__}): the plugin hook serve_quantized_at_any_dtype (sglang_fx/sglang/quantization.py) "
+                f"was not applied; check that the sglang-fx plugin is registered (sglang.srt.plugins)"
             )
         self.config = config
         self.backend: Backend = load_backend(self.backend_name)
@@ -53,7 +54,8 @@ class SglangFxForCausalLM(torch.nn.Module):
         self.spec = load_spec(self.model_path, compat.construction_dtype())
         self.parallel = compat.parallel_layout(self.device)
         self.backend.check(architecture=self.spec.architecture, dtype=self.spec.dtype_name, device=self.device,
-                           tp_size=self.parallel.tp_size, ep_size=self.parallel.ep_size)  # fmt: skip
+                           tp_size=self.parallel.tp_size, ep_size=self.parallel.ep_size,
+                           quantization=self.spec.quant.scheme if self.spec.quant else None)  # fmt: skip
         self.shard = Shard.of(self.spec, self.parallel)
         if self.parallel.tp_size > 1:
             peer_watch.watch(list(self.parallel.tp.ranks), self.parallel.tp.name)

@@ -21,6 +21,10 @@ hooks (SGLang applies them right after):
   prompt of no tokens with a 400. SGLang 0.5.23 lets it through, and its scheduler then dies
   on the empty step (native models as well as ours: "cannot reshape tensor of 0 elements"),
   taking every request in flight with it. Applied for every --model-impl, since all crash.
+- AROUND `model_loader.loader._get_quantization_config` (every process), named
+  `serve_quantized_at_any_dtype` (sglang_fx/sglang/quantization.py): for an sglang-fx name,
+  SGLang builds no quantization config (nor refuses a W8A8 checkpoint at --dtype float32);
+  sglang-fx reads the scheme itself and the backend's declared schemes decide.
 
 Backend names equal to SGLang's own implementations (auto, sglang, transformers) are refused:
 they stay SGLang's. "mindspore" is SGLang's name for its Ascend-only external wrapper; when the
@@ -37,6 +41,7 @@ from ..checkpoint import load_spec
 from ..errors import SglangFxError, UnsupportedConfigError
 from ..registry import default_registry
 from . import backend_options, compat
+from .quantization import serve_quantized_at_any_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +74,7 @@ def register() -> None:
     HookRegistry.register(compat.CHECK_SERVER_ARGS, check_server_args, HookType.AROUND)
     HookRegistry.register(compat.GET_MODEL_ARCHITECTURE, get_model_architecture, HookType.AROUND)
     HookRegistry.register(compat.VALIDATE_REQUEST, refuse_empty_prompt, HookType.AROUND)
+    HookRegistry.register(compat.GET_QUANT_CONFIG, serve_quantized_at_any_dtype, HookType.AROUND)
     logger.info("sglang-fx: --model-impl can name the backends %s", ", ".join(_backends) or "(none installed)")
 
 
@@ -139,13 +145,20 @@ def check_backend(name: str, server_args: Any) -> None:
         dtype = str(model_config.dtype).removeprefix("torch.")
         device = str(view.device or "cpu")
         tp, ep = int(view.tp_size or 1), int(getattr(view, "ep_size", 1) or 1)
+        path = compat.model_path(model_config.hf_config) or getattr(view, "model_path", None)
+        try:  # config.json only: the quantization scheme, and the sizes sharding needs
+            spec, spec_error = (load_spec(path) if path else None), None
+        except SglangFxError as e:  # an unsupported architecture is named by validate below
+            spec, spec_error = None, e
         problems = capabilities.validate(
             architecture=archs[0] if archs else None, dtype=dtype, device=device, page_size=view.page_size,
-            tp_size=tp, ep_size=ep, options=backend_options(name),
+            tp_size=tp, ep_size=ep, options=backend_options(name), quantization=spec.quant.scheme if spec and spec.quant else None,
         )
         problems += compat.parallel_problems(view) + compat.feature_problems(view, capabilities)
+        if spec_error is not None and not problems:
+            raise spec_error
         if not problems and (tp > 1 or ep > 1):
-            problems += sharding.problems(load_spec(compat.model_path(model_config.hf_config) or view.model_path), tp, ep)
+            problems += sharding.problems(spec, tp, ep)
         # SGLang skips CUDA-graph capture for "mindspore" only (cuda_graph_setup.py:729); the
         # adapter's step is not capturable (host-side lengths, per-step metadata).
         if device.startswith("cuda") and name not in compat.sglang_model_impls() and not view.disable_cuda_graph \

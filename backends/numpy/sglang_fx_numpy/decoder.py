@@ -40,3 +40,8 @@ class Decoder:
         x = rms_norm(x[meta.logits_indices.numpy()], w["model.norm.weight"], eps)  # [N, H]
         logits = linear(x, w["lm_head.weight"]).astype(np.float32)  # [N, V]
         return torch.from_numpy(logits)  # an ordinary tensor the caller owns (SGLang's sampler writes into it)
+
+    def apply_linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The optional probe of spi.ModelRunner: linear `name` on x [T, in] -> float32 [T, out]."""
+        w = self.w[name + ".weight"]
+        return torch.from_numpy(linear(x.numpy().astype(self.w["model.norm.weight"].dtype), w).astype(np.float32))

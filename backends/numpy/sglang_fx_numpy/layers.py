@@ -1,19 +1,52 @@
-"""Building blocks of the NumPy models: norms, RoPE, dense and MoE MLPs, over HF-named weights
-(linear weights [out, in], as in the checkpoint). Shapes: T tokens, H hidden, E experts."""
+"""Building blocks of the NumPy models: linears (float or W8A8 int8), norms, RoPE, dense and MoE
+MLPs, over HF-named weights (linear weights [out, in], as in the checkpoint). Shapes: T tokens,
+H hidden, E experts."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
-from sglang_fx.checkpoint import MoESpec
+from sglang_fx.checkpoint import ModelSpec, MoESpec
+from sglang_fx.quant import ABSMAX_FLOOR, QMAX
 
-Weights = Mapping[str, np.ndarray]
+
+@dataclass(frozen=True)
+class Int8Weight:
+    """A W8A8 linear's weight (sglang_fx/quant.py): q int8 [out, in], kept int8 in memory, and
+    scale float32 [out] (its per-channel weight_scale)."""
+
+    q: np.ndarray
+    scale: np.ndarray
 
 
-def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
-    """x [..., in] @ w [out, in].T (+ b [out])."""
+Weights = Mapping[str, "np.ndarray | Int8Weight"]
+
+
+def int8_weights(spec: ModelSpec, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray | Int8Weight]:
+    """The arrays with each quantized linear's X.weight and X.weight_scale as one Int8Weight under
+    X.weight, so a model reads a linear's weight by the same name, float or int8."""
+    if spec.quant is None:
+        return dict(arrays)
+    out = {n: a for n, a in arrays.items() if not n.endswith(".weight_scale")}
+    for n in arrays:
+        if spec.quant.covers(n):
+            out[n] = Int8Weight(arrays[n], arrays[n + "_scale"].reshape(-1))
+    return out
+
+
+def linear(x: np.ndarray, w: np.ndarray | Int8Weight, b: np.ndarray | None = None) -> np.ndarray:
+    """x [..., in] @ w [out, in].T (+ b [out]). An Int8Weight runs W8A8 by sglang_fx.quant's rule:
+    x quantized per token (np.rint: half to even; a true float32 division), int8 x int8 summed
+    in int32 (exact), dequantized by x_scale * w_scale in float32, cast to x's dtype."""
+    if isinstance(w, Int8Weight):
+        x32 = x.astype(np.float32)
+        scale = np.maximum(np.abs(x32).max(axis=-1, keepdims=True), np.float32(ABSMAX_FLOOR)) / np.float32(QMAX)
+        q = np.clip(np.rint(x32 / scale), -QMAX, QMAX).astype(np.int8)
+        y = np.matmul(q, w.q.T, dtype=np.int32).astype(np.float32) * scale * w.scale
+        return (y if b is None else y + b).astype(x.dtype)
     y = x @ w.T
     return y if b is None else y + b
 

@@ -22,7 +22,7 @@ from sglang_fx.spi import AttentionSpec, KVCache
 
 from .attention import TorchPagedAttention
 from .collectives import TorchCollectives
-from .layers import MLP, MoE, Rope, rms_norm
+from .layers import MLP, MoE, Rope, linear, rms_norm
 
 
 class Block(Protocol):
@@ -41,6 +41,7 @@ class Decoder:
         self.spec, self.rope, self.attn, self.comm = spec, rope, TorchPagedAttention(attn_spec), comm
         self.vocab = shard.vocab  # this rank's rows of the embedding and lm_head
         w = {n: t.to(device) for n, t in weights.items()}
+        self.linears = {n: t for n, t in w.items() if n.endswith(".weight")}  # for apply_linear
         self.embed, self.norm, self.lm_head = w["model.embed_tokens.weight"], w["model.norm.weight"], w["lm_head.weight"]
         self.layers = []
         for i in range(spec.num_layers):
@@ -70,3 +71,8 @@ class Decoder:
         mine = (local >= 0) & (local < len(self.vocab))
         x = self.embed[local.clamp(0, len(self.vocab) - 1)] * mine[:, None].to(self.embed.dtype)
         return self.comm.all_reduce(x)
+
+    @torch.no_grad()
+    def apply_linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The optional probe of spi.ModelRunner: linear `name` on x [T, in] -> float32 [T, out]."""
+        return linear(x.to(self.embed.device, self.spec.dtype), self.linears[name + ".weight"]).float()

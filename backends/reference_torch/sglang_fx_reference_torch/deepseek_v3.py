@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 
 from sglang_fx.checkpoint import ModelSpec
 from sglang_fx.sharding import Shard
@@ -22,7 +21,7 @@ from sglang_fx.spi import AttentionSpec, KVCache
 from .attention import TorchPagedAttention
 from .collectives import TorchCollectives
 from .decoder import Decoder
-from .layers import Rope, rms_norm
+from .layers import Rope, linear, rms_norm
 
 
 class LatentAttention:
@@ -38,17 +37,17 @@ class LatentAttention:
 
     def __call__(self, layer: int, x: torch.Tensor, rope: Rope, cos, sin, attn: TorchPagedAttention, cache: KVCache) -> torch.Tensor:
         m, n = self.m, self.spec.num_heads
-        q_in = x if self.q_a is None else rms_norm(F.linear(x, self.q_a), self.q_a_norm, self.eps)
-        q = F.linear(q_in, self.q_b).view(-1, n, m.qk_head_dim)  # [T, n, dn + dr]
+        q_in = x if self.q_a is None else rms_norm(linear(x, self.q_a), self.q_a_norm, self.eps)
+        q = linear(q_in, self.q_b).view(-1, n, m.qk_head_dim)  # [T, n, dn + dr]
         q_nope, q_rope = q.split([m.qk_nope_head_dim, m.qk_rope_head_dim], dim=-1)
-        c, k_rope = F.linear(x, self.kv_a).split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
+        c, k_rope = linear(x, self.kv_a).split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
         c = rms_norm(c, self.kv_a_norm, self.eps)  # [T, r]
         q_rope, k_rope = rope(q_rope, cos, sin), rope(k_rope[:, None, :], cos, sin)  # [T, n, dr], [T, 1, dr]
         q_lat = torch.einsum("tnd,ndr->tnr", q_nope, self.w_uk)  # [T, n, r]
         latent = torch.cat([c[:, None, :], k_rope], dim=-1)  # [T, 1, r + dr]: what the cache keeps
         o = attn.forward(layer, torch.cat([q_lat, q_rope], dim=-1), latent, None, cache)  # [T, n, r]
         o = torch.einsum("tnr,nvr->tnv", o, self.w_uv)  # [T, n, dv]
-        return F.linear(o.reshape(len(o), -1), self.o)
+        return linear(o.reshape(len(o), -1), self.o)
 
 
 def deepseek_v3(shard: Shard, weights: Mapping[str, torch.Tensor], device: torch.device, comm: TorchCollectives) -> Decoder:

@@ -1,5 +1,5 @@
-"""Building blocks shared by the reference models: norms, RoPE, dense and MoE MLPs.
-Shapes: T tokens, H hidden, E experts, k experts per token."""
+"""Building blocks shared by the reference models: linears (float or W8A8 int8), norms, RoPE,
+dense and MoE MLPs. Shapes: T tokens, H hidden, E experts, k experts per token."""
 
 from __future__ import annotations
 
@@ -9,7 +9,52 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sglang_fx.checkpoint import MoESpec
+from sglang_fx.checkpoint import ModelSpec, MoESpec
+from sglang_fx.quant import ABSMAX_FLOOR, QMAX
+
+
+@dataclass
+class Int8Weight:
+    """A W8A8 linear's weight as the checkpoint gives it (sglang_fx/quant.py): q int8 [out, in],
+    kept int8 in memory, and scale float32 [out] (its per-channel weight_scale)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    def to(self, device: torch.device) -> Int8Weight:
+        return Int8Weight(self.q.to(device), self.scale.to(device))
+
+
+def int8_weights(spec: ModelSpec, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | Int8Weight]:
+    """The weights with each quantized linear's X.weight and X.weight_scale as one Int8Weight
+    under X.weight (so a model reads a linear's weight by the same name, float or int8)."""
+    if spec.quant is None:
+        return dict(weights)
+    out = {n: t for n, t in weights.items() if not n.endswith(".weight_scale")}
+    for n in weights:
+        if spec.quant.covers(n):
+            out[n] = Int8Weight(weights[n], weights[n + "_scale"].reshape(-1))
+    return out
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, in] -> (int8 [T, in], float32 scale [T, 1]) by sglang_fx.quant's rule (torch.round
+    rounds half to even; a true float32 division)."""
+    x = x.float()
+    scale = x.abs().amax(-1, keepdim=True).clamp_min(ABSMAX_FLOOR) / QMAX
+    return torch.round(x / scale).clamp_(-QMAX, QMAX).to(torch.int8), scale
+
+
+def linear(x: torch.Tensor, w: torch.Tensor | Int8Weight, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ w [out, in].T (+ b [out]). An Int8Weight runs W8A8: int8 x int8 summed in
+    int32 by torch._int_mm (exact), dequantized by x_scale * w_scale in float32, cast to x's dtype."""
+    if not isinstance(w, Int8Weight):
+        return F.linear(x, w, b)
+    q, x_scale = quantize_activations(x.reshape(-1, x.shape[-1]))
+    y = torch._int_mm(q, w.q.t()).float() * x_scale * w.scale  # [T, out]
+    if b is not None:
+        y = y + b.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -53,7 +98,7 @@ class MLP:
         return cls(w[prefix + "gate_proj.weight"], w[prefix + "up_proj.weight"], w[prefix + "down_proj.weight"])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
+        return linear(F.silu(linear(x, self.gate)) * linear(x, self.up), self.down)
 
 
 class MoE:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 
 from sglang_fx.checkpoint import ModelSpec
 from sglang_fx.sharding import Shard
@@ -20,7 +19,7 @@ from sglang_fx.spi import AttentionSpec, KVCache
 from .attention import TorchPagedAttention
 from .collectives import TorchCollectives
 from .decoder import Decoder
-from .layers import Rope, rms_norm
+from .layers import Rope, linear, rms_norm
 
 
 class GQABlock:
@@ -32,13 +31,13 @@ class GQABlock:
 
     def __call__(self, layer: int, x: torch.Tensor, rope: Rope, cos, sin, attn: TorchPagedAttention, cache: KVCache) -> torch.Tensor:
         s = self.spec
-        q = F.linear(x, self.q, self.q_bias).view(-1, s.num_heads, s.head_dim)  # [T, Hq, D]
-        k = F.linear(x, self.k, self.k_bias).view(-1, s.num_kv_heads, s.head_dim)  # [T, Hkv, D]
-        v = F.linear(x, self.v, self.v_bias).view(-1, s.num_kv_heads, s.head_dim)  # [T, Hkv, D]
+        q = linear(x, self.q, self.q_bias).view(-1, s.num_heads, s.head_dim)  # [T, Hq, D]
+        k = linear(x, self.k, self.k_bias).view(-1, s.num_kv_heads, s.head_dim)  # [T, Hkv, D]
+        v = linear(x, self.v, self.v_bias).view(-1, s.num_kv_heads, s.head_dim)  # [T, Hkv, D]
         if self.q_norm is not None:
             q, k = rms_norm(q, self.q_norm, s.rms_norm_eps), rms_norm(k, self.k_norm, s.rms_norm_eps)
         o = attn.forward(layer, rope(q, cos, sin), rope(k, cos, sin), v, cache)  # [T, Hq, D]
-        return F.linear(o.reshape(len(o), -1), self.o)
+        return linear(o.reshape(len(o), -1), self.o)
 
 
 def llama_family(shard: Shard, weights: Mapping[str, torch.Tensor], device: torch.device, comm: TorchCollectives) -> Decoder:

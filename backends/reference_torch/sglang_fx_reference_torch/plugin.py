@@ -8,6 +8,7 @@ from sglang_fx import hookimpl
 from sglang_fx.capabilities import Capabilities
 from sglang_fx.checkpoint import ARCHITECTURES
 from sglang_fx.errors import UnsupportedConfigError
+from sglang_fx.quant import W8A8_INT8
 from sglang_fx.sharding import Shard
 from sglang_fx.spi import BackendInfo
 
@@ -15,11 +16,18 @@ from .attention import TorchPagedAttention
 from .collectives import TorchCollectives
 from .exchange import TorchExchange
 from .kv_cache import TorchKVCache
+from .layers import int8_weights
 from .deepseek_v3 import deepseek_v3
 from .llama import llama_family
 
+#: The tiny DeepSeek-V3 at W8A8 has an activation 1.9e-6 from a rounding tie (token 10 of the first
+#: prompt): float32 sums in transformers' order and in ours round it apart, and 32 greedy steps of
+#: that amplifying model part ways (80% of tokens agree; its logits case passes within 5e-2).
+KNOWN_GAPS = {"w8a8/greedy/DeepseekV3ForCausalLM": "one activation 1.9e-6 from a rounding tie rounds apart from "
+              "fake-quantized transformers (float summation order); greedy parts at step 7"}  # fmt: skip
+
 NAME = "reference_torch"
-SPI = "1.2"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
+SPI = "1.3"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
 FLOATS = frozenset({"float32", "float16", "bfloat16"})
 
 
@@ -27,6 +35,7 @@ FLOATS = frozenset({"float32", "float16", "bfloat16"})
 def sglang_fx_backend_info() -> BackendInfo:
     return BackendInfo(
         name=NAME,
+        known_gaps=KNOWN_GAPS,
         spi_version=SPI,
         framework="torch",
         framework_version=torch.__version__,
@@ -37,6 +46,7 @@ def sglang_fx_backend_info() -> BackendInfo:
             features=frozenset({"prefix_cache", "all_token_logits"}),
             parallelism=frozenset({"tp", "ep"}),
             verify=frozenset({"tree"}),  # speculative verify steps, any draft tree (attention.py)
+            quantization=frozenset({W8A8_INT8}),
         ),
     )
 
@@ -62,4 +72,4 @@ def sglang_fx_make_runner(spec, weights, options):
         raise UnsupportedConfigError(f"{NAME} takes no backend options, got {sorted(options.extra)}")
     build = deepseek_v3 if spec.mla is not None else llama_family
     comm = TorchCollectives(options.parallel.tp)
-    return build(Shard.of(spec, options.parallel), weights, torch.device(options.device), comm)
+    return build(Shard.of(spec, options.parallel), int8_weights(spec, weights), torch.device(options.device), comm)
