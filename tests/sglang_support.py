@@ -179,3 +179,23 @@ def stop_all(servers: list[Server], grace: float = 20.0) -> None:
             os.killpg(s.proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             s.proc.wait(timeout=10)
+
+
+#: A greedy token may differ from a reference run only at a near-tie: where the reference's top-1
+#: minus top-2 logprob at the first differing token is below this (reduction order differs
+#: between runs that batch, chunk or split differently).
+NEAR_TIE = 1e-3
+
+
+def verdict(got: list[int], ref: dict) -> str:
+    """"same", "near-tie" (first difference where the reference's top-2 gap < NEAR_TIE; `ref` is
+    a /generate answer with output_top_logprobs) or a description of the difference."""
+    want = ref["output_ids"]
+    if got == want:
+        return "same"
+    i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    if i >= min(len(got), len(want)):
+        return f"length {len(got)} != {len(want)}"
+    top = ref["meta_info"]["output_top_logprobs"][i]
+    gap = top[0][0] - top[1][0]
+    return "near-tie" if gap < NEAR_TIE else f"token {i}: {got[i]} != {want[i]} (top-2 gap {gap:.3g})"

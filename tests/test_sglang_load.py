@@ -41,13 +41,12 @@ psutil = pytest.importorskip("psutil")
 
 from sglang_fx.tiny import CORPUS  # noqa: E402
 
-from .sglang_support import Server, installed_backends, stop_all  # noqa: E402
+from .sglang_support import Server, installed_backends, stop_all, verdict  # noqa: E402
 
 BACKENDS = ["mindspore", "jax", "reference_torch"]
 STARTUP_TIMEOUT = 420  # s: four servers start at once on two cores
 REQUEST_TIMEOUT = 120  # s, per request under load
 CONTEXT = 256
-NEAR_TIE = 1e-3  # top-1 minus top-2 logprob, at the first differing token
 WORDS = re.findall(r"[A-Za-z]+", CORPUS)
 
 
@@ -137,20 +136,6 @@ def reference(servers, backend: str) -> list[dict]:
             generate(server, r.body(return_logprob=True, top_logprobs_num=2)) for r in DISTINCT
         ]
     return _references[backend]
-
-
-def verdict(got: list[int], ref: dict) -> str:
-    """"same", "near-tie" (first difference where the reference's top-2 gap < NEAR_TIE) or a
-    description of the difference."""
-    want = ref["output_ids"]
-    if got == want:
-        return "same"
-    i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-    if i >= min(len(got), len(want)):
-        return f"length {len(got)} != {len(want)}"
-    top = ref["meta_info"]["output_top_logprobs"][i]
-    gap = top[0][0] - top[1][0]
-    return "near-tie" if gap < NEAR_TIE else f"token {i}: {got[i]} != {want[i]} (top-2 gap {gap:.3g})"
 
 
 def judge(name: str, outputs: list[tuple[int, list[int]]], refs: list[dict]) -> int:

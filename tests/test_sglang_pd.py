@@ -47,12 +47,11 @@ import requests
 
 from sglang_fx.tiny import CORPUS
 
-from .sglang_support import PYTHON, Server, free_port, installed_backends, stop_all
+from .sglang_support import PYTHON, Server, free_port, installed_backends, stop_all, verdict
 
 BACKENDS = ["mindspore", "jax", "reference_torch"]
 STARTUP_TIMEOUT = 480  # s: four servers start at once on two cores
 REQUEST_TIMEOUT = 120
-NEAR_TIE = 1e-3
 #: SGLang's PD timeouts (300 s by default), lowered so that a dead peer fails requests quickly.
 FAULT_TIMEOUTS = {"SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": "20", "SGLANG_DISAGGREGATION_WAITING_TIMEOUT": "20"}
 MAX_NEW = 12
@@ -84,20 +83,6 @@ def streamed(url: str, payload: dict) -> tuple[list[int], int]:
                     return last["output_ids"], chunks
                 last, chunks = json.loads(data), chunks + 1
     raise AssertionError(f"{url}: a stream ended without [DONE]")
-
-
-def verdict(got: list[int], ref: dict) -> str:
-    """"same", "near-tie" (the reference's top-2 gap < NEAR_TIE at the first difference) or
-    the difference."""
-    want = ref["output_ids"]
-    if got == want:
-        return "same"
-    i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-    if i >= min(len(got), len(want)):
-        return f"length {len(got)} != {len(want)}"
-    top = ref["meta_info"]["output_top_logprobs"][i]
-    gap = top[0][0] - top[1][0]
-    return "near-tie" if gap < NEAR_TIE else f"token {i}: {got[i]} != {want[i]} (top-2 gap {gap:.3g})"
 
 
 class Router:

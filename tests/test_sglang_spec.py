@@ -30,7 +30,7 @@ requests = pytest.importorskip("requests")
 
 from sglang_fx.tiny import CORPUS  # noqa: E402
 
-from .sglang_support import Server, available, stop_all  # noqa: E402
+from .sglang_support import Server, available, stop_all, verdict  # noqa: E402
 
 BACKENDS = ("reference_torch", "numpy")
 STARTUP_TIMEOUT = 420  # s: four servers start at once on two cores
@@ -39,7 +39,6 @@ CAP = ("--max-running-requests", "8")
 # SGLang's default n-gram corpus (10M nodes) takes about 2 GB of host memory, which SGLang's CPU
 # memory check then counts against the KV pool: servers starting beside others can fail it.
 NGRAM_CORPUS = ("--speculative-ngram-capacity", "200000")
-NEAR_TIE = 1e-3  # top-1 minus top-2 logprob, at the first differing token
 WORDS = sorted(set(re.findall(r"[A-Za-z]+", CORPUS)))
 
 
@@ -92,25 +91,11 @@ def _run_all(server: Server, **extra) -> list[dict]:
         return list(pool.map(one, PROMPTS))
 
 
-def _verdict(got: list[int], ref: dict) -> str:
-    """"same", "near-tie" (first difference where the plain run's top-2 gap < NEAR_TIE), or
-    what differs."""
-    want = ref["output_ids"]
-    if got == want:
-        return "same"
-    i = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-    if i >= min(len(got), len(want)):
-        return f"lengths {len(got)} != {len(want)}"
-    top = ref["meta_info"]["output_top_logprobs"][i]
-    gap = top[0][0] - top[1][0]
-    return "near-tie" if gap < NEAR_TIE else f"token {i}: {got[i]} != {want[i]} (top-2 gap {gap:.3g})"
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ngram_greedy_equals_plain_and_accepts_drafts(servers, backend):
     plain = _run_all(servers[backend, "plain"], return_logprob=True, top_logprobs_num=2)
     spec = _run_all(servers[backend, "ngram"])
-    verdicts = [_verdict(s["output_ids"], p) for s, p in zip(spec, plain)]
+    verdicts = [verdict(s["output_ids"], p) for s, p in zip(spec, plain)]
     bad = [(PROMPTS[k], v) for k, v in enumerate(verdicts) if v not in ("same", "near-tie")]
     assert not bad, f"{backend}: NGRAM outputs differ from plain greedy beyond near-ties: {bad}"
     verify_steps = [s["meta_info"].get("spec_verify_ct", 0) for s in spec]
