@@ -162,6 +162,9 @@ ATTENTION_BATCHES = {
     "prefill": ([0, 0, 0, 0], [1, 7, 33, 140]),
     "prefix": ([16, 5, 128, 3], [4, 30, 9, 1]),
     "decode": ([1, 15, 16, 200], [1, 1, 1, 1]),
+    # The step's keys add up to exactly 64 (a power of two, a usual padding boundary), the last
+    # sequence's ending there: a backend padding keys must not see its last key twice.
+    "exact": ([35, 0, 0, 0], [1, 3, 15, 10]),
 }
 
 
@@ -209,7 +212,8 @@ def attention_case(page_size: int, scenario: str, mla: bool = False) -> Case:
         return _close(_max_diff(out, torch.cat(expected).float()), torch.float32, f"{len(news)} ragged sequences vs naive attention")
 
     what = {"prefill": "4 ragged prompts, no cached prefix", "prefix": "4 sequences with cached prefixes and new tokens",
-            "decode": "4 sequences, one new token each"}[scenario]  # fmt: skip
+            "decode": "4 sequences, one new token each",
+            "exact": "4 sequences whose keys add up to exactly 64, one a prefix hit with one new token"}[scenario]  # fmt: skip
     checks = f"plan + forward on {what} (page size {page_size}{', MLA' if mla else ''}): new K written at out_cache_loc, output within 1e-4 of dense attention"
     return Case(f"attention/{'mla/' if mla else ''}page{page_size}/{scenario}", run, checks, "Attention in sglang_fx/spi.py")
 

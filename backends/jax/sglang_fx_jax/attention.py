@@ -215,7 +215,9 @@ def attend_extend(q, k, v, read: Read, inputs: ExtendInputs, scale: float, v_hea
     def tile(i, state):
         m, l, acc = state  # [NQ + 1, Hkv, G*Q], likewise, [NQ + 1, Hkv, G*Q, Dv]
         blocks, first, end = inputs.tile_block[i], inputs.tile_key[i], inputs.tile_end[i]  # [W]
-        index = jnp.minimum(first[:, None] + jnp.arange(K)[None, :], C - 1)  # [W, K]
+        wanted = first[:, None] + jnp.arange(K)[None, :]  # [W, K]: the pair's keys, some maybe past C
+        index = jnp.minimum(wanted, C - 1)  # what is read; visibility is decided on `wanted`, so a
+        #                                     key range ending at C does not see key C - 1 again
         new = inputs.key_new[index]
         keys, values = read(inputs.key_slots[index])  # [W, K, Hkv, D]
         own = (new >= 0)[..., None, None]
@@ -224,7 +226,7 @@ def attend_extend(q, k, v, read: Read, inputs: ExtendInputs, scale: float, v_hea
             values = keys[..., :Dv]
         else:
             values = jnp.where(own, v[jnp.maximum(new, 0)].astype(values.dtype), values).astype(f32)
-        visible = (index < end[:, None])[:, None, :] & (inputs.key_pos[index][:, None, :] <= qpos[blocks][:, :, None])  # [W, G*Q, K]
+        visible = (wanted < end[:, None])[:, None, :] & (inputs.key_pos[index][:, None, :] <= qpos[blocks][:, :, None])  # [W, G*Q, K]
         s = jnp.where(visible[:, None], jnp.einsum("wkrd,wckd->wkrc", qb[blocks], keys), HIDDEN)  # [W, Hkv, G*Q, K]
         m_old = m[blocks]
         m_new = jnp.maximum(m_old, s.max(-1))
