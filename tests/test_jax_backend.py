@@ -308,7 +308,6 @@ def test_a_tied_lm_head_is_kept_once(tmp_path):
     import weakref
 
     from sglang_fx.checkpoint import Checkpoint, load_spec
-
     from sglang_fx.tiny import make_tiny_model
 
     for arch, tied in (("qwen3", True), ("llama", False)):
