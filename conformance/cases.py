@@ -232,7 +232,7 @@ VERIFY_TREES = {
 VERIFY_PREFIXES = [16, 5, 40]
 
 
-def _tree_masks(parents: list[int]) -> list[list[bool]]:
+def tree_mask(parents: list[int]) -> list[list[bool]]:
     """[D, D] mask of a parent list: row i is True at i and its ancestors."""
     rows = []
     for i in range(len(parents)):
@@ -289,7 +289,7 @@ def verify_attention_case(kind: str, page_size: int) -> Case:
             return ex.to_torch(out).cpu(), pool, meta, cat
 
         everything = [(b, list(range(len(t)))) for b, t in enumerate(trees)]
-        out, pool, meta, (_, k_all, v_all) = step(everything, [_tree_masks(t) for t in trees])
+        out, pool, meta, (_, k_all, v_all) = step(everything, [tree_mask(t) for t in trees])
         written = max(_max_diff(pool.k_buffers[0][meta.out_cache_loc], k_all),
                       _max_diff(pool.v_buffers[0][meta.out_cache_loc], v_all))  # fmt: skip
         if written:
@@ -333,7 +333,7 @@ def verify_model_case(arch: str) -> Case:
         prefix = [session.pool.length(s) for s in seqs]
         session.pool.reserve_many({s: len(d) for s, d in zip(seqs, drafts)})
         meta = ForwardMetadata.verify_step(token_slots=[session.pool.slots(s) for s in seqs], prefix_lens=prefix,
-                                           tree_masks=[_tree_masks(t) for t in trees], page_size=16, device=ctx.device)  # fmt: skip
+                                           tree_masks=[tree_mask(t) for t in trees], page_size=16, device=ctx.device)  # fmt: skip
         ids = torch.tensor([t for d in drafts for t in d], dtype=torch.int64, device=ctx.device)
         logits = session.runner.forward(ids, meta, session.cache).cpu()
         diff, row = 0.0, 0

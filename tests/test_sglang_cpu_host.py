@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sglang_fx import cpu_host
+from sglang_fx.conformance.cases import tree_mask  # row i: node i and its ancestors
 
 
 def test_copy_all_layer_kv_cache_cpu_moves_slots_in_every_buffer():
@@ -72,18 +73,8 @@ def test_mooncake_import_preloads_the_system_libraries(monkeypatch):
 TREES = [[-1, 0, 0, 1, 2, 3], [-1, 0, 0, 0, 1, 1], [-1, 0, 1, 2, 3, 4]]
 
 
-def _mask(parents):
-    rows = []
-    for i in range(len(parents)):
-        row, j = [False] * len(parents), i
-        while j >= 0:
-            row[j], j = True, parents[j]
-        rows.append(row)
-    return rows
-
-
 def test_reconstruct_indices_from_tree_mask_hand_worked():
-    mask = torch.tensor([_mask(p) for p in TREES], dtype=torch.bool).flatten()
+    mask = torch.tensor([tree_mask(p) for p in TREES], dtype=torch.bool).flatten()
     positions = torch.zeros(18, dtype=torch.int64)
     index, next_token, next_sibling = (torch.zeros((3, 6), dtype=torch.int64) for _ in range(3))
     cpu_host.reconstruct_indices_from_tree_mask(mask, torch.tensor([10, 3, 0]), positions, index, next_token, next_sibling, 3, 6)
@@ -94,7 +85,7 @@ def test_reconstruct_indices_from_tree_mask_hand_worked():
 
 
 def test_verify_tree_greedy_cpu_hand_worked():
-    mask = torch.tensor([_mask(p) for p in TREES], dtype=torch.bool).flatten()
+    mask = torch.tensor([tree_mask(p) for p in TREES], dtype=torch.bool).flatten()
     index, next_token, next_sibling = (torch.zeros((3, 6), dtype=torch.int64) for _ in range(3))
     cpu_host.reconstruct_indices_from_tree_mask(mask, torch.zeros(3), torch.zeros(18, dtype=torch.int64), index, next_token,
                                                 next_sibling, 3, 6)  # fmt: skip
