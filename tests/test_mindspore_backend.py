@@ -300,6 +300,22 @@ def test_ascend_inputs_prefix_hit_uses_a_lookahead_mask():
         assert not row[: pos + 1].any() and (row[pos + 1 :] == MASK_VALUE).all()
 
 
+
+def test_ascend_inputs_of_a_verify_step_mask_by_the_draft_tree():
+    """A VERIFY step on Ascend runs paged_attention with a lookahead mask: each draft token sees
+    its sequence's committed prefix and the draft tokens its tree-mask row allows, not what its
+    position (prefix + tree depth) would allow."""
+    trees = [[[1, 0, 0], [1, 1, 0], [1, 0, 1]], [[1, 0], [1, 1]]]  # a root with two children; a chain
+    base = step_metadata(16, [32, 5], [3, 2])
+    slots = [base.req_to_token[b, : base.seq_lens_cpu[b]].tolist() for b in range(2)]
+    meta = ForwardMetadata.verify_step(token_slots=slots, prefix_lens=[32, 5], tree_masks=trees, page_size=16)
+    a = ascend_inputs(meta, torch.float16)
+    assert a.variant == PAGED_EXTEND and a.lookahead_mask.shape == (5, 35)
+    seen = (a.lookahead_mask == 0).tolist()
+    assert seen[2] == [True] * 32 + [True, False, True]  # the second child: prefix, root, itself
+    assert seen[3] == [True] * 5 + [True, False] + [False] * 28 and seen[4][:7] == [True] * 7
+
+
 ASCEND_SHAPE_CHECK = """
 import sys
 import mindspore as ms, torch

@@ -22,7 +22,7 @@ import torch
 from mindspore import Tensor, mutable, nn, ops
 
 from sglang_fx.kv_pool import KVLayout
-from sglang_fx.metadata import ForwardMetadata
+from sglang_fx.metadata import ForwardMetadata, ForwardMode
 from sglang_fx.spi import AttentionSpec
 
 from .exchange import MindSporeExchange
@@ -91,6 +91,9 @@ def portable_inputs(meta: ForwardMetadata, num_heads: int, num_kv_heads: int) ->
     e = torch.arange(E, device=dev)
     query_pos = (prefix[:, None] + e[None, :]).repeat_interleave(G, dim=1)  # [B, R]; padding rows see a superset
     hidden = j[:, None, None, :] > query_pos[:, None, :, None]  # [B, 1, R, L]
+    if meta.mode is ForwardMode.VERIFY:  # draft tokens see the prefix and what their tree-mask row allows
+        for b, (n, length) in enumerate(zip(meta.extend_lens_cpu, meta.seq_lens_cpu)):
+            hidden[b, 0, : n * G, :length] = ~meta.visible(b).to(dev).repeat_interleave(G, dim=0)
     bias = torch.zeros((B, Hkv, E * G, L), dtype=torch.float32, device=dev).masked_fill_(hidden, float("-inf"))
     q_rows = torch.where(e[None, :] < ext[:, None], starts[:, None] + e[None, :], 0)  # [B, E], padding -> 0
     head = torch.arange(Hq, device=dev).view(Hkv, 1, G)  # [Hkv, 1, G]
@@ -227,9 +230,16 @@ def block_tables(meta: ForwardMetadata) -> torch.Tensor:
 
 
 def lookahead_mask(meta: ForwardMetadata, dtype: torch.dtype) -> torch.Tensor:
-    """[T, L]: 0 where new token t may see key j (j <= positions[t]), MASK_VALUE elsewhere."""
+    """[T, L]: 0 where new token t may see key j (j <= positions[t]; in a VERIFY step, the
+    committed prefix and the draft tokens its tree-mask row allows), MASK_VALUE elsewhere."""
     j = torch.arange(max(meta.seq_lens_cpu), device=meta.positions.device)
     hidden = j[None, :] > meta.positions[:, None]
+    if meta.mode is ForwardMode.VERIFY:
+        row = 0
+        for b, (n, length) in enumerate(zip(meta.extend_lens_cpu, meta.seq_lens_cpu)):
+            hidden[row : row + n] = True
+            hidden[row : row + n, :length] = ~meta.visible(b).to(j.device)
+            row += n
     return torch.zeros(hidden.shape, dtype=dtype, device=j.device).masked_fill_(hidden, MASK_VALUE)
 
 

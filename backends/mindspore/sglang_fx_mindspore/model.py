@@ -33,7 +33,7 @@ from sglang_fx import buckets
 from sglang_fx.checkpoint import ModelSpec
 from sglang_fx.errors import UnsupportedConfigError
 from sglang_fx.kv_pool import KVLayout
-from sglang_fx.metadata import ForwardMetadata
+from sglang_fx.metadata import ForwardMetadata, ForwardMode
 from sglang_fx.sharding import Shard
 from sglang_fx.spi import RunnerOptions
 
@@ -168,7 +168,7 @@ class MindSporeRunner:
 
     def _decode_batch(self, meta: ForwardMetadata) -> int | None:
         """The decode graph's batch size for this step, or None (the dynamic graph)."""
-        if any(n != 1 for n in meta.extend_lens_cpu):
+        if meta.mode is ForwardMode.VERIFY or any(n != 1 for n in meta.extend_lens_cpu):
             return None
         return buckets.fit(meta.batch_size, self.decode_batches)
 
@@ -202,7 +202,8 @@ class MindSporeRunner:
             if first and self.precompile is not None:
                 self._compile_ahead(cache, meta.positions.device)
         wanted, batch = len(meta.logits_indices), self._decode_batch(meta)
-        if batch is None and self.attn.pads_scores:
+        # A VERIFY step is never split: its draft tokens' tree mask spans the sequence's new tokens.
+        if batch is None and self.attn.pads_scores and meta.mode is not ForwardMode.VERIFY:
             pieces = split(meta, input_ids, self.attn.num_heads, self.attention_scores)
             if len(pieces) > 1:  # in order: a later piece reads the K/V the earlier ones stored
                 out = None

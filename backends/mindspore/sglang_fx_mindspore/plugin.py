@@ -13,7 +13,7 @@ from sglang_fx.capabilities import Capabilities
 from sglang_fx.spi import BackendInfo
 
 NAME = "mindspore"
-SPI = "1.1"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
+SPI = "1.2"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
 INSTALL = "pip install mindspore==2.10.0 'numpy<2' (CPU; for Ascend or GPU, the MindSpore build for that device)"
 
 CAPABILITIES = Capabilities(
@@ -32,6 +32,7 @@ CAPABILITIES = Capabilities(
     # MindSpore's own collectives inside the step's graph: mccl on CPU, HCCL on Ascend
     # (`collectives.py`); no GPU collectives are wired up.
     parallelism=frozenset({"tp", "ep"}),
+    verify=frozenset({"tree"}),  # speculative verify steps, any draft tree (attention.py: the bias, the lookahead mask)
     options={
         "mode": "jit (default): the step as compiled graphs; pynative: op by op",
         "decode_batches": "batch sizes of the decode graphs, e.g. 1,2,4,8, or none (jit only)",
