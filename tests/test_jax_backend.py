@@ -86,8 +86,10 @@ def test_unsupported_configurations_are_refused_by_name(backend, tiny):
     cases = [
         (replace(spec, architecture="GPT2LMHeadModel"), {}, "cpu", "architecture 'GPT2LMHeadModel' is not supported"),
         (spec, {}, "cuda:0", "device 'cuda:0' is not supported; supported devices: cpu"),
-        (spec, {"decode_batch": "1"}, "cpu", r"unknown option\(s\) \['decode_batch'\]; it takes decode_batches, precompile, layers, compile_cache"),
+        (spec, {"decode_batch": "1"}, "cpu", r"unknown option\(s\) \['decode_batch'\]; it takes decode_batches, precompile, layers, extend, compile_cache"),
         (spec, {"layers": "loop"}, "cpu", "layers 'loop' is not unroll or scan"),
+        (spec, {"layers": "scan", "extend": "layered"}, "cpu", "extend 'layered' is not layered \\(with layers=unroll\\) or whole"),
+        (spec, {"extend": "chunked"}, "cpu", "extend 'chunked' is not layered"),
         (spec, {"moe": "sparse"}, "cpu", "moe 'sparse' is not auto, dense, gather"),
         (spec, {"decode_batches": "1,two"}, "cpu", "decode_batches '1,two' is not a comma-separated list of positive batch sizes"),
         (spec, {"decode_batches": "0"}, "cpu", "decode_batches '0' is not"),
@@ -121,8 +123,8 @@ except UnsupportedConfigError as e:
 def test_a_step_copies_only_its_new_kv_rows_into_the_pool(tiny, monkeypatch):
     """Per step the host stores exactly T new rows per layer for K and for V into the pool, and
     nothing else of the pool changes; the pool is read through aliases (the KVCache's arrays
-    share the host buffers), and the compiled step copies no pool buffer (its optimized HLO has no
-    copy of one)."""
+    share the host buffers), and the compiled programs copy no pool buffer (their optimized HLO has
+    no copy of one): the layer program of the layered extend step and the decode body."""
     s = Session("jax", tiny("qwen3"), dtype="float32", page_size=16, max_total_tokens=1024, options={"decode_batches": "1,2,4"})
     layout, cache = s.layout, s.cache
     assert all(shares_memory(torch.from_dlpack(a), b) for a, b in zip(cache.keys + cache.values, s.pool.k_buffers + s.pool.v_buffers))
@@ -133,9 +135,10 @@ def test_a_step_copies_only_its_new_kv_rows_into_the_pool(tiny, monkeypatch):
         copied.append(source.shape[0])
         return original(self, dim, index, source)
 
-    body = s.runner._body
+    body, layer = s.runner._body, s.runner._layer[False]
     monkeypatch.setattr(torch.Tensor, "index_copy_", counted)
-    monkeypatch.setattr(s.runner, "_body", lambda *a: calls.append(a) or body(*a))
+    monkeypatch.setattr(s.runner, "_body", lambda *a: calls.append((body, a)) or body(*a))
+    monkeypatch.setitem(s.runner._layer, False, lambda *a: calls.append((layer, a)) or layer(*a))
     seqs = [s.new_sequence(p)[0] for p in PROMPTS]
     s.forward(seqs, PROMPTS)  # prefill: 14 tokens
     assert copied == [14] * (2 * layout.num_layers), copied
@@ -150,8 +153,9 @@ def test_a_step_copies_only_its_new_kv_rows_into_the_pool(tiny, monkeypatch):
         assert torch.equal(a[keep], b[keep]) and not torch.equal(a[new], b[new])
 
     pool_shape = f"f32[{layout.num_slots},{layout.k_shape[0]},{layout.k_shape[1]}]"
-    for args in calls:  # the extend and the decode program
-        hlo = body.lower(*args).compile().as_text()
+    assert [program for program, _ in calls] == [layer] * layout.num_layers + [body]
+    for program, args in calls[-2:]:  # the extend step's layer program, the decode program
+        hlo = program.lower(*args).compile().as_text()
         assert pool_shape in hlo
         assert not re.search(re.escape(pool_shape) + r"\{[0-9,]*\} copy", hlo), "the program copies a KV pool buffer"
         entry_root = next(line for line in hlo.split("ENTRY", 1)[1].splitlines() if line.strip().startswith("ROOT"))
@@ -178,14 +182,16 @@ def test_decode_reuses_its_bucket_programs(tiny, caplog):
 @pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe"])
 def test_scanned_layers_match_unrolled_ones(tiny, arch):
     """layers=scan (one traced layer per segment of like layers: DeepSeek-V3's dense layer, then
-    its MoE ones) computes what the default unrolled program does."""
+    its MoE ones) and extend=whole (the unrolled body for extend steps too) compute what the
+    default (unrolled, extend steps layer by layer) does."""
     model = tiny(arch)
     out = {}
-    for layers in ("unroll", "scan"):
-        s = Session("jax", model, dtype="float32", page_size=16, options={"layers": layers})
+    for name, options in {"unroll": {}, "scan": {"layers": "scan"}, "whole": {"extend": "whole"}}.items():
+        s = Session("jax", model, dtype="float32", page_size=16, options=options)
         seqs = [s.new_sequence(p)[0] for p in PROMPTS]
-        out[layers] = (s.forward(seqs, PROMPTS, logits="all"), s.forward(seqs, [[1], [2], [3]]), s.runner.decoder.segments)
-    assert (out["scan"][0] - out["unroll"][0]).abs().max() < 1e-5 and (out["scan"][1] - out["unroll"][1]).abs().max() < 1e-5
+        out[name] = (s.forward(seqs, PROMPTS, logits="all"), s.forward(seqs, [[1], [2], [3]]), s.runner.decoder.segments)
+    for name in ("scan", "whole"):
+        assert (out[name][0] - out["unroll"][0]).abs().max() < 1e-5 and (out[name][1] - out["unroll"][1]).abs().max() < 1e-5
     if arch == "deepseek_v3":
         assert [seg.moe for seg in out["scan"][2]] == [False, True]
 
@@ -248,19 +254,24 @@ def test_half_precision_runs_and_agrees_with_the_reference(tiny, dtype):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_an_8k_prompt_takes_linear_attention_memory(tiny, monkeypatch):
-    """An 8192-token prompt in one extend step: XLA's own account of the compiled body program
+@pytest.mark.parametrize("extend", ["layered"])  # "whole" takes the same attention; its compile takes minutes here
+def test_an_8k_prompt_takes_linear_attention_memory(tiny, monkeypatch, extend):
+    """An 8192-token prompt in one extend step: XLA's own account of the compiled program
     (`memory_analysis`: its temporaries and outputs, besides the arguments, which are the weights,
     the pool and the step's index arrays) stays under 300 MB, where one [T, T] float32 score
-    matrix per head would be 1 GiB. And the step computes what the same prompt in two chunks of
-    4096 tokens (the second after the cached first) does."""
+    matrix per head would be 1 GiB: the layer program of a layered step (called per layer), or
+    the whole body. And the step computes what the same prompt in two chunks of 4096 tokens (the
+    second after the cached first) does."""
     model = tiny("qwen3", max_position_embeddings=8192)
     prompt = [(7 * j) % 500 + 3 for j in range(8192)]
-    s = Session("jax", model, dtype="float32", page_size=16, max_total_tokens=2 * 8192 + 64)
-    calls, body = [], s.runner._body
-    monkeypatch.setattr(s.runner, "_body", lambda *a: calls.append(a) or body(*a))
+    s = Session("jax", model, dtype="float32", page_size=16, max_total_tokens=2 * 8192 + 64, options={"extend": extend})
+    calls, program = [], s.runner._layer[False] if extend == "layered" else s.runner._body
+    if extend == "layered":
+        monkeypatch.setitem(s.runner._layer, False, lambda *a: calls.append(a) or program(*a))
+    else:
+        monkeypatch.setattr(s.runner, "_body", lambda *a: calls.append(a) or program(*a))
     whole = s.forward([s.new_sequence(prompt)[0]], [prompt])
-    stats = body.lower(*calls[0]).compile().memory_analysis()
+    stats = program.lower(*calls[0]).compile().memory_analysis()
     used = stats.temp_size_in_bytes + stats.output_size_in_bytes
     assert used < 300e6, f"the 8k-token step takes {used / 1e6:.0f} MB besides its arguments"
     seq = s.new_sequence([1])[0]  # a fresh sequence, sharing no page

@@ -15,8 +15,9 @@ position. Two layouts, chosen per step on the host (`plan`):
   meets only its own sequence's keys, up to its last visible position, and memory is linear in
   the step's tokens: the loop's temporaries are one tile's [W, Hq, Q, K] scores.
   Which key a query sees is decided per pair of (query, key) by position (`key_pos <=
-  query_pos`) within the pair's key range, never by token order; a tree mask over the step's
-  new tokens (speculative verify) can be ANDed in from `key_new`, the step row of each new key.
+  query_pos`) within the pair's key range, never by token order. In a VERIFY step (speculative
+  decoding) a query sees its sequence's committed keys and, among the step's own (draft) keys,
+  those its row of the tree mask allows (`row_tree`, `key_draft`).
 
 Scores and softmax in float32; a hidden score is HIDDEN. Shapes: T new tokens, B sequences, Hq/Hkv
 heads, G = Hq // Hkv, D/Dv head dims, S pool slots. Latent attention (no V pool) reads its values
@@ -34,7 +35,7 @@ import numpy as np
 from jax import lax
 
 from sglang_fx.buckets import power_of_two
-from sglang_fx.metadata import ForwardMetadata
+from sglang_fx.metadata import ForwardMetadata, ForwardMode
 from sglang_fx.spi import AttentionSpec
 
 from .kv_cache import JaxKVCache
@@ -63,7 +64,10 @@ class ExtendInputs(NamedTuple):
     Tiles, NT of W pairs: tile_block [NT, W] int32 the pair's query block (NQ: none, a padding
     pair), tile_key [NT, W] int32 the first of its K keys, tile_end [NT, W] int32 the end of its
     sequence's keys (keys at or past it are hidden); num_tiles [] int32: the tiles to run (the rest
-    are padding). token_out [T] int32: where each step row's output is among the NQ x Q rows."""
+    are padding). token_out [T] int32: where each step row's output is among the NQ x Q rows.
+    VERIFY steps only (else R = 0): key_draft [C] int32 a key's index among its sequence's draft
+    tokens (-1: a committed key); row_tree [T + 1, R] bool the draft tokens step row t may see
+    (`ForwardMetadata.visible`; row T, the padding rows', sees none), R >= every D_b."""
 
     key_slots: jax.Array
     key_new: jax.Array
@@ -75,6 +79,8 @@ class ExtendInputs(NamedTuple):
     tile_end: jax.Array
     num_tiles: jax.Array
     token_out: jax.Array
+    key_draft: jax.Array
+    row_tree: jax.Array
 
 
 Inputs = DecodeInputs | ExtendInputs
@@ -93,19 +99,22 @@ def decode_inputs(meta: ForwardMetadata, context: int) -> DecodeInputs:
 
 
 def extend_shape(meta: ForwardMetadata) -> tuple[int, int, int, int]:
-    """An extend step's bucket: (tokens T, keys C, query blocks NQ, rows per block Q). Q is the
-    longest extend's power of two (16 to QUERY_BLOCK); NQ is 2 T / Q, which holds the blocks of
-    any step of at most T / Q sequences, or the blocks' power of two beyond that. So a step's
-    program depends on its tokens, keys and longest extend, each rounded to a power of two."""
+    """An extend step's bucket: (tokens T, keys C, query blocks NQ, rows per block Q, tree width
+    R). Q is the longest extend's power of two (16 to QUERY_BLOCK); NQ is 2 T / Q, which holds
+    the blocks of any step of at most T / Q sequences, or the blocks' power of two beyond that. R
+    is 0 except in a VERIFY step (the most draft tokens of a sequence, as a power of two). So a
+    step's program depends on its tokens, keys and longest extend, each rounded to a power of two."""
     tokens = power_of_two(meta.num_tokens, MIN_TOKENS)
     rows = min(QUERY_BLOCK, power_of_two(max(meta.extend_lens_cpu), MIN_TOKENS))
     blocks = power_of_two(max(sum(-(-n // rows) for n in meta.extend_lens_cpu), 2 * tokens // rows))
-    return tokens, power_of_two(sum(meta.seq_lens_cpu), MIN_CONTEXT), blocks, rows
+    tree = power_of_two(max(meta.extend_lens_cpu), 1) if meta.mode is ForwardMode.VERIFY else 0
+    return tokens, power_of_two(sum(meta.seq_lens_cpu), MIN_CONTEXT), blocks, rows, tree
 
 
-def extend_inputs(meta: ForwardMetadata, tokens: int, context: int, blocks: int, rows: int) -> ExtendInputs:
+def extend_inputs(meta: ForwardMetadata, tokens: int, context: int, blocks: int, rows: int, tree: int = 0) -> ExtendInputs:
     """Any step, in the bucket of `extend_shape`."""
     table = meta.req_to_token.numpy()
+    key_draft, row_tree = np.full(context if tree else 0, -1, np.int32), np.zeros((tokens + 1, tree), np.bool_)
     key_block, width = min(KEY_BLOCK, context), tile_width(blocks)
     key_slots, key_new, key_pos = np.zeros(context, np.int32), np.full(context, -1, np.int32), np.zeros(context, np.int32)
     block_rows, block_pos = np.full((blocks, rows), tokens, np.int32), np.zeros((blocks, rows), np.int32)
@@ -115,6 +124,9 @@ def extend_inputs(meta: ForwardMetadata, tokens: int, context: int, blocks: int,
     for b, (length, prefix) in enumerate(zip(meta.seq_lens_cpu, meta.prefix_lens_cpu)):
         key_slots[c : c + length], key_pos[c : c + length] = table[b, :length], np.arange(length)
         key_new[c + prefix : c + length] = np.arange(t, t + length - prefix)
+        if tree:
+            key_draft[c + prefix : c + length] = np.arange(length - prefix)
+            row_tree[t : t + length - prefix, : length - prefix] = meta.visible(b)[:, prefix:].numpy()
         for first in range(prefix, length, rows):  # one query block per `rows` new tokens
             n = min(rows, length - first)
             block_rows[nq, :n], block_pos[nq, :n] = np.arange(t, t + n), np.arange(first, first + n)
@@ -134,7 +146,7 @@ def extend_inputs(meta: ForwardMetadata, tokens: int, context: int, blocks: int,
     for i, pairs_of_tile in enumerate(tiles):
         tile[i, : len(pairs_of_tile)] = pairs_of_tile
     return ExtendInputs(key_slots, key_new, key_pos, block_rows, block_pos, tile[..., 0], tile[..., 1], tile[..., 2],
-                        np.int32(len(tiles)), token_out)  # fmt: skip
+                        np.int32(len(tiles)), token_out, key_draft, row_tree)  # fmt: skip
 
 
 def tile_width(blocks: int) -> int:
@@ -163,10 +175,10 @@ def plan(meta: ForwardMetadata, decode: bool) -> tuple[Inputs, int]:
 
 def bucket(inputs: Inputs) -> tuple:
     """The static shapes a step's program depends on (besides the token count): decode (context,),
-    extend (keys, query blocks, rows per block)."""
+    extend (keys, query blocks, rows per block, tree width)."""
     if isinstance(inputs, DecodeInputs):
         return (inputs.slots.shape[1],)
-    return (len(inputs.key_slots), *inputs.block_rows.shape)
+    return (len(inputs.key_slots), *inputs.block_rows.shape, inputs.row_tree.shape[1])
 
 
 def pool_reader(k_pool: jax.Array, v_pool: jax.Array | None) -> Read:
@@ -210,6 +222,8 @@ def attend_extend(q, k, v, read: Read, inputs: ExtendInputs, scale: float, v_hea
     qb = qb.reshape(NQ, Q, Hkv, G, D).transpose(0, 2, 3, 1, 4).reshape(NQ, Hkv, G * Q, D)
     qb = jnp.concatenate([qb, jnp.zeros((1, Hkv, G * Q, D), f32)])
     qpos = jnp.tile(jnp.concatenate([inputs.block_pos, jnp.zeros((1, Q), jnp.int32)]), (1, G))  # [NQ + 1, G*Q]
+    T_pad = inputs.row_tree.shape[0] - 1
+    qrow = jnp.tile(jnp.concatenate([inputs.block_rows, jnp.full((1, Q), T_pad, jnp.int32)]), (1, G))  # [NQ + 1, G*Q]
     Dv = v_head_dim
 
     def tile(i, state):
@@ -226,7 +240,13 @@ def attend_extend(q, k, v, read: Read, inputs: ExtendInputs, scale: float, v_hea
             values = keys[..., :Dv]
         else:
             values = jnp.where(own, v[jnp.maximum(new, 0)].astype(values.dtype), values).astype(f32)
-        visible = (wanted < end[:, None])[:, None, :] & (inputs.key_pos[index][:, None, :] <= qpos[blocks][:, :, None])  # [W, G*Q, K]
+        visible = inputs.key_pos[index][:, None, :] <= qpos[blocks][:, :, None]  # [W, G*Q, K]
+        if inputs.row_tree.shape[1]:  # VERIFY: a draft key is visible where the query's tree row says
+            draft = inputs.key_draft[index][:, None, :]  # [W, 1, K]
+            rows = inputs.row_tree[jnp.minimum(qrow[blocks], T_pad)]  # [W, G*Q, R]
+            allowed = jnp.take_along_axis(rows, jnp.broadcast_to(jnp.maximum(draft, 0), visible.shape), axis=2)
+            visible = jnp.where(draft >= 0, allowed, visible)
+        visible &= (wanted < end[:, None])[:, None, :]
         s = jnp.where(visible[:, None], jnp.einsum("wkrd,wckd->wkrc", qb[blocks], keys), HIDDEN)  # [W, Hkv, G*Q, K]
         m_old = m[blocks]
         m_new = jnp.maximum(m_old, s.max(-1))
@@ -256,7 +276,7 @@ class JaxPagedAttention:
 
     def plan(self, meta: ForwardMetadata) -> None:
         self.slots = meta.out_cache_loc
-        self.inputs, self.tokens = plan(meta, decode=all(n == 1 for n in meta.extend_lens_cpu))
+        self.inputs, self.tokens = plan(meta, decode=meta.mode is not ForwardMode.VERIFY and all(n == 1 for n in meta.extend_lens_cpu))
 
     def forward(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array | None, cache: JaxKVCache) -> jax.Array:
         T = q.shape[0]

@@ -119,19 +119,12 @@ class Decoder:
              positions: jax.Array, inputs: Inputs) -> tuple[jax.Array, jax.Array, jax.Array | None]:  # fmt: skip
         """input_ids, positions [T] (padded); pools: every layer's [S, Hkv, D] pool (read only).
         Returns (hidden [T, H] before the final norm, k [layers, T, Hkv, D], v likewise or None)."""
-        x = self.embed(w, input_ids)
-        cos, sin = self.rope.angles(positions, x.dtype)
+        x, cos, sin = self.start(w, input_ids, positions)
         reads = [pool_reader(k_pools[i], None if v_pools is None else v_pools[i]) for i in range(self.spec.num_layers)]
 
         def layer(x, p, read, moe_layer):
-            def attn(q, k, v):
-                return attend(q, k, v, read, inputs, self.attn_spec.scale, self.attn_spec.v_head_dim)
-
-            spec, eps, comm = self.spec, self.spec.rms_norm_eps, self.comm
-            h, k, v = self.block(spec, p, rms_norm(x, p["input_layernorm.weight"], eps), self.rope, cos, sin, attn)
-            x = x + comm.psum(h)
-            h = rms_norm(x, p["post_attention_layernorm.weight"], eps)
-            return x + comm.psum(moe(spec.moe, self.shard.experts, p, h, self.moe_gather) if moe_layer else mlp(p, h)), (k, v)
+            x, k, v = self._layer(p, read, x, cos, sin, inputs, moe_layer)
+            return x, (k, v)
 
         new_k, new_v = [], []
         if not self.scan:
@@ -152,6 +145,28 @@ class Decoder:
             new_v.append(v)
         cat = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts)  # noqa: E731
         return x, cat(new_k), None if v_pools is None else cat(new_v)
+
+    def start(self, w: dict, input_ids: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """input_ids, positions [T] -> (x [T, H] embedded, cos, sin: RoPE's angles of the positions)."""
+        x = self.embed(w, input_ids)
+        return (x, *self.rope.angles(positions, x.dtype))
+
+    def layer(self, p: Weights, k_pool: jax.Array, v_pool: jax.Array | None, x: jax.Array, cos: jax.Array, sin: jax.Array,
+              inputs: Inputs, moe_layer: bool) -> tuple[jax.Array, jax.Array, jax.Array | None]:  # fmt: skip
+        """One layer on its own (the runner's layered extend steps; moe_layer static): its
+        weights p (one entry of arrange()'s unrolled "layers"), its pool -> (x, k, v) as `body`
+        computes them for that layer. Layers of a kind share one program per shape bucket."""
+        return self._layer(p, pool_reader(k_pool, v_pool), x, cos, sin, inputs, moe_layer)
+
+    def _layer(self, p: Weights, read, x, cos, sin, inputs: Inputs, moe_layer: bool):
+        def attn(q, k, v):
+            return attend(q, k, v, read, inputs, self.attn_spec.scale, self.attn_spec.v_head_dim)
+
+        spec, eps, comm = self.spec, self.spec.rms_norm_eps, self.comm
+        h, k, v = self.block(spec, p, rms_norm(x, p["input_layernorm.weight"], eps), self.rope, cos, sin, attn)
+        x = x + comm.psum(h)
+        h = rms_norm(x, p["post_attention_layernorm.weight"], eps)
+        return x + comm.psum(moe(spec.moe, self.shard.experts, p, h, self.moe_gather) if moe_layer else mlp(p, h)), k, v
 
     def head(self, w: dict, hidden: jax.Array, rows: jax.Array) -> jax.Array:
         """hidden [T, H], rows [N] -> float32 logits [N, V] of those rows."""

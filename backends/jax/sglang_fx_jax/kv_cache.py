@@ -40,8 +40,8 @@ class JaxKVCache:
         self._store(layer, to(slots).long(), to(k), None if v is None else to(v))
 
     def write_layers(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> None:
-        """Every layer's new rows at once: slots [T] int64; k [layers, T, *k_shape] (v likewise,
-        or None without V), as a step returns them."""
+        """Every layer's new rows at once: slots [T] int64; k [layers, T, *k_shape], or a sequence
+        of each layer's [T, *k_shape] (v likewise, or None without V), as a step returns them."""
         for layer in range(self.layout.num_layers):
             self._store(layer, slots, k[layer], None if v is None else v[layer])
 

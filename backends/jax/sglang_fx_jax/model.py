@@ -2,6 +2,14 @@
 `body` (the layers, returning the hidden states and the new K/V) and `head` (the logits of the
 wanted rows), so that a new number of wanted rows compiles only the small head.
 
+Extend steps (prefills, prefix hits, mixed batches) come in many more shape buckets than decode
+steps, and a whole-model program compiles in seconds to minutes (SmolLM2's 30 layers: 15-53 s
+per extend bucket on 2 cores, loaded), which a server's first requests of each new shape wait
+for. So by default (`extend=layered`) an extend step runs as a small program per layer kind,
+called once per layer on that layer's weights and pool (`Decoder.start`, `Decoder.layer`, then
+`head`): one layer compiles per bucket instead of all of them, for a dispatch per layer.
+Decode steps, few buckets that `precompile` can compile ahead, keep the whole-model body.
+
 Per step, on the host: pad the step to its bucket (decode: `ForwardMetadata.padded_decode` to
 the least `decode_batches` size that holds it, context to a power of two; any other step: tokens
 and keys to powers of two, `attention.plan`), run body then head, store the new K/V rows into the
@@ -16,6 +24,7 @@ first step instead, as SGLang captures CUDA graphs at start-up, with one log lin
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -26,7 +35,7 @@ import torch
 from sglang_fx import buckets
 from sglang_fx.checkpoint import ModelSpec
 from sglang_fx.errors import UnsupportedConfigError
-from sglang_fx.metadata import ForwardMetadata
+from sglang_fx.metadata import ForwardMetadata, ForwardMode
 from sglang_fx.sharding import Shard
 from sglang_fx.spi import RunnerOptions
 
@@ -56,7 +65,8 @@ MOE = {"auto": None, "dense": False, "gather": True}
 class JaxRunner:
     """`spi.ModelRunner`. options.extra: "decode_batches" (default `buckets.DECODE_BATCHES`;
     "none": decode steps run as extend steps), "precompile" (none | all | decode batch sizes),
-    "layers" (unroll | scan), "moe" (auto | dense | gather: `layers.moe`), "compile_cache" (a directory, or none); every value is checked
+    "layers" (unroll | scan), "extend" (layered | whole; layered needs layers=unroll), "moe" (auto | dense | gather:
+    `layers.moe`), "compile_cache" (a directory, or none); every value is checked
     before anything starts. Weights are placed at construction: linear weights as transposed
     copies, the others aliasing the host's tensors (`Decoder.arrange`)."""
 
@@ -72,6 +82,9 @@ class JaxRunner:
         layers = options.extra.get("layers", "unroll")
         if layers not in ("unroll", "scan"):
             raise UnsupportedConfigError(f"jax backend: layers {layers!r} is not unroll or scan")
+        extend = options.extra.get("extend", "layered" if layers == "unroll" else "whole")
+        if extend not in ("layered", "whole") or (extend == "layered" and layers != "unroll"):
+            raise UnsupportedConfigError(f"jax backend: extend {extend!r} is not layered (with layers=unroll) or whole")
         moe = options.extra.get("moe", "auto")
         if moe not in MOE:
             raise UnsupportedConfigError(f"jax backend: moe {moe!r} is not {', '.join(MOE)}")
@@ -85,6 +98,10 @@ class JaxRunner:
         self.weights = self.placement.weights(self.decoder.arrange(weights))
         self._body = self.placement.jit(self.decoder.body, sharded=(0, 1, 2))
         self._head = self.placement.jit(self.decoder.head, sharded=(0, 1))
+        self.layered = extend == "layered"
+        self._start = self.placement.jit(self.decoder.start, sharded=(0,))
+        self._layer = {kind: self.placement.jit(functools.partial(self.decoder.layer, moe_layer=kind), sharded=(0, 1, 2, 3, 4, 5))
+                       for kind in (False, True)}  # fmt: skip
         self._buckets: set[tuple] = set()  # the body's shape buckets run so far
         self._first = True
 
@@ -94,16 +111,22 @@ class JaxRunner:
             if self.precompile is not None:
                 self._compile_ahead(cache)
         T, wanted, slots = meta.num_tokens, len(meta.logits_indices), meta.out_cache_loc
-        batch = None if any(n != 1 for n in meta.extend_lens_cpu) else buckets.fit(meta.batch_size, self.decode_batches)
+        one_each = meta.mode is not ForwardMode.VERIFY and all(n == 1 for n in meta.extend_lens_cpu)
+        batch = buckets.fit(meta.batch_size, self.decode_batches) if one_each else None
         if batch is not None:
             meta, input_ids = meta.padded_decode(input_ids, batch)
         inputs, tokens = attention.plan(meta, decode=batch is not None)
         ids, positions = _pad(input_ids, tokens), _pad(meta.positions, tokens)
         rows = _pad(meta.logits_indices, buckets.power_of_two(len(meta.logits_indices)))
         p, start = self.placement, time.perf_counter()
-        hidden, k, v = self._body(self.weights, *p.pools(cache), p.replicate(ids), p.replicate(positions), p.replicate(inputs))
+        if batch is None and self.layered:
+            hidden, k, v = self._layers(cache, p.replicate(ids), p.replicate(positions), p.replicate(inputs))
+            k, v = [p.local(x)[:T] for x in k], None if v is None else [p.local(x)[:T] for x in v]
+        else:
+            hidden, k, v = self._body(self.weights, *p.pools(cache), p.replicate(ids), p.replicate(positions), p.replicate(inputs))
+            k, v = p.local(k)[:, :T], None if v is None else p.local(v)[:, :T]
         logits = self._head(self.weights, hidden, p.replicate(rows))
-        cache.write_layers(slots, p.local(k)[:, :T], None if v is None else p.local(v)[:, :T])
+        cache.write_layers(slots, k, v)
         out = p.local(logits)[:wanted]
         kind = "decode" if batch is not None else "extend"
         bucket = (kind, tokens, *attention.bucket(inputs))
@@ -112,6 +135,17 @@ class JaxRunner:
             logger.info("sglang-fx jax: %s step of %d tokens compiled and ran in %.1f s (bucket %s)", kind, T,
                         time.perf_counter() - start, bucket)  # fmt: skip
         return out
+
+    def _layers(self, cache: JaxKVCache, ids, positions, inputs) -> tuple:
+        """A layered step: (hidden, every layer's new K, every layer's new V or None), per rank."""
+        k_pools, v_pools = self.placement.pools(cache)
+        x, cos, sin = self._start(self.weights, ids, positions)
+        ks, vs = [], []
+        for i, w in enumerate(self.weights["layers"]):
+            x, k, v = self._layer[self.spec.is_moe_layer(i)](w, k_pools[i], None if v_pools is None else v_pools[i], x, cos, sin, inputs)
+            ks.append(k)
+            vs.append(v)
+        return x, ks, None if v_pools is None else vs
 
     def _compile_ahead(self, cache: JaxKVCache) -> None:
         """Run a dummy prefill and one dummy decode step per `precompile` batch size, on the first

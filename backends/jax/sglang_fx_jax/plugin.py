@@ -15,7 +15,7 @@ from sglang_fx.capabilities import Capabilities
 from sglang_fx.spi import BackendInfo
 
 NAME = "jax"
-SPI = "1.1"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
+SPI = "1.2"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
 JAX_VERSION = "0.7.1"
 INSTALL = f"pip install jax=={JAX_VERSION} jaxlib=={JAX_VERSION} 'numpy<2'"
 FLOATS = frozenset({"float32", "bfloat16", "float16"})
@@ -29,11 +29,14 @@ CAPABILITIES = Capabilities(
     page_sizes=None,
     features=frozenset({"prefix_cache", "jit", "all_token_logits"}),
     parallelism=frozenset({"tp", "ep"}),
+    verify=frozenset({"tree"}),  # speculative verify steps, any draft tree (attention.py's row_tree)
     options={
         "decode_batches": "batch sizes of the decode programs, e.g. 1,2,4,8, or none (decode runs as extend steps)",
         "precompile": "programs to compile at the first step instead of on first use: none (default), all "
         "(prefill and every decode batch size), or decode batch sizes, e.g. 1,2,4,8",
         "layers": "unroll (default): one program with every layer's code; scan: lax.scan over weights stacked by layer",
+        "extend": "layered (default with layers=unroll): extend steps run one small program per layer kind, called "
+        "per layer (compiles a new shape bucket about as many times faster as there are layers); whole: one program",
         "compile_cache": "JAX's persistent compilation cache directory (default <sglang-fx cache>/jax), or none",
         "moe": "how MoE layers dispatch: auto (default: each token's k experts gathered for steps of few tokens, "
         "every expert densely above), dense, or gather",
