@@ -14,7 +14,7 @@ STAMP := $(VENV)/.sglang-fx-setup
 # pip warns once per package about the machine-wide extra index dirs that do not exist.
 QUIET := sed "/is ignored: it is neither a file nor a directory/d"
 
-.PHONY: setup demo test conformance bench bench-serving clean
+.PHONY: setup demo test conformance bench bench-serving bench-w8a8 clean
 
 setup: $(STAMP)
 
@@ -52,3 +52,6 @@ bench: setup
 
 bench-serving: setup
 	$(PY) benchmarks/serving.py
+
+bench-w8a8: setup
+	$(PY) benchmarks/w8a8.py

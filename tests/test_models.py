@@ -98,6 +98,47 @@ def test_every_backend_answers_the_real_model_like_transformers(backend, smollm2
     assert tok.decode(got[0]).startswith(" Paris")
 
 
+def _w8a8_backends() -> list[str]:
+    from sglang_fx.quant import W8A8_INT8
+    from sglang_fx.registry import default_registry
+
+    reg = default_registry()
+    return [n for n in _backends() if W8A8_INT8 in reg.info(n).capabilities.quantization]
+
+
+def test_fetch_model_quantize_gives_the_w8a8_checkpoint_and_reuses_it(smollm2, capsys):
+    out = models.fetch("smollm2", quantize="w8a8", progress=None)
+    assert out.name == "smollm2-135m-instruct-w8a8" and models.is_complete(out)
+    meta = json.loads((out / models.MARKER).read_text())
+    assert (meta["quantized"], meta["from"]) == ("w8a8", str(smollm2))
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "int-quantized" and config["quantization_config"]["ignore"] == ["lm_head"]
+    assert main(["fetch-model", "smollm2", "--quantize", "w8a8"]) == 0
+    got = capsys.readouterr()
+    assert got.out.strip() == str(out) and got.err == ""
+
+
+def test_every_backend_answers_the_w8a8_real_model(smollm2, hf_greedy):
+    """SmolLM2 in W8A8 (`fetch-model --quantize w8a8`): every backend that runs W8A8 still answers
+    " Paris". How many leading tokens each agrees on with reference_torch's W8A8 run and with the
+    float model is printed, not asserted: on this checkpoint per-token int8 activations are
+    chaotic under float rounding (one backend's own logits move by up to 1.9 when the same prompt
+    is prefilled in two chunks instead of one: an activation near a rounding boundary flips), so
+    backends agree token for token only up to the first such flip. Token identity of W8A8
+    backends is asserted on the tiny models of the conformance suite (w8a8/greedy/*)."""
+    from sglang_fx.generate import Session
+
+    tok, prompts, float_out = hf_greedy
+    ckpt = models.fetch("smollm2", quantize="w8a8", progress=None)
+    outs = {b: Session(b, ckpt, dtype="float32", max_total_tokens=1024).generate(prompts, 12) for b in _w8a8_backends()}
+    lead = lambda a, b: next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))  # noqa: E731
+    for backend, got in outs.items():
+        for p, g, ref, flt in zip(REAL_PROMPTS, got, outs["reference_torch"], float_out):
+            print(f"W8A8 {backend} {p!r} -> {tok.decode(g)!r}: leading tokens equal to reference_torch's W8A8 "
+                  f"{lead(g, ref)}/12, to the float model's {lead(g, flt)}/12")  # fmt: skip
+        assert tok.decode(got[0]).startswith(" Paris"), (backend, tok.decode(got[0]))
+
+
 def test_sglang_serves_the_real_model_like_native(smollm2, tmp_path):
     """sglang.Engine on SmolLM2 with --model-impl mindspore and jax (those available here): the
     greedy tokens of examples/sglang_compare.py's requests (a ragged batch, radix-cache hits, a
