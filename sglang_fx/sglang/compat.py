@@ -250,10 +250,25 @@ def feature_problems(server_args: Any, capabilities: Any = None) -> list[str]:
                    "or use --model-impl sglang")  # fmt: skip
     elif algorithm and capabilities is not None:
         out += capabilities.validate(verify=spec_verify_kind(server_args))
+    if algorithm and (scheme := _quantization_of(getattr(server_args, "speculative_draft_model_path", None))):
+        out.append(f"the draft model {server_args.speculative_draft_model_path} is quantized ({scheme}); a quantized draft "
+                   "is not supported by sglang-fx yet: give a float draft checkpoint (the target may stay quantized)")  # fmt: skip
     if getattr(server_args, "enable_lora", False) or getattr(server_args, "lora_paths", None):
         out.append("LoRA adapters (--enable-lora, --lora-paths) are not supported by sglang-fx backends yet; merge the "
                    "adapter into the checkpoint's weights, or use --model-impl sglang")  # fmt: skip
     return out
+
+
+def _quantization_of(path: Any) -> str | None:
+    """The quant_method of a local checkpoint's config.json ("compressed-tensors"...), else None."""
+    import json
+    from pathlib import Path
+
+    config = Path(str(path)) / "config.json" if path else None
+    if config is None or not config.is_file():
+        return None
+    quant = json.loads(config.read_text()).get("quantization_config")
+    return str(quant.get("quant_method", "quantized")) if isinstance(quant, dict) else None
 
 
 def spec_verify_kind(server_args: Any) -> str:
