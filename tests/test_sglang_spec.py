@@ -1,7 +1,8 @@
 """Speculative decoding through the SPI: SGLang's NGRAM (drafts from each request's own
-n-grams, verified as a tree) with --model-impl reference_torch and numpy on the CPU.
+n-grams, verified as a tree) with --model-impl reference_torch, numpy, mindspore and jax on the CPU.
 
-Per backend, two servers on one tiny float32 Llama, started together, with the same
+Per backend, two servers on one tiny float32 Llama, started together with those of one other
+backend (two waves of four servers: more at once overload a 2-core, 24 GiB host), with the same
 --max-running-requests cap (speculation sets 48 otherwise): "plain" and "ngram"
 (--speculative-algorithm NGRAM, SGLang's defaults: a breadth-10 tree of 12 draft tokens). Every
 verify step is SGLang's TARGET_VERIFY, mapped by the adapter to the SPI's VERIFY step, and
@@ -13,7 +14,7 @@ SGLang's CPU speculative kernels come from sglang-fx's sgl_kernel stand-in.
   near-ties are counted and printed, any other difference fails.
 - On prompts that copy text (a list repeated), NGRAM accepts drafts: the mean of SGLang's
   `spec_accept_length` (tokens per verify step, bonus token included) exceeds 1.
-Budget: about 4 minutes on a 2-core machine (start-ups most of it).
+Budget: about 7 minutes on a 2-core machine (start-ups most of it).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from sglang_fx.tiny import CORPUS  # noqa: E402
 
 from .sglang_support import Server, available, stop_all, verdict  # noqa: E402
 
-BACKENDS = ("reference_torch", "numpy")
+WAVES = (("reference_torch", "numpy"), ("mindspore", "jax"))  # backends whose servers run at the same time
+BACKENDS = tuple(b for wave in WAVES for b in wave)
 STARTUP_TIMEOUT = 420  # s: four servers start at once on two cores
 REQUEST_TIMEOUT = 300  # s, per request
 CAP = ("--max-running-requests", "8")
@@ -56,25 +58,46 @@ MAX_NEW_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    """{(backend, "plain" | "ngram"): Server}, started together; all stopped at the end."""
-    missing = [b for b in BACKENDS if not available(b)]
-    if missing:
-        pytest.fail(f"backends not available: {missing} (make setup installs them)")
+def model(tmp_path_factory) -> str:
     from sglang_fx.tiny import make_tiny_model
 
-    root = tmp_path_factory.mktemp("sglang_spec")
-    model = str(make_tiny_model("llama", root / "llama"))
-    started: dict[tuple[str, str], Server] = {}
+    return str(make_tiny_model("llama", tmp_path_factory.mktemp("sglang_spec") / "llama"))
+
+
+class Waves:
+    """The servers of one wave at a time: `servers(backend)` starts the wave holding `backend`
+    (after stopping the previous one) and returns {(backend, "plain" | "ngram"): Server}."""
+
+    def __init__(self, model: str, root):
+        self.model, self.root, self.wave, self.started = model, root, None, {}
+
+    def servers(self, backend: str) -> dict:
+        wave = next(w for w in WAVES if backend in w)
+        if wave != self.wave:
+            self.stop()
+            missing = [b for b in wave if not available(b)]
+            if missing:
+                pytest.fail(f"backends not available: {missing} (make setup installs them)")
+            self.wave = wave
+            for b in wave:
+                base = ("--model-impl", b, "--context-length", "512", *CAP)
+                self.started[b, "plain"] = Server(f"{b}-plain", self.model, base, dict(os.environ), self.root)
+                spec = (*base, "--speculative-algorithm", "NGRAM", *NGRAM_CORPUS)
+                self.started[b, "ngram"] = Server(f"{b}-ngram", self.model, spec, dict(os.environ), self.root)
+        return self.started
+
+    def stop(self) -> None:
+        stop_all(list(self.started.values()))
+        self.started, self.wave = {}, None
+
+
+@pytest.fixture(scope="module")
+def waves(model, tmp_path_factory):
+    w = Waves(model, tmp_path_factory.mktemp("sglang_spec_servers"))
     try:
-        for backend in BACKENDS:
-            base = ("--model-impl", backend, "--context-length", "512", *CAP)
-            started[backend, "plain"] = Server(f"{backend}-plain", model, base, dict(os.environ), root)
-            spec = (*base, "--speculative-algorithm", "NGRAM", *NGRAM_CORPUS)
-            started[backend, "ngram"] = Server(f"{backend}-ngram", model, spec, dict(os.environ), root)
-        yield started
+        yield w
     finally:
-        stop_all(list(started.values()))
+        w.stop()
 
 
 def _run_all(server: Server, **extra) -> list[dict]:
@@ -91,8 +114,9 @@ def _run_all(server: Server, **extra) -> list[dict]:
         return list(pool.map(one, PROMPTS))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_ngram_greedy_equals_plain_and_accepts_drafts(servers, backend):
+@pytest.mark.parametrize("backend", BACKENDS)  # in wave order: each wave starts once
+def test_ngram_greedy_equals_plain_and_accepts_drafts(waves, backend):
+    servers = waves.servers(backend)
     plain = _run_all(servers[backend, "plain"], return_logprob=True, top_logprobs_num=2)
     spec = _run_all(servers[backend, "ngram"])
     verdicts = [verdict(s["output_ids"], p) for s, p in zip(spec, plain)]
@@ -176,3 +200,18 @@ def test_startup_decision_for_speculative_decoding():
     assert "needs chain verification" in none and "this backend verifies nothing" in none
     (eagle,) = feature_problems(args("EAGLE3"), caps({"tree"}))
     assert "--speculative-algorithm EAGLE3 is not supported" in eagle and "supported: NGRAM" in eagle
+
+
+def test_a_quantized_draft_model_is_refused_at_startup(tmp_path):
+    import types
+
+    from sglang_fx.quantize import quantize
+    from sglang_fx.sglang.compat import feature_problems
+    from sglang_fx.tiny import make_tiny_model
+
+    float_draft = make_tiny_model("llama", tmp_path / "draft")
+    int8_draft = quantize(float_draft, tmp_path / "draft-w8a8")
+    args = lambda draft: types.SimpleNamespace(speculative_algorithm="STANDALONE", speculative_draft_model_path=str(draft))  # noqa: E731
+    assert not any("quantized" in p for p in feature_problems(args(float_draft)))
+    assert any(f"the draft model {int8_draft} is quantized (compressed-tensors); a quantized draft is not supported" in p
+               for p in feature_problems(args(int8_draft)))  # fmt: skip
