@@ -2,9 +2,7 @@
 a tiny float32 Llama, in short runs; each must print SGLang's table and run our backend:
 
 - latency: `python -m sglang_fx.sglang.bench_one_batch` (SGLang's sglang.benchmark.one_batch
-  with the plugins loaded and the server arguments checked), and SGLang's own
-  `python -m sglang.benchmark.one_batch` at tp_size 2 (it loads no plugins itself; sglang-fx's
-  start-up hook has every rank load them);
+  with the plugins loaded; SGLang's own entry point cannot load them);
 - offline throughput: `python -m sglang.benchmark.offline_throughput` (an Engine), with the
   generated-shared-prefix dataset and a local ShareGPT file for its warm-up (no hub);
 - serving: `python -m sglang.bench_serving --dataset-name random-ids` against a server started
@@ -41,10 +39,10 @@ def offline_env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "SGLANG_USE_CPU_ENGINE": "1", "GLOG_v": "3"}
 
 
-def run_tool(args: list[str], cwd, expect_ok: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_tool(args: list[str], cwd, expect_ok: bool = True) -> subprocess.CompletedProcess:
     """Run `python -m ARGS` in `cwd` (the tools write their result files there), in a session of
     its own: on a timeout the whole group goes (one_batch's spawned ranks too)."""
-    proc = subprocess.Popen([PYTHON, "-m", *args], env={**offline_env(), **(env or {})}, cwd=cwd, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([PYTHON, "-m", *args], env=offline_env(), cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     try:
         stdout, stderr = proc.communicate(timeout=TIMEOUT)
@@ -79,24 +77,6 @@ def test_one_batch_at_tp_size_2_loads_the_plugins_in_every_rank(llama, tmp_path)
                     "--tp-size", "2", "--batch-size", "2", "--input-len", "8", "--output-len", "4"], tmp_path)  # fmt: skip
     assert out.count("type=SglangFx_mindspore_ForCausalLM") == 2, out[-4000:]  # TP0 and TP1
     assert "Decode 2. Batch size: 2," in out[out.index("Benchmark ..."):], out[-4000:]
-
-
-def test_sglangs_own_one_batch_at_tp_size_2_runs_the_backend_in_every_rank(llama, tmp_path):
-    """SGLang's own one_batch, run as SGLang documents it on CPU (SGLANG_USE_CPU_ENGINE=1, a CPU
-    set per rank in SGLANG_CPU_OMP_THREADS_BIND), loads no plugins: sglang-fx's start-up hook
-    (sglang_fx/cpu_host.py) has each rank load them before it builds its ModelRunner, so every
-    rank runs the sglang-fx backend, not SGLang's Ascend-only "mindspore" wrapper."""
-    from types import SimpleNamespace
-
-    from sglang_fx.sglang.compat import CPU_THREADS_BIND_ENV, cpu_threads_binding
-
-    bind = cpu_threads_binding(SimpleNamespace(tp_size=2))
-    out = run_tool(["sglang.benchmark.one_batch", "--model-path", llama, "--model-impl", "mindspore", *SERVER_FLAGS,
-                    "--tp-size", "2", "--batch-size", "2", "--input-len", "8", "--output-len", "4"], tmp_path,
-                   env={CPU_THREADS_BIND_ENV: bind})  # fmt: skip
-    log = out.stdout + out.stderr
-    assert log.count("type=SglangFx_mindspore_ForCausalLM") == 2, log[-4000:]  # TP0 and TP1
-    assert "Decode 2. Batch size: 2," in log[log.index("Benchmark ..."):], log[-4000:]
 
 
 def test_one_batch_refuses_an_unknown_model_impl(llama, tmp_path):
