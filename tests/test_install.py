@@ -157,6 +157,9 @@ def test_installed_from_the_wheels_with_every_requirement_met(venv):
                    code=True).stdout.split()  # fmt: skip
     assert Path(out[0]).is_relative_to(venv.site) and Path(out[1]).is_relative_to(venv.site), out
     assert out[2] == "True"  # the wheel's .pth ran at start-up
+    # On this CPU host PyPI's torchvision (a CUDA build) fails to import without the hook's fix,
+    # and SGLang's model configs import it.
+    venv.run("import sglang, torchvision.transforms; print(sglang.__version__)", code=True)
     check = venv.run("pip", "check", check=False)
     # SGLang itself (installed --no-deps in the project environment) lacks its CUDA packages;
     # what matters here is that every sglang-fx distribution has what it asks for.
