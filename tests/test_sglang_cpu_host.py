@@ -98,10 +98,15 @@ def test_only_sglangs_own_one_batch_gets_the_plugins_from_the_hook(monkeypatch):
 
     from sglang_fx.sglang import bench_one_batch
 
+    one_batch = importlib.machinery.ModuleSpec("sglang.benchmark.one_batch", None)
     assert cpu_host.sglang_one_batch_plugins() is None  # pytest's process
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", one_batch)  # python -m sglang.benchmark.one_batch
+    assert cpu_host.sglang_one_batch_plugins() is bench_one_batch.load_plugins_with_the_model_runner
+    monkeypatch.undo()
+    assert cpu_host.sglang_one_batch_plugins() is None
     rank_main = types.ModuleType("__mp_main__")
-    rank_main.__spec__ = importlib.machinery.ModuleSpec("sglang.benchmark.one_batch", None)
-    monkeypatch.setitem(sys.modules, "__mp_main__", rank_main)
+    rank_main.__spec__ = one_batch
+    monkeypatch.setitem(sys.modules, "__mp_main__", rank_main)  # a rank it spawned
     assert cpu_host.sglang_one_batch_plugins() is bench_one_batch.load_plugins_with_the_model_runner
 
 
