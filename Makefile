@@ -8,13 +8,13 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 # Re-run the set-up when any of these change.
 SETUP_INPUTS := requirements/base.txt requirements/nodeps.txt requirements/constraints.txt \
-	pyproject.toml backends/reference_torch/pyproject.toml backends/mindspore/pyproject.toml backends/jax/pyproject.toml backends/numpy/pyproject.toml \
+	pyproject.toml setup.py backends/reference_torch/pyproject.toml backends/mindspore/pyproject.toml backends/jax/pyproject.toml backends/numpy/pyproject.toml \
 	sglang_fx/system_libs.py
 STAMP := $(VENV)/.sglang-fx-setup
 # pip warns once per package about the machine-wide extra index dirs that do not exist.
 QUIET := sed "/is ignored: it is neither a file nor a directory/d"
 
-.PHONY: setup demo test conformance bench bench-serving bench-w8a8 clean
+.PHONY: setup demo test conformance bench bench-serving bench-w8a8 dist clean
 
 setup: $(STAMP)
 
@@ -40,8 +40,14 @@ conformance: setup
 	$(VENV)/bin/sglang-fx conformance --backend jax
 	$(VENV)/bin/sglang-fx conformance --backend numpy
 
+# An sdist and a wheel of each distribution (sglang-fx and its backends) in dist/, each wheel built
+# from its sdist (tools/dist.py).
+dist: setup
+	rm -rf dist
+	$(PY) tools/dist.py --out dist
+
 clean:
-	rm -rf $(VENV) build *.egg-info backends/*/*.egg-info
+	rm -rf $(VENV) build dist *.egg-info backends/*/*.egg-info
 
 bench: setup
 	$(PY) benchmarks/decode.py

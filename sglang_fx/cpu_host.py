@@ -1,11 +1,15 @@
 """Compatibility shim for CPU-only hosts: the one place sglang-fx works around packages whose
 PyPI builds assume CUDA. It edits no installed file.
 
-`sglang-fx setup-cpu-host` writes a one-line `sglang_fx_cpu_host.pth` into the environment's
+The one-line `sglang_fx_cpu_host.pth` (sglang_fx/sglang_fx_cpu_host.pth) lies at the top of
 site-packages, so that `install()` runs at interpreter start-up in every process (SGLang's
 launcher and its scheduler subprocesses import these packages before any plugin of ours loads).
+The sglang-fx wheel installs it (setup.py puts it there); for a source checkout installed
+editable, `sglang-fx setup-cpu-host` writes the same file (`make setup` runs it).
 `install()` only adds an import hook: it imports nothing heavy, and each fix below is applied
-when, and only when, the affected package is first imported on a host that needs it.
+when, and only when, the affected package is first imported on a host that needs it. On a host
+with a CUDA build of torch, sgl_kernel installed and libibverbs in the system, no fix applies:
+the hook only answers "not mine" to the imports it watches.
 
 Fixes:
 - torchvision: PyPI's only Linux wheel is a CUDA build whose `_C.so` cannot load against the
@@ -51,6 +55,16 @@ Fixes:
   the copy `sglang-fx install-system-libs` unpacked into the environment, unless the system has
   one. Only processes that import the engine (a PD server's schedulers) pay for it.
 
+And one that is not about CUDA, but needs the same start-up hook because no plugin of ours runs
+otherwise:
+- SGLang's own latency tool, `python -m sglang.benchmark.one_batch` (and its spawned
+  tensor-parallel ranks), builds its ModelRunner without loading SGLang's general plugins, so
+  `--model-impl mindspore` would pick SGLang's Ascend-only wrapper and any other sglang-fx name
+  would be unknown. Right after `sglang.srt.model_executor.model_runner` is imported, in that
+  tool's processes only, `sglang_fx.sglang.bench_one_batch.load_plugins_with_the_model_runner`
+  has SGLang load its plugins when the first ModelRunner is built (details there). In every
+  other process (the launcher and Engine load the plugins themselves) it does nothing.
+
 Not done here: SGLANG_USE_CPU_ENGINE=1, which SGLang reads at import time to take its CPU path.
 This hook runs in every Python process of the environment, and choosing SGLang's device is the
 launcher's decision, not the interpreter's: `python -m sglang_fx.sglang.launch_server ...
@@ -64,8 +78,8 @@ import importlib.machinery
 import sys
 from pathlib import Path
 
+#: The .pth file (its one line calls install()): sglang_fx/sglang_fx_cpu_host.pth, installed as it is.
 PTH_NAME = "sglang_fx_cpu_host.pth"
-PTH_LINE = "import sglang_fx.cpu_host as m; m.install()\n"
 
 _TORCHVISION_OPS = (
     "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
@@ -326,13 +340,44 @@ def preload_system_libs() -> bool:
     return True
 
 
+def sglang_one_batch_plugins():
+    """Before `sglang.srt.model_executor.model_runner` loads: in SGLang's own one_batch, the
+    action that has SGLang load its plugins (run once the module is loaded); elsewhere None."""
+    from .sglang import bench_one_batch
+
+    return bench_one_batch.load_plugins_with_the_model_runner if bench_one_batch.is_sglang_one_batch() else None
+
+
+class _ThenRun(importlib.abc.Loader):
+    """A module's own loader, followed by `then(module)` once the module has run."""
+
+    def __init__(self, loader, then):
+        self.loader, self.then = loader, then
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.loader.exec_module(module)
+        self.then(module)
+
+    def __getattr__(self, name):  # get_code, get_source, is_package, ...: the module's own loader
+        if name == "loader":  # not set yet
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+
 class _ImportHook(importlib.abc.MetaPathFinder):
-    """Runs a package's fix just before its first import (`fixes`, one-shot), and provides
+    """Runs a package's fix just before its first import (`fixes`, one-shot), provides
     stand-ins for modules that are missing here (`providers`, consulted on every lookup of
-    that exact name). Never imports the packages themselves."""
+    that exact name), and runs an action right after a module is first imported, where the
+    action's chooser returns one (`after`). Never imports the packages themselves."""
 
     fixes = {"torchvision": fix_torchvision, "mooncake": preload_system_libs}
     providers = {"sgl_kernel": sgl_kernel_spec, **{f"sgl_kernel.{m}": sgl_kernel_submodule_spec for m in _SGL_KERNEL_SUBMODULES}}
+    # SGLang 0.5.23's ModelRunner module (a name here, not through sglang/compat.py, which imports torch:
+    # this table is built at interpreter start-up).
+    after = {"sglang.srt.model_executor.model_runner": sglang_one_batch_plugins}
 
     def find_spec(self, name, path=None, target=None):
         fix = self.fixes.pop(name, None)
@@ -341,7 +386,22 @@ class _ImportHook(importlib.abc.MetaPathFinder):
         provider = self.providers.get(name)
         if provider is not None:
             return provider(name)
+        chooser = self.after.get(name)
+        then = chooser() if chooser is not None else None
+        if then is not None:
+            return self._spec_then(name, path, target, then)
         return None  # the normal finders import the package itself
+
+    def _spec_then(self, name, path, target, then):
+        """The spec the other finders give `name`, its loader followed by `then`."""
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = find(name, path, target) if finder is not self and find is not None else None
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _ThenRun(spec.loader, then)
+                return spec
+        return None
 
 
 def install() -> None:
@@ -351,9 +411,10 @@ def install() -> None:
 
 
 def write_pth(site_packages: str | Path | None = None) -> Path:
-    """Write the .pth file that calls install() at start-up; returns its path."""
+    """Write the .pth file that calls install() at start-up (the one the sglang-fx wheel ships,
+    for environments that installed sglang-fx from source, editable); returns its path."""
     import sysconfig
 
     target = Path(site_packages or sysconfig.get_paths()["purelib"]) / PTH_NAME
-    target.write_text(PTH_LINE)
+    target.write_text((Path(__file__).parent / PTH_NAME).read_text())
     return target

@@ -1,7 +1,8 @@
 """`sglang-fx new-backend NAME [--out DIR]`: a new backend distribution, copied from the NumPy
-backend (`backends/numpy`, installed as `sglang_fx_numpy`), that passes the conformance suite
-before its author changes a line. The author then replaces NumPy piece by piece
-(docs/writing-a-backend.md), keeping `sglang-fx conformance --backend NAME` green.
+backend (`backends/numpy/sglang_fx_numpy`, which the sglang-fx distribution carries as
+`sglang_fx.backend_template`, so nothing but sglang-fx need be installed), that passes the
+conformance suite before its author changes a line. The author then replaces NumPy piece by
+piece (docs/writing-a-backend.md), keeping `sglang-fx conformance --backend NAME` green.
 
 What it writes under DIR (default ./sglang-fx-NAME):
     pyproject.toml          the distribution sglang-fx-NAME, entry point NAME in sglang_fx.backends
@@ -12,14 +13,16 @@ What it writes under DIR (default ./sglang-fx-NAME):
 
 from __future__ import annotations
 
-import importlib.util
 import keyword
 import re
 from pathlib import Path
 
 from .errors import SglangFxError
 
-TEMPLATE = "sglang_fx_numpy"  # the package copied
+TEMPLATE = "sglang_fx_numpy"  # the package copied (its name is replaced in every file)
+#: Where its modules lie: sglang_fx/backend_template, in the wheel a copy, in the source tree a
+#: symlink to backends/numpy/sglang_fx_numpy.
+TEMPLATE_DIR = Path(__file__).resolve().parent / "backend_template"
 TEMPLATE_NAME = "numpy"  # its backend name
 
 #: SGLang 0.5.23's own --model-impl values (srt/configs/model_config.py::ModelImpl): a backend
@@ -53,11 +56,10 @@ def new_backend(name: str, out: str | Path | None = None) -> Path:
     out = Path(out) if out is not None else Path.cwd() / f"sglang-fx-{name.replace('_', '-')}"
     if out.exists():
         raise ScaffoldError(f"{out} already exists; pass --out with a new directory (nothing was written)")
-    spec = importlib.util.find_spec(TEMPLATE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ScaffoldError(f"the template backend ({TEMPLATE}) is not installed: pip install -e backends/numpy "
-                            "(from the sglang-fx repository), then run this again")  # fmt: skip
-    template = Path(next(iter(spec.submodule_search_locations)))
+    template = TEMPLATE_DIR
+    if not (template / "plugin.py").is_file():
+        raise ScaffoldError(f"the backend template is missing from this sglang-fx installation ({template}): reinstall "
+                            "sglang-fx (pip install --force-reinstall --no-deps sglang-fx), then run this again")  # fmt: skip
     package = f"sglang_fx_{name}"
     (out / package).mkdir(parents=True)
     for src in sorted(template.glob("*.py")):
@@ -66,11 +68,21 @@ def new_backend(name: str, out: str | Path | None = None) -> Path:
             text = text.replace(f'NAME = "{TEMPLATE_NAME}"', f'NAME = "{name}"')
         (out / package / src.name).write_text(text)
     dist = f"sglang-fx-{name.replace('_', '-')}"
-    (out / "pyproject.toml").write_text(PYPROJECT.format(dist=dist, name=name, package=package))
+    (out / "pyproject.toml").write_text(PYPROJECT.format(dist=dist, name=name, package=package, sglang_fx=requirement(),
+                                                         sglang_fx_conformance=requirement("conformance")))  # fmt: skip
     (out / "README.md").write_text(README.format(dist=dist, name=name, package=package))
     (out / "tests").mkdir()
     (out / "tests" / "test_conformance.py").write_text(TEST.format(name=name))
     return out
+
+
+def requirement(extra: str | None = None) -> str:
+    """The scaffold's requirement on sglang-fx: from this version up to below its next minor, the
+    rule of every sglang-fx distribution's pins (pyproject.toml), with `extra` if given."""
+    from . import __version__
+
+    major, minor = (int(p) for p in __version__.split(".")[:2])
+    return f"sglang-fx{f'[{extra}]' if extra else ''}>={__version__},<{major}.{minor + 1}"
 
 
 PYPROJECT = """\
@@ -83,7 +95,11 @@ name = "{dist}"
 version = "0.1.0"
 description = "sglang-fx backend {name}"
 requires-python = ">=3.10"
-dependencies = ["sglang-fx", "numpy"]
+dependencies = ["{sglang_fx}", "numpy"]
+
+[project.optional-dependencies]
+# pytest tests/: the conformance suite, its ground truth (transformers, the reference backend)
+test = ["{sglang_fx_conformance}"]
 
 [project.entry-points."sglang_fx.backends"]
 {name} = "{package}.plugin"
@@ -105,7 +121,7 @@ examples/backend-patches/own-attention.patch, replaces this template's attention
 passing.
 
 ```sh
-pip install -e .                                   # registers the entry point `{name}`
+pip install -e '.[test]'                           # registers the entry point `{name}`; [test]: what pytest needs
 sglang-fx conformance --backend {name}             # every case, with what it checks
 sglang-fx conformance --backend {name} --list      # the cases and the contract each tests
 pytest tests/                                      # the same cases through pytest

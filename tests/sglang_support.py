@@ -124,15 +124,16 @@ class Server:
     whole group (SGLang's scheduler and detokenizer processes included)."""
 
     def __init__(self, name: str, model: str, args: tuple[str, ...], env: dict, log_dir: Path,
-                 module: str = "sglang.launch_server"):  # fmt: skip
+                 module: str = "sglang.launch_server", python: str = PYTHON, cwd: Path = ROOT):  # fmt: skip
+        """python, cwd: the interpreter (another environment's, say) and the working directory."""
         self.name, self.port = name, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log_dir / f"{name}.log"
         env = {**env, "SGLANG_USE_CPU_ENGINE": "1"}
-        cmd = [PYTHON, "-m", module, "--model-path", model, *SERVER_FLAGS, "--host", "127.0.0.1",
+        cmd = [python, "-m", module, "--model-path", model, *SERVER_FLAGS, "--host", "127.0.0.1",
                "--port", str(self.port), *args]  # fmt: skip
         with open(self.log, "w") as f:
-            self.proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+            self.proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=cwd,
                                          start_new_session=True)  # fmt: skip
 
     def output(self, tail: int = 6000) -> str:

@@ -1,8 +1,11 @@
-"""The sgl_kernel stand-in of sglang_fx.cpu_host: its torch kernels against plain loops."""
+"""sglang_fx.cpu_host: the sgl_kernel stand-in's torch kernels against plain loops, and the start-up
+import hook (fixes before an import, actions after one, the .pth file)."""
 
 from __future__ import annotations
 
 import importlib.machinery
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,6 +67,53 @@ def test_mooncake_import_preloads_the_system_libraries(monkeypatch):
     hook = cpu_host._ImportHook()
     assert hook.find_spec("mooncake") is None and calls == ["preload"]  # then the normal finders import it
     assert hook.find_spec("mooncake") is None and calls == ["preload"]  # once per process
+
+
+def test_an_after_import_action_runs_once_the_module_has_loaded(tmp_path, monkeypatch):
+    """`after`: the chooser runs before the module is found; its action, when it returns one,
+    runs with the module once its code has run (how SGLang's one_batch gets its plugins)."""
+    (tmp_path / "fx_after_probe.py").write_text("VALUE = 42\n")
+    (tmp_path / "fx_after_plain.py").write_text("VALUE = 7\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+    hook = cpu_host._ImportHook()
+    monkeypatch.setattr(hook, "after", {"fx_after_probe": lambda: lambda m: seen.append(m.VALUE), "fx_after_plain": lambda: None})
+    monkeypatch.setattr(sys, "meta_path", [hook, *sys.meta_path])
+    for name in ("fx_after_probe", "fx_after_plain"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    import fx_after_plain
+    import fx_after_probe
+
+    assert seen == [42]
+    assert fx_after_probe.__loader__.get_source("fx_after_probe") == "VALUE = 42\n"  # the module's own loader answers
+    assert fx_after_plain.VALUE == 7 and not isinstance(fx_after_plain.__loader__, cpu_host._ThenRun)
+    for name in ("fx_after_probe", "fx_after_plain"):
+        del sys.modules[name]
+
+
+def test_only_sglangs_own_one_batch_gets_the_plugins_from_the_hook(monkeypatch):
+    """The chooser answers an action in a process whose main module, or multiprocessing's
+    __mp_main__ (a spawned tensor-parallel rank), is SGLang's one_batch; nothing elsewhere."""
+    import types
+
+    from sglang_fx.sglang import bench_one_batch
+
+    one_batch = importlib.machinery.ModuleSpec("sglang.benchmark.one_batch", None)
+    assert cpu_host.sglang_one_batch_plugins() is None  # pytest's process
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", one_batch)  # python -m sglang.benchmark.one_batch
+    assert cpu_host.sglang_one_batch_plugins() is bench_one_batch.load_plugins_with_the_model_runner
+    monkeypatch.undo()
+    assert cpu_host.sglang_one_batch_plugins() is None
+    rank_main = types.ModuleType("__mp_main__")
+    rank_main.__spec__ = one_batch
+    monkeypatch.setitem(sys.modules, "__mp_main__", rank_main)  # a rank it spawned
+    assert cpu_host.sglang_one_batch_plugins() is bench_one_batch.load_plugins_with_the_model_runner
+
+
+def test_setup_cpu_host_writes_the_pth_file_the_wheel_ships(tmp_path):
+    shipped = Path(cpu_host.__file__).with_name(cpu_host.PTH_NAME).read_text()
+    assert shipped == "import sglang_fx.cpu_host as m; m.install()\n"
+    assert cpu_host.write_pth(tmp_path).read_text() == shipped
 
 
 # Speculative decoding: hand-worked trees. Node order is breadth-first; parents per request:

@@ -44,6 +44,12 @@ GET_QUANT_CONFIG = "sglang.srt.model_loader.loader._get_quantization_config"
 #: Where the HTTP server's process checks each request's tokens before it goes to the scheduler;
 #: a ValueError raised there becomes a 400 answer naming the problem.
 VALIDATE_REQUEST = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
+#: SGLang's ModelRunner constructor: under SGLang's own one_batch, which loads no plugins, the
+#: plugins load right before it runs (sglang_fx/sglang/bench_one_batch.py; its module name is also
+#: written in sglang_fx/cpu_host.py, which cannot import this file at start-up).
+MODEL_RUNNER_INIT = "sglang.srt.model_executor.model_runner.ModelRunner.__init__"
+#: The main modules of SGLang's latency tool (`python -m ...`): 0.5.23's and its former name.
+ONE_BATCH_MODULES = ("sglang.benchmark.one_batch", "sglang.bench_one_batch")
 
 #: The environment variable SGLang reads (at import time, in every process) to take its CPU
 #: path (`srt/utils/common.py::is_cpu`).
