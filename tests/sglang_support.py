@@ -124,8 +124,8 @@ class Server:
     whole group (SGLang's scheduler and detokenizer processes included)."""
 
     def __init__(self, name: str, model: str, args: tuple[str, ...], env: dict, log_dir: Path,
-                 module: str = "sglang.launch_server"):  # fmt: skip
-        self.name, self.port = name, free_port()
+                 module: str = "sglang.launch_server", port: int | None = None):  # fmt: skip
+        self.name, self.port = name, port or free_port()  # a port given: a restart at the same address
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log_dir / f"{name}.log"
         env = {**env, "SGLANG_USE_CPU_ENGINE": "1"}
