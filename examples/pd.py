@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import re
 import statistics
 import subprocess
 import sys
@@ -27,6 +29,8 @@ from pathlib import Path
 
 import requests
 from sglang_server import server_command, start_server, stop_server, wait_ready
+
+from sglang_fx.sglang import OPTIONS_ENV
 
 PROMPTS = ["The capital of France is", "Once upon a time there was", "def forward(self, input_ids",
            "The capital of France is a city where", "In 1969, the first", "Prefill and decode run apart"]  # fmt: skip
@@ -78,16 +82,40 @@ def at_once(url: str, prompts: list[str], max_new_tokens: int) -> list[tuple[lis
         return list(pool.map(lambda p: streamed(url, p, max_new_tokens), prompts))
 
 
-def measure(name: str, url: str, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+STAGE_METRIC = re.compile(r'^sglang:per_stage_req_latency_seconds_(sum|count)\{([^}]*)\} (\S+)$', re.M)
+
+
+def stage_totals(urls: dict[str, str]) -> dict[str, list[float]]:
+    """SGLang's per-stage request latencies (`sglang:per_stage_req_latency_seconds`, served by
+    a server started with --enable-metrics): {"server/stage": [seconds summed, requests]}."""
+    totals: dict[str, list[float]] = {}
+    for name, url in urls.items():
+        for kind, labels, value in STAGE_METRIC.findall(requests.get(url + "/metrics", timeout=30).text):
+            stage = re.search(r'stage="([^"]*)"', labels)
+            if stage:
+                entry = totals.setdefault(f"{name}/{stage.group(1)}", [0.0, 0.0])
+                entry[kind == "count"] += float(value)
+    return totals
+
+
+def measure(name: str, url: str, prompts: list[str], max_new_tokens: int, stages: dict[str, str] | None = None) -> list[list[int]]:
     """Each prompt alone, then all at once (after an unmeasured round at once: backends that
-    compile per batch size, mindspore and jax, compile then); prints median TTFT and ITL."""
+    compile per batch size, mindspore and jax, compile then); prints median TTFT and ITL, and
+    with `stages` ({server: url}) the mean time per request of each of SGLang's PD stages in the
+    measured round at once."""
     rounds = {"one by one": [streamed(url, p, max_new_tokens) for p in prompts]}
     at_once(url, prompts, max_new_tokens)
+    before = stage_totals(stages) if stages else {}
     rounds[f"{len(prompts)} at once"] = at_once(url, prompts, max_new_tokens)
+    after = stage_totals(stages) if stages else {}
     for label, results in rounds.items():
         ttft = statistics.median(r[1] for r in results) * 1e3
         itl = statistics.median(r[2] for r in results) * 1e3
         print(f"  {name:<11} {label:<11} time to first token {ttft:7.1f} ms   inter-token latency {itl:6.2f} ms")
+    for stage, (seconds, count) in after.items():
+        seconds, count = seconds - before.get(stage, [0.0, 0.0])[0], count - before.get(stage, [0.0, 0.0])[1]
+        if count:
+            print(f"      {stage:<40} {seconds / count * 1e3:8.1f} ms per request ({count:.0f} requests, at once)")
     return [r[0] for r in rounds["one by one"]] + [r[0] for r in rounds[f"{len(prompts)} at once"]]
 
 
@@ -114,17 +142,26 @@ def main() -> int:
     p_port, d_port, a_port, r_port, bootstrap, nccl_p, nccl_d = free_ports(7)
     commands = {
         "prefill": server_command(model, args.prefill_impl, "cpu", p_port)
-        + ["--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(bootstrap), "--nccl-port", str(nccl_p)],
+        + ["--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(bootstrap), "--nccl-port", str(nccl_p), "--enable-metrics"],
         "decode": server_command(model, args.decode_impl, "cpu", d_port)
-        + ["--disaggregation-mode", "decode", "--disaggregation-bootstrap-port", str(bootstrap), "--nccl-port", str(nccl_d)],
+        + ["--disaggregation-mode", "decode", "--disaggregation-bootstrap-port", str(bootstrap), "--nccl-port", str(nccl_d), "--enable-metrics"],
         "aggregated": server_command(model, args.aggregated_impl or args.decode_impl, "cpu", a_port),
     }
     procs: dict[str, subprocess.Popen] = {}
+    # mindspore and jax compile a decode graph per batch-size bucket (1, 2, 4, 8, ...) on first
+    # use: seconds for a real model, paid in time to first token by whichever layout first meets
+    # a bucket in a measured round (how requests group into batches differs from round to round,
+    # and more so in PD, where they reach decode as their KV arrives). The decode and aggregated
+    # servers compile the buckets these rounds use at start-up (the backends' `precompile`
+    # option), unless SGLANG_FX_OPTIONS is set; the prefill server never decodes.
+    buckets = "1,2,4,8"  # batches of 1 to 6 requests
+    options = {} if OPTIONS_ENV in os.environ else {OPTIONS_ENV: json.dumps({b: {"precompile": buckets} for b in ("mindspore", "jax")})}
     try:
         t0 = time.monotonic()
         for name, cmd in commands.items():
-            print("$", " ".join(cmd), f"  (log: {logs / name}.log)", flush=True)
-            procs[name] = start_server(cmd, logs / f"{name}.log")
+            env = options if name != "prefill" else {}
+            print("$", *(f"{k}='{v}'" for k, v in env.items()), " ".join(cmd), f"  (log: {logs / name}.log)", flush=True)
+            procs[name] = start_server(cmd, logs / f"{name}.log", env)
         urls = {"prefill": f"http://127.0.0.1:{p_port}", "decode": f"http://127.0.0.1:{d_port}", "aggregated": f"http://127.0.0.1:{a_port}"}
         for name, proc in procs.items():
             wait_ready(urls[name], proc, timeout=600, log=logs / f"{name}.log")
@@ -133,7 +170,8 @@ def main() -> int:
         router = f"http://127.0.0.1:{r_port}"
         streamed(router, PROMPTS[0], 2), streamed(urls["aggregated"], PROMPTS[0], 2)  # warm both layouts up
         print(f"\n{len(PROMPTS)} streamed greedy requests of {args.max_new_tokens} tokens each, median per round:")
-        pd_ids = measure(f"PD ({args.prefill_impl}->{args.decode_impl})", router, PROMPTS, args.max_new_tokens)
+        pd_ids = measure(f"PD ({args.prefill_impl}->{args.decode_impl})", router, PROMPTS, args.max_new_tokens,
+                         stages={"prefill": urls["prefill"], "decode": urls["decode"]})
         agg_ids = measure("aggregated", urls["aggregated"], PROMPTS, args.max_new_tokens)
         same = sum(a == b for a, b in zip(pd_ids, agg_ids))
         print(f"\ngreedy outputs identical to the aggregated server: {same} of {len(pd_ids)}")

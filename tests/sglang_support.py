@@ -124,9 +124,10 @@ class Server:
     whole group (SGLang's scheduler and detokenizer processes included)."""
 
     def __init__(self, name: str, model: str, args: tuple[str, ...], env: dict, log_dir: Path,
-                 module: str = "sglang.launch_server", python: str = PYTHON, cwd: Path = ROOT):  # fmt: skip
-        """python, cwd: the interpreter (another environment's, say) and the working directory."""
-        self.name, self.port = name, free_port()
+                 module: str = "sglang.launch_server", python: str = PYTHON, cwd: Path = ROOT, port: int | None = None):  # fmt: skip
+        """python, cwd: the interpreter (another environment's, say) and the working directory;
+        port: a given one restarts a server at the same address (default: a free one)."""
+        self.name, self.port = name, port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log_dir / f"{name}.log"
         env = {**env, "SGLANG_USE_CPU_ENGINE": "1"}
