@@ -17,7 +17,10 @@ from host memory otherwise. Stages (`--stages`):
 - serving: one server per impl (`python -m sglang_fx.sglang.launch_server`, --sleep-on-idle),
   SGLang's `bench_serving` with random ids: chat (in 512 / out 64, 48 prompts, 8 concurrent) and
   decode-heavy (in 64 / out 192, 32 prompts, 16 concurrent), each after an untimed warm-up round
-  of the same shapes. Memory: the resident set of the server's processes (launcher, scheduler,
+  of the same shapes (as many prompts, another seed). A backend that compiles per decode batch
+  size and has a `precompile` option gets the sizes up to the workloads' concurrency compiled at
+  start-up, as SGLang captures CUDA graphs at start-up: otherwise a batch size the warm-up round
+  happened not to form compiles inside the timed round. Memory: the resident set of the server's processes (launcher, scheduler,
   detokenizer) summed, sampled every 0.5 s; the peak over the timed rounds is reported.
 - offline: `python -m sglang.benchmark.offline_throughput`, generated-shared-prefix dataset.
 - decode: steady decode at batch 1, 8 and 32 through sglang.Engine, against the bandwidth floor
@@ -161,6 +164,21 @@ def prefill_stage(impl: str, model: str, args, work: Path, r: Result) -> None:
         r.figures[key] = min(r.figures.get(key, float("inf")), rec["prefill_latency"])
 
 
+def precompile_options(impl: str) -> dict[str, str]:
+    """SGLANG_FX_OPTIONS for `impl`'s server: its `precompile` option (where it has one) set to the
+    default decode batch sizes up to the most concurrent requests of WORKLOADS."""
+    from sglang_fx.buckets import DECODE_BATCHES
+    from sglang_fx.registry import default_registry
+
+    reg = default_registry()
+    if impl not in reg.names() or "precompile" not in reg.info(impl).capabilities.options:
+        return {}
+    sizes = [b for b in DECODE_BATCHES if b <= max(w.concurrency for w in WORKLOADS)]
+    options = json.loads(os.environ.get("SGLANG_FX_OPTIONS", "{}"))
+    options[impl] = {**options.get(impl, {}), "precompile": ",".join(map(str, sizes))}
+    return {"SGLANG_FX_OPTIONS": json.dumps(options)}
+
+
 def serving_stage(impl: str, model: str, args, work: Path, r: Result) -> None:
     from sglang_fx.distributed import free_ports
 
@@ -170,7 +188,8 @@ def serving_stage(impl: str, model: str, args, work: Path, r: Result) -> None:
         server = subprocess.Popen(
             [PYTHON, "-m", "sglang_fx.sglang.launch_server", "--model-path", model, "--model-impl", impl, *CPU,
              "--chunked-prefill-size", str(args.chunked_prefill_size), "--sleep-on-idle", "--host", "127.0.0.1",
-             "--port", str(port)], env=env(), cwd=str(work), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+             "--port", str(port)], env={**env(), **precompile_options(impl)}, cwd=str(work), stdout=f, stderr=subprocess.STDOUT,
+            start_new_session=True)  # fmt: skip
     memory = None
     try:
         wait_ready(f"http://127.0.0.1:{port}", server, log, timeout=900)
@@ -182,7 +201,7 @@ def serving_stage(impl: str, model: str, args, work: Path, r: Result) -> None:
                     "--dataset-name", "random-ids", "--random-input-len", str(w.input_len), "--random-output-len",
                     str(w.output_len), "--random-range-ratio", "1", "--max-concurrency", str(w.concurrency),
                     "--disable-tqdm"]  # fmt: skip
-            tool([*base, "--num-prompts", str(w.concurrency), "--seed", "7"], str(work), 1800, work / f"warmup-{impl}.log")
+            tool([*base, "--num-prompts", str(prompts), "--seed", "7"], str(work), 1800, work / f"warmup-{impl}.log")
             out = work / f"serving-{impl}-{w.name}.jsonl"
             memory.reset()
             tool([*base, "--num-prompts", str(prompts), "--seed", "1", "--output-file", str(out)], str(work), 3600,
