@@ -1,12 +1,15 @@
 """Decode step time per backend, measured in one run on one tiny-but-not-trivial Qwen3.
 
-    python benchmarks/decode.py [--model qwen3|qwen3_moe] [--variant LABEL=BACKEND[:KEY=VALUE,...]] [--steps N]
+    python benchmarks/decode.py [--model qwen3|qwen3_moe] [--model-path DIR] [--w8a8] [--variant LABEL=BACKEND[:KEY=VALUE,...]] [--steps N]
 
 Default variants: mindspore-jit, mindspore-jit-dynamic (jit without the fixed-batch decode
 graphs: decode_batches=none), mindspore-pynative, jax, jax-scan (layers=scan), reference_torch,
 numpy (those whose backend is available). `--model qwen3_moe`: a Qwen3-MoE-shaped model (64 experts,
 top-8), e.g. with `--variant jax=jax --variant jax-dense=jax:moe=dense` for the JAX backend's
-expert dispatch against running every expert densely. Each variant prefills `--prompt-len` tokens per sequence, warms up, then times
+expert dispatch against running every expert densely. `--model-path DIR`: a checkpoint of your own (e.g. SmolLM2 from
+`sglang-fx fetch-model smollm2`) instead of the tiny model. `--w8a8`: every variant also runs on the
+checkpoint quantized by `sglang-fx quantize --scheme w8a8` (label suffix -w8a8), and the quantized
+linears' weight bytes are printed, float32 against int8 + scales. Each variant prefills `--prompt-len` tokens per sequence, warms up, then times
 `--steps` decode steps at each batch size (median step time). That repeats for `--rounds`
 rounds, the variants taking turns, and the table gives each variant's best round and its ratio
 to the first variant's. Shared machines slow down for seconds at a time: the best of rounds
@@ -22,8 +25,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
+from sglang_fx.checkpoint import expected_weights, load_spec
 from sglang_fx.generate import Session
+from sglang_fx.quantize import quantize
 from sglang_fx.registry import default_registry
 from sglang_fx.tiny import make_tiny_model
 
@@ -72,6 +78,16 @@ def measure(variant: str, path: str, args: argparse.Namespace) -> dict:
     return {"label": label, "load": load, "first": first, "steps": steps}
 
 
+def weight_bytes(quantized: Path) -> str:
+    """The quantized linears' weight bytes: float32 against int8 plus float32 scales."""
+    spec = load_spec(quantized, "float32")
+    shapes = expected_weights(spec)
+    elements = sum(shapes[n + ".weight"][0] * shapes[n + ".weight"][1] for n in spec.quant.linears)
+    scales = sum(shapes[n + ".weight"][0] for n in spec.quant.linears)
+    return (f"W8A8: {len(spec.quant.linears)} quantized linears, {4 * elements / 2**20:.1f} MiB as float32, "
+            f"{(elements + 4 * scales) / 2**20:.1f} MiB as int8 + scales ({(elements + 4 * scales) / (4 * elements):.2f}x)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=MODELS, default="qwen3", help="the tiny architecture and its sizes (default qwen3)")
@@ -81,6 +97,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="times each variant is measured, in turns (best kept)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--model-path", help="a checkpoint directory instead of the tiny --model")
+    ap.add_argument("--w8a8", action="store_true", help="also run every variant on the checkpoint quantized to W8A8")
     ap.add_argument("--measure", nargs=2, metavar=("VARIANT", "MODEL"), help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args()
     args.batch = args.batch or [1, 8]
@@ -97,15 +115,27 @@ def main() -> None:
             variants.append(variant)
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        path = make_tiny_model(args.model, tmp, seed=0, **MODELS[args.model])
-        print(f"model: {args.model} {MODELS[args.model]}, float32, page size 16; {args.steps} timed decode steps after {args.warmup} warm-up;")
+        if args.model_path:
+            path = Path(args.model_path)
+            print(f"model: {path}, float32, page size 16; {args.steps} timed decode steps after {args.warmup} warm-up;")
+        else:
+            path = make_tiny_model(args.model, Path(tmp) / "float", seed=0, **MODELS[args.model])
+            print(f"model: {args.model} {MODELS[args.model]}, float32, page size 16; {args.steps} timed decode steps after {args.warmup} warm-up;")
         print(f"best of {args.rounds} rounds; each variant runs in its own process (torch's and MindSpore's thread pools interfere in one)")
+        jobs = [(v, path) for v in variants]
+        if args.w8a8:
+            quantized = quantize(path, Path(tmp) / "w8a8")
+            jobs += [(v.replace("=", "-w8a8=", 1), quantized) for v in variants]
+            print(weight_bytes(quantized))
         for _ in range(args.rounds):
-            for variant in variants:
-                child = [sys.executable, __file__, "--measure", variant, str(path), "--steps", str(args.steps),
+            for variant, model in jobs:
+                child = [sys.executable, __file__, "--measure", variant, str(model), "--steps", str(args.steps),
                          "--warmup", str(args.warmup), "--prompt-len", str(args.prompt_len)]  # fmt: skip
                 child += [a for b in args.batch for a in ("--batch", str(b))]
-                out = subprocess.run(child, capture_output=True, text=True, check=True).stdout
+                proc = subprocess.run(child, capture_output=True, text=True)
+                if proc.returncode:
+                    raise SystemExit(f"{variant} on {model} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+                out = proc.stdout
                 r = json.loads(out.strip().splitlines()[-1])
                 best = rows.setdefault(r["label"], r)
                 for key in ("load", "first"):

@@ -537,8 +537,47 @@ def w8a8_greedy_case(arch: str) -> Case:
                 "sglang_fx/quant.py, ModelRunner in sglang_fx/spi.py", _w8a8_skip)  # fmt: skip
 
 
+def w8a8_vs_tp1_case(arch: str) -> Case:
+    """Under tensor parallelism: the sharded W8A8 model's logits against the same backend's,
+    unsharded, within twice how far W8A8 moves that model's logits from its float ones; and the
+    greedy tokens of both, counted (a figure).
+
+    Why that tolerance: a row-parallel linear (o_proj, down_proj; `sglang_fx.sharding`) receives
+    each rank's slice of its input and quantizes it per token with that slice's own absmax, so
+    its activations are quantized otherwise than unsharded (on a finer grid: a slice's absmax is
+    at most the row's). Both are W8A8 quantizations of the same model, each about as far from the
+    float model (every value within half a quantum of its grid), so their distance is at most
+    about the sum of the two: 2x the tp=1 W8A8-vs-float distance. A scale sharded wrongly (split
+    where it must stay whole, or the reverse) scales whole output channels and lands far outside."""
+
+    def run(ctx: Context) -> Outcome:
+        ours, shared = _session_logits(ctx, arch, W8A8)
+        whole, _ = _session_logits(ctx, arch, W8A8, parallel=SINGLE)
+        diff, moved, row = _max_diff(ours.cpu(), whole.cpu()), 0.0, 0
+        for p, s in zip(PROMPTS[1:], shared):  # W8A8 at tp=1 against the float model (transformers)
+            moved = max(moved, _max_diff(whole[row : row + len(p) - s].cpu(), ctx.hf_logits(arch, p)[s:]))
+            row += len(p) - s
+        sharded = ctx.session(arch, variant=W8A8).generate(PROMPTS, GREEDY_STEPS)
+        single = ctx.session(arch, variant=W8A8, parallel=SINGLE).generate(PROMPTS, GREEDY_STEPS)
+        agreement = sum(a == b for o, t in zip(sharded, single) for a, b in zip(o, t)) / (GREEDY_STEPS * len(PROMPTS))
+        p = ctx.parallel
+        return Outcome(diff <= 2 * moved, diff, agreement,
+                       f"tp={p.tp_size} ep={p.ep_size} vs tp=1, W8A8: max abs diff {diff:.3g} (tolerance {2 * moved:.3g}: twice "
+                       f"W8A8's own move from the float model at tp=1, {moved:.3g}); greedy tokens {agreement:.0%} the same "
+                       f"(a figure: quantization noise may flip a near-tie)")  # fmt: skip
+
+    return Case(f"w8a8/logits_vs_tp1/{arch}", run,
+                f"{arch}: the sharded W8A8 model's logits against the same backend unsharded (row-parallel inputs quantized "
+                f"per rank), within 2x W8A8's own move from the float model; greedy agreement counted",
+                "sglang_fx/quant.py, sglang_fx/sharding.py, RunnerOptions.parallel in sglang_fx/spi.py", _w8a8_skip)  # fmt: skip
+
+
 #: Under tensor parallelism, these architectures also run with one KV head (replicated per rank).
 KV_REPLICATION_ARCHES = ("Qwen3ForCausalLM",)
+
+#: Under tensor parallelism, these run W8A8 too (w8a8/logits_vs_tp1, skipped where no W8A8 is declared):
+#: dense GQA, routed experts, latent attention. Each case runs four sessions, so not every architecture.
+W8A8_TP_ARCHES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM")
 
 
 def model_checkpoints(ctx: Context, tp_size: int) -> list[tuple[str, str]]:
@@ -546,6 +585,7 @@ def model_checkpoints(ctx: Context, tp_size: int) -> list[tuple[str, str]]:
     models = [(arch, "") for arch in ctx.architectures()]
     if tp_size > 1:
         models += [(a, "kv1") for a in KV_REPLICATION_ARCHES if a in ctx.architectures()]
+        models += [(a, W8A8) for a in W8A8_TP_ARCHES if a in ctx.architectures()]  # w8a8/logits_vs_tp1
     return models
 
 
@@ -553,6 +593,9 @@ def cases_for(ctx: Context) -> list[Case]:
     if ctx.parallel.tp_size > 1:  # the model cases, sharded; the others run in one process
         cases = []
         for arch, variant in model_checkpoints(ctx, ctx.parallel.tp_size):
+            if variant == W8A8:
+                cases.append(w8a8_vs_tp1_case(arch))
+                continue
             cases += [logits_case(arch, variant), logits_vs_tp1_case(arch, variant), greedy_case(arch, variant)]
             if not variant:
                 cases.append(logits_vs_reference_case(arch))

@@ -347,6 +347,15 @@ for spec, layout in (GQA, MLA):
             except RuntimeError as e:
                 print(str(e).splitlines()[0])
 
+# W8A8 on Ascend: QuantBatchMatmul with the arguments int8.ascend_linear builds (prefill and decode rows).
+from sglang_fx_mindspore import int8
+w = (ex.from_torch(torch.randint(-127, 128, (96, 64), dtype=torch.int8)), ex.from_torch(torch.rand(96)))
+for T in (5, 1):
+    try:
+        int8.ascend_linear(ex.from_torch(torch.randn(T, 64, dtype=torch.float16)), w).asnumpy()
+    except RuntimeError as e:
+        print(str(e).splitlines()[0])
+
 # The whole jit step with the Ascend tier: parsed and type-inferred, then refused at kernel selection.
 from sglang_fx.generate import Session
 from sglang_fx_mindspore import attention, runtime
@@ -371,7 +380,8 @@ def test_ascend_kernels_accept_their_arguments(tmp_path, tiny):
     looks for a kernel, so on CPU a well-formed call fails only for want of the Ascend kernel:
     each kernel alone in PyNative, for grouped-query and for latent attention, and the whole
     Ascend-tier step graph of both kinds of model under jit (run in a subprocess: it needs
-    MindSpore's process-wide blocking launch). Latent attention never takes the FLASH path."""
+    MindSpore's process-wide blocking launch). Latent attention never takes the FLASH path. W8A8:
+    QuantBatchMatmul with the arguments `int8.ascend_linear` builds."""
     import subprocess
 
     script = tmp_path / "check.py"
@@ -381,7 +391,7 @@ def test_ascend_kernels_accept_their_arguments(tmp_path, tiny):
     gqa = ["ReshapeAndCache", "FlashAttentionScore"] + ["ReshapeAndCache", "PagedAttention"] * 2
     mla = ["ReshapeAndCache", "PagedAttention"] * 3
     graphs = [(FLASH, DECODE, PAGED_EXTEND), (PAGED_EXTEND, DECODE, PAGED_EXTEND)]
-    expected = [f"The kernel {name} unregistered." for name in gqa + mla]
+    expected = [f"The kernel {name} unregistered." for name in gqa + mla + ["QuantBatchMatmul"] * 2]
     expected += [f"{variant} Unsupported op [ReshapeAndCache] on CPU" for variants in graphs for variant in variants]
     assert proc.stdout.splitlines() == expected, proc.stderr[-3000:]
 
@@ -737,3 +747,66 @@ def test_an_8k_token_prompts_attention_memory_is_linear(tiny, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["finite"] and got["growth_mb"] <= 300, got
+
+
+# ---------------------------------------------------------------------------------------------
+# W8A8 int8 (int8.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_int8_quantize_is_the_rule_bit_for_bit(ex):
+    """`int8.quantize` gives sglang_fx.quant's q and scale exactly, op by op and under jit, on
+    exact halves (MindSpore's Round rounds them to even), an all-zero row and an outlier."""
+    import numpy as np
+
+    from sglang_fx.quant import quantize_activations
+    from sglang_fx_mindspore import int8
+
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 6)[:, None]
+    x[0] = 0
+    x[1, 3] = 1e3
+    x[2, :5] = torch.tensor([127.0, 0.5, 1.5, -2.5, 2.5])  # absmax 127: scale 1, so x / scale hits the halves
+    x[2, 5:] = 0
+    q_ref, s_ref = quantize_activations(x.numpy())
+    assert q_ref[2, :5].tolist() == [127, 0, 2, -2, 2]
+    for fn in (int8.quantize, ms.jit(int8.quantize)):
+        q, s = fn(ex.from_torch(x))
+        assert np.array_equal(q.asnumpy(), q_ref) and q.dtype == ms.int8
+        assert np.array_equal(s.asnumpy(), s_ref)
+
+
+@pytest.mark.parametrize("arch", MOE_WITH_DENSE_LAYERS)
+def test_int8_experts_gathered_and_dense_agree(tiny, tmp_path, arch):
+    """The two ways `layers.moe` computes quantized experts agree (their integer products are the
+    same per (token, expert); only the sum over experts differs in order), shared experts included."""
+    from sglang_fx.checkpoint import Checkpoint, load_spec
+    from sglang_fx.quantize import quantize
+    from sglang_fx_mindspore.exchange import MindSporeExchange
+    from sglang_fx_mindspore.layers import moe, moe_weights
+
+    path = quantize(tiny(arch), tmp_path / "w8a8")
+    spec = load_spec(path)
+    m, ex = spec.moe, MindSporeExchange()
+    place = lambda t: tuple(place(x) for x in t) if isinstance(t, tuple) else ex.from_torch(t)  # noqa: E731
+    weights = place(moe_weights(Checkpoint(path).load(spec), "model.layers.1.mlp.", m, quant=spec.quant))
+    assert weights[2][0].dtype == ms.int8 and weights[3][0].dtype == ms.int8  # gate_up, down: (int8, scale) pairs
+    for tokens in (1, 3, 40):
+        x = ex.from_torch(torch.randn(tokens, spec.hidden_size, generator=torch.Generator().manual_seed(tokens)))
+        gathered, dense = (ex.to_torch(moe(x, weights, m, gather)) for gather in (True, False))
+        torch.testing.assert_close(gathered, dense, rtol=0, atol=1e-5)
+        assert dense.abs().max() > 1e-2  # not trivially zero
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "deepseek_v3"])
+def test_w8a8_pynative_gives_the_jit_logits(tiny, tmp_path, arch):
+    """A quantized model (its norms unfolded, its projections (int8, scale) pairs) computes the
+    same logits op by op as in its compiled graphs."""
+    from sglang_fx.quantize import quantize
+
+    path = quantize(tiny(arch), tmp_path / "w8a8")
+    out = []
+    for mode in ("jit", "pynative"):
+        s = Session("mindspore", path, dtype="float32", page_size=16, options={"mode": mode})
+        seqs = [s.new_sequence(p)[0] for p in (PROMPT[:30], PROMPT[40:45])]
+        out.append(torch.cat([s.forward(seqs, [PROMPT[:30], PROMPT[40:45]], logits="all"), s.forward(seqs, [[3], [4]])]))
+    torch.testing.assert_close(out[0], out[1], rtol=0, atol=1e-5)

@@ -36,7 +36,7 @@ from sglang_fx.sharding import Shard
 from sglang_fx.spi import AttentionSpec
 
 from .attention import Inputs, attend, pool_reader
-from .layers import Collectives, Rope, is_linear, mlp, moe, rms_norm
+from .layers import Collectives, Int8Weight, Rope, is_linear, mlp, moe, rms_norm
 
 Weights = Mapping[str, jax.Array]
 AttentionCall = Callable[[jax.Array, jax.Array, "jax.Array | None"], jax.Array]
@@ -87,31 +87,58 @@ class Decoder:
         layers by `self.scan`: False, one dict per layer of its tensors by HF name without the
         "model.layers.{i}." prefix; True, one dict per segment of its layers' tensors stacked on a
         new leading axis. Linear weights are transposed copies ([in, out], `layers.is_linear`),
-        the held experts' stacked by expert ("mlp.experts.gate_proj.weight" [experts, H, I]);
-        the others are the host's tensors. Torch tensors still: the runner places them."""
+        a quantized one's (spec.quant) an `Int8Weight` of its int8 weight and its weight_scale
+        under the weight's name; the held experts' stacked by expert ("mlp.experts.gate_proj.weight"
+        [experts, H, I]); the others are the host's tensors. Torch tensors still: the runner places them."""
         embed, lm_head = weights["model.embed_tokens.weight"], weights["lm_head.weight"]
         out = {"norm": weights["model.norm.weight"], "lm_head": lm_head.t().contiguous()}  # [H, V]: a copy
         if lm_head is not embed:  # tied: `embed` reads the embedding from lm_head's copy, and the host's may go
             out["embed"] = embed
         layers = [self._layer_weights(weights, i) for i in range(self.spec.num_layers)]
         if self.scan:
-            layers = [{n: torch.stack([layers[i][n] for i in range(seg.start, seg.stop)]) for n in layers[seg.start]} for seg in self.segments]
+            layers = [{n: _stack([layers[i][n] for i in range(seg.start, seg.stop)]) for n in layers[seg.start]} for seg in self.segments]
         out["layers"] = layers
         return out
 
-    def _layer_weights(self, weights: Mapping[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    def _layer_weights(self, weights: Mapping[str, torch.Tensor], i: int) -> dict[str, torch.Tensor | Int8Weight]:
         prefix, held, out = f"model.layers.{i}.", self.shard.experts, {}
         for name, t in weights.items():
-            if not name.startswith(prefix):
+            if not name.startswith(prefix) or name.endswith(".weight_scale"):  # a scale goes with its weight
                 continue
             name = name.removeprefix(prefix)
             if ".experts." not in name:
-                out[name] = t.t().contiguous() if is_linear(name) else t
+                out[name] = self._linear(weights, prefix + name) if is_linear(name) else t
                 continue
             rest = name.split(".experts.", 1)[1].split(".", 1)[1]  # "gate_proj.weight" of "mlp.experts.E.gate_proj.weight"
             if "mlp.experts." + rest not in out:
-                out["mlp.experts." + rest] = torch.stack([weights[f"{prefix}mlp.experts.{e}.{rest}"].t() for e in held])
+                out["mlp.experts." + rest] = _stack([self._linear(weights, f"{prefix}mlp.experts.{e}.{rest}") for e in held])
         return out
+
+    def _linear(self, weights: Mapping[str, torch.Tensor], name: str) -> torch.Tensor | Int8Weight:
+        """The linear weight `name` [out, in] as `linear` takes it: [in, out] (a copy), and for a
+        quantized linear an Int8Weight of it (int8) and its weight_scale [out, 1] as [out]."""
+        if self.spec.quant is not None and self.spec.quant.covers(name):
+            return Int8Weight(weights[name].t().contiguous(), weights[name + "_scale"].reshape(-1))
+        return weights[name].t().contiguous()
+
+    def linear_weight(self, w: dict, name: str):
+        """The placed weight (array or Int8Weight, as `linear` takes it) of the linear `name`, an HF
+        module name ("model.layers.0.mlp.down_proj", "model.layers.1.mlp.experts.3.up_proj",
+        "lm_head"), out of `arrange`'s tree w (one process's)."""
+        if name == "lm_head":
+            return w["lm_head"]
+        i, rest = name.removeprefix("model.layers.").split(".", 1)
+        i, rest, index = int(i), rest + ".weight", ()
+        if self.scan:
+            seg = next(k for k, s in enumerate(self.segments) if s.start <= i < s.stop)
+            layer, index = w["layers"][seg], (i - self.segments[seg].start,)
+        else:
+            layer = w["layers"][i]
+        if ".experts." in rest:  # "mlp.experts.3.up_proj.weight": row 3 - held.start of "mlp.experts.up_proj.weight"
+            head, tail = rest.split(".experts.")
+            e, proj = tail.split(".", 1)
+            rest, index = f"{head}.experts.{proj}", (*index, int(e) - self.shard.experts.start)
+        return jax.tree.map(lambda a: a[index] if index else a, layer[rest])
 
     # --- the step --------------------------------------------------------------------------------
 
@@ -187,3 +214,8 @@ class Decoder:
         local = input_ids - vocab.start
         mine = (local >= 0) & (local < len(vocab))
         return self.comm.psum(rows(jnp.clip(local, 0, len(vocab) - 1)) * mine[:, None].astype(w["lm_head"].dtype))
+
+
+def _stack(items: list) -> torch.Tensor | Int8Weight:
+    """Torch tensors, or Int8Weights of them, stacked on a new leading axis (a copy)."""
+    return jax.tree.map(lambda *ts: torch.stack(ts), *items)

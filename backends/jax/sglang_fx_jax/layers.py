@@ -1,10 +1,11 @@
-"""Building blocks of the JAX models, as plain functions over HF-named weights: norms, RoPE,
-dense and MoE MLPs, and the TP collectives. Shapes: T tokens, H hidden, I MLP width, E experts,
-k experts per token.
+"""Building blocks of the JAX models, as plain functions over HF-named weights: linears (float or
+W8A8 int8), norms, RoPE, dense and MoE MLPs, and the TP collectives. Shapes: T tokens, H hidden,
+I MLP width, E experts, k experts per token.
 
 Linear weights are stored [in, out], transposed from HF's [out, in] once at load (`is_linear`
 names them; experts [E, in, out]): XLA's CPU matmul contracting the weight's last axis was 7x
-slower at 8 rows (9.1 vs 1.2 ms for ten 576x1536 products, jax 0.7.1, 2 cores)."""
+slower at 8 rows (9.1 vs 1.2 ms for ten 576x1536 products, jax 0.7.1, 2 cores). A W8A8
+linear's weight is an `Int8Weight`, stored the same way; `linear` and `product` take either."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 from jax import lax
 
 from sglang_fx.checkpoint import MoESpec
+from sglang_fx.quant import ABSMAX_FLOOR, QMAX
 
 f32 = jnp.float32
 
@@ -31,10 +33,55 @@ def is_linear(name: str) -> bool:
     return name.endswith(LINEAR)
 
 
-def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
-    """x [..., in] @ w [in, out] (+ b [out])."""
-    y = x @ w
-    return y if b is None else y + b
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Int8Weight:
+    """A W8A8 linear's weight (sglang_fx/quant.py), a pytree of two arrays: q int8 [..., in, out],
+    kept int8 in device memory and laid out like a float linear's weight (transposed from the
+    checkpoint's [out, in]), and scale float32 [..., out], its per-output-channel weight_scale.
+    Leading axes (experts, or layers under scan) index both; `w[i]` indexes them together."""
+
+    q: jax.Array
+    scale: jax.Array
+
+    def __getitem__(self, index) -> Int8Weight:
+        return Int8Weight(self.q[index], self.scale[index])
+
+
+def quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [..., in] -> (q int8 [..., in], scale float32 [..., 1]): per row, by sglang_fx.quant's rule
+    (jnp.round rounds half to even; true float32 divisions). XLA turns a division by a constant
+    into a multiplication by its rounded reciprocal (absmax / 127 came out 1 ulp off the rule), so
+    the 127 reaches the division through an optimization barrier, as a value XLA cannot fold."""
+    x32 = x.astype(f32)
+    qmax = lax.optimization_barrier(f32(QMAX))
+    scale = jnp.maximum(jnp.abs(x32).max(axis=-1, keepdims=True), f32(ABSMAX_FLOOR)) / qmax
+    return jnp.clip(jnp.round(x32 / scale), -QMAX, QMAX).astype(jnp.int8), scale
+
+
+def product(subscripts: str, x: jax.Array, w: jax.Array | Int8Weight) -> jax.Array:
+    """jnp.einsum(subscripts, x, w) for a weight contracted over x's last axis, in x's dtype.
+    An Int8Weight runs W8A8: each row of x (its last axis) quantized by `quantize`, int8 x int8
+    summed in int32 by XLA (exact), dequantized as float32(acc) * x_scale * w.scale; the result's
+    last axis must be w's out axis, its other axes x's, broadcast against w.scale's."""
+    if not isinstance(w, Int8Weight):
+        return jnp.einsum(subscripts, x, w)
+    q, scale = quantize(x)
+    acc = jnp.einsum(subscripts, q, w.q, preferred_element_type=jnp.int32)
+    return (acc.astype(f32) * scale * w.scale).astype(x.dtype)
+
+
+def linear(x: jax.Array, w: jax.Array | Int8Weight, b: jax.Array | None = None) -> jax.Array:
+    """x [..., in] @ w [in, out] (+ b [out]); an Int8Weight runs W8A8 (`product`: lax.dot_general
+    of int8 operands with an int32 preferred element type), its bias added in float32 before the
+    cast back to x's dtype, as sglang_fx.quant.w8a8_linear does."""
+    if not isinstance(w, Int8Weight):
+        y = x @ w
+        return y if b is None else y + b
+    q, scale = quantize(x)
+    acc = lax.dot_general(q, w.q, (((q.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)  # [..., out]
+    y = acc.astype(f32) * scale * w.scale
+    return (y if b is None else y + b.astype(f32)).astype(x.dtype)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -111,7 +158,12 @@ def moe(spec: MoESpec, held: range, w: Mapping[str, jax.Array], x: jax.Array, ga
     `gathers_experts`): each token's k chosen experts' weights are gathered ([T, k, H, I]) and
     applied to it alone; else every token runs through each held expert, weighted by its routing
     weight (zero for experts it was not routed to): static shapes either way, the dense one at
-    E/k times the expert compute."""
+    E/k times the expert compute.
+
+    W8A8 experts (`Int8Weight`) quantize each (token, expert) activation row on its own and weight
+    an expert's output after down_proj, as the reference applies each expert to its tokens: the
+    gathered path by `product` over [T, k] rows, the dense path as a scan over the held experts
+    (an int32 [T, E, H] product would be E times a step's output)."""
     weights, experts = route(spec, w, x)
     gate, up, down = (w[f"mlp.experts.{n}_proj.weight"] for n in ("gate", "up", "down"))  # [e, H, I], [e, H, I], [e, I, H]
     if gather is None:
@@ -121,13 +173,24 @@ def moe(spec: MoESpec, held: range, w: Mapping[str, jax.Array], x: jax.Array, ga
         weights = jnp.where((local >= 0) & (local < len(held)), weights, 0).astype(x.dtype)
         local = jnp.clip(local, 0, len(held) - 1)
         xs = jnp.broadcast_to(x[:, None, :], local.shape + x.shape[1:])  # [T, k, H]
-        h = jax.nn.silu(jnp.einsum("tkh,tkhi->tki", xs, gate[local])) * jnp.einsum("tkh,tkhi->tki", xs, up[local])
-        out = jnp.einsum("tki,tkih->th", h * weights[..., None], down[local])
+        h = jax.nn.silu(product("tkh,tkhi->tki", xs, gate[local])) * product("tkh,tkhi->tki", xs, up[local])
+        if isinstance(down, Int8Weight):
+            out = (product("tki,tkih->tkh", h, down[local]) * weights[..., None]).sum(1)
+        else:
+            out = jnp.einsum("tki,tkih->th", h * weights[..., None], down[local])
     else:
         combine = (jax.nn.one_hot(experts, spec.num_experts, dtype=f32) * weights[..., None]).sum(1)  # [T, E]
         combine = combine[:, held.start : held.stop].astype(x.dtype)
-        h = jax.nn.silu(jnp.einsum("th,ehi->tei", x, gate)) * jnp.einsum("th,ehi->tei", x, up)
-        out = jnp.einsum("tei,eih->th", h * combine[:, :, None], down)
+        if isinstance(down, Int8Weight):
+
+            def expert(out, e):  # e: one held expert's (gate, up, down, routing weights [T])
+                g, u, d, c = e
+                return out + linear(jax.nn.silu(linear(x, g)) * linear(x, u), d) * c[:, None], None
+
+            out = lax.scan(expert, jnp.zeros_like(x), (gate, up, down, combine.T))[0]
+        else:
+            h = jax.nn.silu(jnp.einsum("th,ehi->tei", x, gate)) * jnp.einsum("th,ehi->tei", x, up)
+            out = jnp.einsum("tei,eih->th", h * combine[:, :, None], down)
     return out + mlp(w, x, "mlp.shared_experts.") if spec.num_shared_experts else out
 
 

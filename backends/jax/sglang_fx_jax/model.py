@@ -29,6 +29,7 @@ import logging
 import time
 from collections.abc import Mapping
 
+import jax
 import numpy as np
 import torch
 
@@ -42,6 +43,7 @@ from sglang_fx.spi import RunnerOptions
 from . import attention
 from .deepseek_v3 import deepseek_v3
 from .kv_cache import JaxKVCache
+from .layers import linear
 from .llama import llama_family
 from .placement import place
 from .plugin import CAPABILITIES
@@ -147,6 +149,17 @@ class JaxRunner:
             vs.append(v)
         return x, ks, None if v_pools is None else vs
 
+    def apply_linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The optional probe of spi.ModelRunner: the linear `name` (HF module name) as this runner
+        holds it, on x [T, in] float32 torch (cast to the model's dtype) -> float32 [T, out], as
+        one compiled program like the step's. One process only (the weights of a TP rank are global
+        arrays)."""
+        if self.shard.parallel.tp_size > 1:
+            raise UnsupportedConfigError("jax backend: apply_linear probes a one-process runner, not a tensor-parallel rank")
+        w = self.decoder.linear_weight(self.weights, name)
+        y = _linear(self.placement.exchange.from_torch(x.to(self.spec.dtype).contiguous()), w)
+        return torch.from_dlpack(y).float()
+
     def _compile_ahead(self, cache: JaxKVCache) -> None:
         """Run a dummy prefill and one dummy decode step per `precompile` batch size, on the first
         forward: the pool holds no K/V yet, so their writes (page 0) touch nothing a sequence owns."""
@@ -154,6 +167,9 @@ class JaxRunner:
             start = time.perf_counter()
             self.forward(torch.zeros(meta.num_tokens, dtype=torch.int64), meta, cache)
             logger.info("sglang-fx jax: %s compiled in %.1f s", label, time.perf_counter() - start)
+
+
+_linear = jax.jit(linear)  # `apply_linear`, compiled per shape as the step is
 
 
 def _pad(t: torch.Tensor, n: int) -> np.ndarray:

@@ -12,10 +12,11 @@ import importlib.util
 
 from sglang_fx import hookimpl
 from sglang_fx.capabilities import Capabilities
+from sglang_fx.quant import W8A8_INT8
 from sglang_fx.spi import BackendInfo
 
 NAME = "jax"
-SPI = "1.2"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
+SPI = "1.3"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
 JAX_VERSION = "0.7.1"
 INSTALL = f"pip install jax=={JAX_VERSION} jaxlib=={JAX_VERSION} 'numpy<2'"
 FLOATS = frozenset({"float32", "bfloat16", "float16"})
@@ -30,6 +31,7 @@ CAPABILITIES = Capabilities(
     features=frozenset({"prefix_cache", "jit", "all_token_logits"}),
     parallelism=frozenset({"tp", "ep"}),
     verify=frozenset({"tree"}),  # speculative verify steps, any draft tree (attention.py's row_tree)
+    quantization=frozenset({W8A8_INT8}),  # int8 weights in device memory, int8 x int8 -> int32 products (layers.linear)
     options={
         "decode_batches": "batch sizes of the decode programs, e.g. 1,2,4,8, or none (decode runs as extend steps)",
         "precompile": "programs to compile at the first step instead of on first use: none (default), all "

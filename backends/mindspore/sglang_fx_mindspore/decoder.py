@@ -18,9 +18,11 @@ import torch
 from mindspore import ParameterTuple, Tensor, nn, ops
 
 from sglang_fx.checkpoint import ModelSpec
+from sglang_fx.errors import UnsupportedConfigError
 from sglang_fx.sharding import Shard
 from sglang_fx.spi import AttentionSpec
 
+from . import int8
 from .collectives import Collectives
 from .kernels import cast, flat_parameters, write_rows
 from .layers import (
@@ -51,6 +53,7 @@ class Decoder(nn.Cell):
         self.num_layers, self.eps = spec.num_layers, spec.rms_norm_eps
         self.moe_layers = tuple(spec.is_moe_layer(i) for i in range(spec.num_layers))
         self.interleaved = self.rope_dims(spec)[1]
+        self.unfolded = spec.quant is not None  # the norms keep their weights (`weights`)
 
     # --- what a model file supplies -----------------------------------------------------------
 
@@ -69,6 +72,12 @@ class Decoder(nn.Cell):
         first is the one projection of its (normed) input x, [N, H]."""
         raise NotImplementedError
 
+    @staticmethod
+    def attention_linear(spec: ModelSpec, name: str) -> tuple[int, range | None]:
+        """Where the attention's linear `name` ("q_proj") sits in `attention_weights`: (index, its
+        rows of that projection, or None for all of them)."""
+        raise NotImplementedError
+
     def block(self, w: tuple, x: Tensor, rope: tuple, kv: tuple) -> Tensor:
         """One layer's attention: x [T, H] (normed) -> [T, H]. rope: what `layers.rope` takes
         as rot; kv: what `attend` takes besides q, k and v."""
@@ -81,7 +90,7 @@ class Decoder(nn.Cell):
         """All weights of this rank (`shard`; w holds its slices), in the nested order construct
         unpacks: (embed, head, (inv_freq, P, R) for RoPE, layers); layer i is
         (`attention_weights`, MLP weights: `mlp_weights`, or the post-attention norm's weight
-        followed by `moe_weights`). Each RMSNorm's weight is folded
+        followed by `moe_weights`, norms). Each RMSNorm's weight is folded
         into the projections that read its output (`layers.fold_norm`): the input norm into the
         attention's input projection, the post-attention norm into a dense MLP's, the final norm
         into lm_head: head is (lm_head,), or (embed, final norm weight) when the embedding is
@@ -89,25 +98,62 @@ class Decoder(nn.Cell):
         applied to the N logit rows. (Not into an MoE layer's: its router would see the normed activations
         rounded otherwise than the reference's, and in half precision a near-tie between two
         experts would then route differently.) Fusing and folding copy those tensors once here
-        and save kernel launches on every step."""
+        and save kernel launches on every step. A quantized checkpoint's int8 projections cannot
+        take a norm's weight: there norms is (input norm, post-attention norm) and the norms run
+        with their weights; otherwise it is ()."""
         spec = shard.local
         dim, interleaved = cls.rope_dims(spec)
         inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         p, r = (m.to(spec.dtype) for m in rope_matrices(dim, interleaved))
+        fold = spec.quant is None
         layers = []
         for i in range(spec.num_layers):
             pre = f"model.layers.{i}."
             first, *attn_w = cls.attention_weights(w, pre + "self_attn.", spec)
-            attn_w = (fold_norm(first, w[pre + "input_layernorm.weight"]), *attn_w)
-            norm = w[pre + "post_attention_layernorm.weight"]
+            norm_in, norm = w[pre + "input_layernorm.weight"], w[pre + "post_attention_layernorm.weight"]
+            attn_w = (fold_norm(first, norm_in) if fold else first, *attn_w)
             if spec.is_moe_layer(i):
-                mlp_w = (norm, *moe_weights(w, pre + "mlp.", spec.moe, shard.experts))
+                mlp_w = (norm, *moe_weights(w, pre + "mlp.", spec.moe, shard.experts, spec.quant))
             else:
-                mlp_w = mlp_weights(w, pre + "mlp.", norm)
-            layers.append((attn_w, mlp_w))
+                mlp_w = mlp_weights(w, pre + "mlp.", norm if fold else None, spec.quant)
+            layers.append((attn_w, mlp_w, () if fold else (norm_in, norm)))
         embed, lm_head, norm = w["model.embed_tokens.weight"], w["lm_head.weight"], w["model.norm.weight"]
         head = (embed, norm) if lm_head is embed else (fold_norm(lm_head, norm),)  # Checkpoint.load ties by identity
         return (embed, head, (inv_freq, p, r), tuple(layers))
+
+    @classmethod
+    def find_linear(cls, tree: tuple, shard: Shard, name: str) -> tuple:
+        """(weight, rows): the linear `name` (HF module name, "model.layers.0.mlp.down_proj") in
+        `weights`' tree as placed, a tensor [N, K] or a (q, scale) pair, and its rows of that
+        projection (a range, or None for all). UnsupportedConfigError for one whose weight a norm's
+        is folded into (float checkpoints) or that is not a layer's."""
+        spec, mlp = shard.local, ("gate_proj", "up_proj", "down_proj")
+        layer, rest = name.removeprefix("model.layers.").split(".", 1) if name.startswith("model.layers.") else (None, name)
+        if layer is None:
+            raise UnsupportedConfigError(f"mindspore backend: no apply_linear for {name!r} (only the layers' linears)")
+        attn_w, mlp_w, norms = tree[3][int(layer)]
+        folded = not norms
+        if rest.startswith("self_attn."):
+            index, rows = cls.attention_linear(spec, rest.removeprefix("self_attn."))
+            w, folded = attn_w[index], folded and index == 0
+        elif ".experts." in rest and "shared_experts" not in rest:
+            e, proj = rest.removeprefix("mlp.experts.").split(".")
+            e, I = int(e) - shard.experts.start, spec.moe.intermediate_size
+            gate_up, down = mlp_w[3], mlp_w[4]
+            if proj == "down_proj":
+                w, rows = ((down[0][e], down[1][e]) if int8.is_int8(down) else down[e * I : (e + 1) * I].T), None
+            else:
+                w, rows = gate_up, range((2 * e + mlp.index(proj)) * I, (2 * e + mlp.index(proj) + 1) * I)
+            folded = False
+        else:
+            proj = rest.split(".")[-1]
+            shared = rest.startswith("mlp.shared_experts.")
+            w, rows = mlp_w[(5 if shared else 0) + mlp.index(proj)], None
+            folded = folded and not shared and proj != "down_proj"
+        if folded:
+            raise UnsupportedConfigError(f"mindspore backend: no apply_linear for {name!r}: the RMSNorm weight before it is folded "
+                                         f"into its weight (float checkpoints)")  # fmt: skip
+        return w, rows
 
     def construct(self, keys, values, kv_store, input_ids, positions, logits_indices, slots, attn_inputs, attn_variant,
                   gather_experts, few_tokens):  # fmt: skip
@@ -123,14 +169,14 @@ class Decoder(nn.Cell):
         x = self.embed(embed, input_ids)  # [T, H]
         comm = self.comm
         for i in range(self.num_layers):
-            attn_w, mlp_w = layers[i]  # the norms' weights are folded into them, but an MoE layer's
+            attn_w, mlp_w, norms = layers[i]  # norms (): their weights are folded into attn_w and mlp_w (but an MoE layer's)
             v_pool = values[i] if self.has_values else None
             kv = (i, keys[i], v_pool, kv_store, slots, attn_inputs, attn_variant)
-            x = x + comm.all_reduce(self.block(attn_w, rms_norm(x, None, self.eps), rot, kv))
+            x = x + comm.all_reduce(self.block(attn_w, rms_norm(x, norms[0] if self.unfolded else None, self.eps), rot, kv))
             if self.moe_layers[i]:
                 x = x + comm.all_reduce(moe(rms_norm(x, mlp_w[0], self.eps), mlp_w[1:], self.spec.moe, gather_experts, self.held))
             else:
-                x = x + comm.all_reduce(mlp(rms_norm(x, None, self.eps), *mlp_w))
+                x = x + comm.all_reduce(mlp(rms_norm(x, norms[1] if self.unfolded else None, self.eps), *mlp_w))
         x = rms_norm(ops.gather(x, logits_indices, 0), head[1] if len(head) > 1 else None, self.eps)  # [N, H]
         logits = comm.gather_columns(cast(linear(x, head[0]), ms.float32))  # [N, tp * ceil(V / tp)]
         return logits if comm.size == 1 else logits[:, : self.spec.vocab_size]  # [N, V]

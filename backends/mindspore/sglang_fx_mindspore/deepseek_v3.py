@@ -21,7 +21,7 @@ from sglang_fx.checkpoint import ModelSpec
 from sglang_fx.spi import AttentionSpec
 
 from .decoder import Decoder
-from .layers import linear, rms_norm, rope
+from .layers import linear, projection, rms_norm, rope
 
 _bmm = ops.BatchMatMul()
 
@@ -40,18 +40,27 @@ class DeepseekV3(Decoder):
     def attention_weights(w: Mapping[str, torch.Tensor], prefix: str, spec: ModelSpec) -> tuple[torch.Tensor, ...]:
         """(q_a_proj, or q_proj without q_lora_rank, and kv_a_proj_with_mqa as one projection of
         x; kv_a_layernorm; W_uk [n, dn, r]; W_uv transposed, [n, r, dv]; o_proj); then q_b_proj
-        and q_a_layernorm when the model has q_lora_rank."""
+        and q_a_layernorm when the model has q_lora_rank. Projections quantized in the checkpoint are
+        (q, scale) pairs (`layers.projection`); kv_b_proj never is."""
         m, n = spec.mla, spec.num_heads
         lora = m.q_lora_rank is not None
         kv_b = w[prefix + "kv_b_proj.weight"].view(n, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
         out = (
-            torch.cat([w[prefix + ("q_a_proj.weight" if lora else "q_proj.weight")], w[prefix + "kv_a_proj_with_mqa.weight"]]),
+            projection(w, [prefix + ("q_a_proj.weight" if lora else "q_proj.weight"), prefix + "kv_a_proj_with_mqa.weight"], spec.quant),
             w[prefix + "kv_a_layernorm.weight"],
             kv_b[:, : m.qk_nope_head_dim].contiguous(),
             kv_b[:, m.qk_nope_head_dim :].transpose(1, 2).contiguous(),
-            w[prefix + "o_proj.weight"],
+            projection(w, [prefix + "o_proj.weight"], spec.quant),
         )
-        return out + (w[prefix + "q_b_proj.weight"], w[prefix + "q_a_layernorm.weight"]) if lora else out
+        return out + (projection(w, [prefix + "q_b_proj.weight"], spec.quant), w[prefix + "q_a_layernorm.weight"]) if lora else out
+
+    @staticmethod
+    def attention_linear(spec: ModelSpec, name: str) -> tuple[int, range | None]:
+        m = spec.mla
+        q = spec.num_heads * m.qk_head_dim if m.q_lora_rank is None else m.q_lora_rank  # rows of q_proj or q_a_proj
+        kv_a = range(q, q + m.kv_lora_rank + m.qk_rope_head_dim)
+        return {"q_proj": (0, range(q)), "q_a_proj": (0, range(q)), "kv_a_proj_with_mqa": (0, kv_a), "o_proj": (4, None),
+                "q_b_proj": (5, None)}[name]  # fmt: skip
 
     def block(self, w, x, rope_w, kv):
         m, n, eps = self.spec.mla, self.spec.num_heads, self.eps

@@ -16,15 +16,19 @@ import torch
 from mindspore import Tensor, ops
 
 from sglang_fx.checkpoint import MoESpec
+from sglang_fx.errors import UnsupportedConfigError
+from sglang_fx.quant import QuantSpec
 
+from . import int8
 from .kernels import cast
 
 _matmul, _matmul_t = ops.MatMul(), ops.MatMul(transpose_b=True)  # x @ w, and x @ w.T without materialising w.T
 _bmm, _bmm_t = ops.BatchMatMul(), ops.BatchMatMul(transpose_b=True)
 
 
-def linear(x: Tensor, w: Tensor) -> Tensor:
-    return _matmul_t(x, w)
+def linear(x: Tensor, w: Tensor | tuple) -> Tensor:
+    """x [T, K] -> [T, N] with w [N, K], or with a quantized linear's pair (q, scale) by W8A8 (`int8.linear`)."""
+    return int8.linear(x, w) if int8.is_int8(w) else _matmul_t(x, w)
 
 
 def widened(t: Tensor, like: Tensor | tuple) -> Tensor:
@@ -109,14 +113,34 @@ def rope(x: Tensor, heads: int, rot: tuple, interleaved: bool) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def mlp_weights(w: Mapping[str, torch.Tensor], prefix: str, norm: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+def projection(w: Mapping[str, torch.Tensor], names: list[str], quant: QuantSpec | None = None) -> torch.Tensor | tuple:
+    """The linears `names` (HF weight names, each [N_i, K]) as one projection, fused along their
+    outputs ([sum N_i, K]; one name: its tensor as is). Quantized ones (quant covers them: all or
+    none) as the pair (int8 [sum N_i, K], float32 scale [sum N_i]) that `linear` takes: fusing
+    int8 rows is exact, as activations are quantized per token and weights per output row."""
+    quantized = {quant is not None and quant.covers(n) for n in names}
+    if len(quantized) > 1:
+        raise UnsupportedConfigError(f"mindspore backend: {', '.join(names)} run as one projection, but the checkpoint quantizes "
+                                     f"only some of them; quantize all or none of them (sglang-fx quantize does)")  # fmt: skip
+
+    def fused(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+    if quantized == {True}:
+        return fused([w[n] for n in names]), fused([w[n + "_scale"].reshape(-1) for n in names])
+    return fused([w[n] for n in names])
+
+
+def mlp_weights(w: Mapping[str, torch.Tensor], prefix: str, norm: torch.Tensor | None = None,
+                quant: QuantSpec | None = None) -> tuple:  # fmt: skip
     """A SwiGLU MLP's gate_proj, up_proj [I, H], with the weight of the RMSNorm `norm` before it
-    folded in if given, and down_proj [H, I]. (Two matmuls cost what one over the fused gate/up
-    weight does, and spare the two slices that would split its output.)"""
-    gate, up = (w[prefix + n] for n in ("gate_proj.weight", "up_proj.weight"))
+    folded in if given (float weights only), and down_proj [H, I]; quantized ones as (q, scale)
+    pairs (`projection`). (Two matmuls cost what one over the fused gate/up weight does, and spare
+    the two slices that would split its output.)"""
+    gate, up, down = (projection(w, [prefix + n], quant) for n in ("gate_proj.weight", "up_proj.weight", "down_proj.weight"))
     if norm is not None:
         gate, up = fold_norm(gate, norm), fold_norm(up, norm)
-    return gate, up, w[prefix + "down_proj.weight"]
+    return gate, up, down
 
 
 def mlp(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
@@ -124,7 +148,8 @@ def mlp(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
     return linear(ops.silu(linear(x, gate)) * linear(x, up), down)
 
 
-def moe_weights(w: Mapping[str, torch.Tensor], prefix: str, spec: MoESpec, held: range | None = None) -> tuple[torch.Tensor, ...]:
+def moe_weights(w: Mapping[str, torch.Tensor], prefix: str, spec: MoESpec, held: range | None = None,
+                quant: QuantSpec | None = None) -> tuple:  # fmt: skip
     """An MoE layer's tensors in the order `moe` unpacks them: the router [E, H] in float32
     (routing runs in float32, over all E experts); the score-correction bias [E] float32 (zeros
     when the model has none); the gate and up rows of each `held` expert (all by default; this
@@ -133,16 +158,19 @@ def moe_weights(w: Mapping[str, torch.Tensor], prefix: str, spec: MoESpec, held:
     down (`mlp_weights`) if the model has them. Held expert e's blocks are rows
     [e' * 2 I, (e' + 1) * 2 I) and [e' * I, (e' + 1) * I), e' = e - held.start: reshaped to
     [Eh, ., H] they are what the gathered path indexes, and as they are, what the dense path
-    multiplies by."""
+    multiplies by. Quantized experts (quant): gate and up as the pair (int8 [Eh * 2 I, H], scale
+    [Eh * 2 I]), down_proj untransposed and stacked, (int8 [Eh, H, I], scale [Eh, H]): each
+    expert's output is its own int8 product (its input rows quantized on their own)."""
     experts = [f"{prefix}experts.{e}." for e in (range(spec.num_experts) if held is None else held)]
     bias = w[prefix + "gate.e_score_correction_bias"] if spec.score_correction_bias else torch.zeros(spec.num_experts)
-    out = (
-        w[prefix + "gate.weight"].float(),
-        bias.float(),
-        torch.cat([w[p + n] for p in experts for n in ("gate_proj.weight", "up_proj.weight")]),
-        torch.cat([w[p + "down_proj.weight"].T for p in experts]),
-    )
-    return out + mlp_weights(w, prefix + "shared_experts.") if spec.num_shared_experts else out
+    gate_up = projection(w, [p + n for p in experts for n in ("gate_proj.weight", "up_proj.weight")], quant)
+    if int8.is_int8(gate_up):
+        down = (torch.stack([w[p + "down_proj.weight"] for p in experts]),  # [Eh, H, I] int8
+                torch.stack([w[p + "down_proj.weight_scale"].reshape(-1) for p in experts]))  # [Eh, H]
+    else:
+        down = torch.cat([w[p + "down_proj.weight"].T for p in experts])
+    out = (w[prefix + "gate.weight"].float(), bias.float(), gate_up, down)
+    return out + mlp_weights(w, prefix + "shared_experts.", quant=quant) if spec.num_shared_experts else out
 
 
 def gathers_experts(num_tokens: int, spec: MoESpec) -> bool:
@@ -199,17 +227,19 @@ def moe(x: Tensor, weights: tuple, spec: MoESpec, gather: bool, held: range | No
     zero: E/k times the routed FLOPs, but one read of each expert for any T.
     Both weight each expert's activation before down_proj rather than its output after it: the
     same sum, differing only in rounding. Grouped-matmul kernels (Ascend) would serve large T
-    better than either; MindSpore has none on CPU."""
+    better than either; MindSpore has none on CPU. Quantized experts: `_int8_experts`."""
     router, bias, gate_up, down = weights[:4]
     held = range(spec.num_experts) if held is None else held
     E, I, k = len(held), spec.intermediate_size, spec.top_k  # E: the experts applied here
-    H = gate_up.shape[1]
     top, ids = route(linear(cast(x, ms.float32), router), bias, spec)  # [T, k] x2
-    if gather:
-        if E < spec.num_experts:  # another rank's experts: weight 0, any held expert's index
-            ids = ids - held.start
-            top = top * ((ids >= 0) & (ids < E)).astype(ms.float32)
-            ids = ops.clamp(ids, 0, E - 1)
+    if gather and E < spec.num_experts:  # another rank's experts: weight 0, any held expert's index
+        ids = ids - held.start
+        top = top * ((ids >= 0) & (ids < E)).astype(ms.float32)
+        ids = ops.clamp(ids, 0, E - 1)
+    if int8.is_int8(gate_up):
+        out = _int8_experts(x, top, ids, gate_up, down, spec, held, gather)
+    elif gather:
+        H = gate_up.shape[1]
         ids = ids.reshape(-1)  # [T * k]
         w1 = ops.gather(gate_up.reshape(E, 2 * I, H), ids, 0).reshape(-1, k * 2 * I, H)  # [T, k * 2 I, H]
         gate_up = _bmm_t(x.reshape(-1, 1, H), w1).reshape(-1, k, 2 * I)  # [T, k, 2 I]
@@ -218,10 +248,7 @@ def moe(x: Tensor, weights: tuple, spec: MoESpec, gather: bool, held: range | No
         w2 = ops.gather(down.reshape(E, I, H), ids, 0).reshape(-1, k * I, H)  # [T, k * I, H]
         out = _bmm(act.reshape(-1, 1, k * I), w2).reshape(-1, H)  # [T, H]
     else:
-        hot = _one_hot(ids, spec.num_experts)
-        weight = (hot * widened(top.reshape(-1, k, 1), hot)).sum(1)  # [T, all E] float32, zero off the top k
-        if E < spec.num_experts:
-            weight = weight[:, held.start : held.stop]  # [T, E]
+        weight = _dense_weights(top, ids, spec, held)  # [T, E]
         gate_up = linear(x, gate_up).reshape(-1, E, 2 * I)  # [T, E, 2 I]
         act = ops.silu(gate_up[..., :I]) * gate_up[..., I:]
         act = act * widened(cast(weight, x.dtype).reshape(-1, E, 1), act)
@@ -229,3 +256,38 @@ def moe(x: Tensor, weights: tuple, spec: MoESpec, gather: bool, held: range | No
     if len(weights) > 4:
         out = out + mlp(x, *weights[4:])
     return out
+
+
+def _dense_weights(top: Tensor, ids: Tensor, spec: MoESpec, held: range) -> Tensor:
+    """Each token's routing weight of each held expert, [T, E] float32 (zero off its top k)."""
+    hot = _one_hot(ids, spec.num_experts)
+    weight = (hot * widened(top.reshape(-1, spec.top_k, 1), hot)).sum(1)  # [T, all E]
+    return weight[:, held.start : held.stop] if len(held) < spec.num_experts else weight
+
+
+def _int8_experts(x: Tensor, top: Tensor, ids: Tensor, gate_up: tuple, down: tuple, spec: MoESpec, held: range,
+                  gather: bool) -> Tensor:  # fmt: skip
+    """The routed experts of `moe` with quantized weights (`moe_weights`: gate_up (int8 [E * 2 I,
+    H], scale [E * 2 I]), down (int8 [E, H, I], scale [E, H])), as the reference computes them:
+    each expert applied to its tokens, each linear's input rows quantized on their own (so the
+    down_proj input per (token, expert)), and each expert's output weighted after down_proj.
+    top, ids [T, k]: routing weights and held-expert indices. gather: each token's k experts'
+    int8 weights gathered ([T, k * 2 I, H], [T * k, H, I]); dense: one product over every held
+    expert's gate/up rows, then a batched product per expert ([E, T, I] x [E, H, I] -> [E, T, H])."""
+    E, I, k = len(held), spec.intermediate_size, spec.top_k
+    H = gate_up[0].shape[1]
+    if gather:
+        ids = ids.reshape(-1)  # [T * k]
+        q, x_scale = int8.quantize(x.reshape(-1, 1, H))  # [T, 1, H], [T, 1, 1]
+        w1 = ops.gather(gate_up[0].reshape(E, 2 * I, H), ids, 0).reshape(-1, k * 2 * I, H)  # int8 [T, k * 2 I, H]
+        s1 = ops.gather(gate_up[1].reshape(E, 2 * I), ids, 0).reshape(-1, 1, k * 2 * I)
+        h = cast(int8.dequantize(int8.product(q, w1), x_scale, s1), x.dtype).reshape(-1, 1, 2 * I)  # [T * k, 1, 2 I]
+        q, a_scale = int8.quantize(ops.silu(h[..., :I]) * h[..., I:])  # [T * k, 1, I]: one row per (token, expert)
+        s2 = ops.gather(down[1], ids, 0).reshape(-1, 1, H)
+        y = cast(int8.dequantize(int8.product(q, ops.gather(down[0], ids, 0)), a_scale, s2), x.dtype).reshape(-1, k, H)
+        return (y * widened(cast(top, x.dtype).reshape(-1, k, 1), y)).sum(1)  # [T, H]
+    h = linear(x, gate_up).reshape(-1, E, 2 * I).transpose(1, 0, 2)  # [E, T, 2 I]
+    q, a_scale = int8.quantize(ops.silu(h[..., :I]) * h[..., I:])  # [E, T, I], [E, T, 1]
+    y = cast(int8.dequantize(int8.product(q, down[0]), a_scale, down[1].reshape(E, 1, H)), x.dtype)  # [E, T, H]
+    weight = cast(_dense_weights(top, ids, spec, held), x.dtype).transpose(1, 0).reshape(E, -1, 1)  # [E, T, 1]
+    return (y * widened(weight, y)).sum(0)

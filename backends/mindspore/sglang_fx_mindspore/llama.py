@@ -11,7 +11,7 @@ from sglang_fx.checkpoint import ModelSpec
 from sglang_fx.spi import AttentionSpec
 
 from .decoder import Decoder
-from .layers import linear, rms_norm, rope
+from .layers import linear, projection, rms_norm, rope
 
 
 class LlamaFamily(Decoder):
@@ -26,15 +26,25 @@ class LlamaFamily(Decoder):
 
     @staticmethod
     def attention_weights(w: Mapping[str, torch.Tensor], prefix: str, spec: ModelSpec) -> tuple[torch.Tensor, ...]:
-        """The fused q/k/v projection [(Hq + 2 Hkv) * D, H], o_proj; then the fused q/k/v bias
-        (attention_bias); then the q and k head norms as one [Hq + Hkv, D] weight (qk_norm)."""
-        out = [torch.cat([w[prefix + f"{n}_proj.weight"] for n in "qkv"]), w[prefix + "o_proj.weight"]]
+        """The fused q/k/v projection [(Hq + 2 Hkv) * D, H], o_proj (each a (q, scale) pair when
+        quantized: `layers.projection`); then the fused q/k/v bias (attention_bias); then the q and
+        k head norms as one [Hq + Hkv, D] weight (qk_norm)."""
+        qkv = projection(w, [prefix + f"{n}_proj.weight" for n in "qkv"], spec.quant)
+        out = [qkv, projection(w, [prefix + "o_proj.weight"], spec.quant)]
         if spec.attention_bias:
             out.append(torch.cat([w[prefix + f"{n}_proj.bias"] for n in "qkv"]))
         if spec.qk_norm:
             q, k = w[prefix + "q_norm.weight"], w[prefix + "k_norm.weight"]
             out.append(torch.cat([q.expand(spec.num_heads, -1), k.expand(spec.num_kv_heads, -1)]))
         return tuple(out)
+
+    @staticmethod
+    def attention_linear(spec: ModelSpec, name: str) -> tuple[int, range | None]:
+        if name == "o_proj":
+            return 1, None
+        Hq, Hkv, D = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        start = {"q_proj": 0, "k_proj": Hq * D, "v_proj": (Hq + Hkv) * D}[name]
+        return 0, range(start, start + (Hq if name == "q_proj" else Hkv) * D)
 
     def block(self, w, x, rope_w, kv):
         s = self.spec

@@ -37,7 +37,7 @@ from sglang_fx.metadata import ForwardMetadata, ForwardMode
 from sglang_fx.sharding import Shard
 from sglang_fx.spi import RunnerOptions
 
-from . import collectives
+from . import collectives, int8
 from .attention import make_attention
 from .compile_cache import CompileCache, refuse_process_wide_cache
 from .decoder import Decoder
@@ -45,7 +45,7 @@ from .deepseek_v3 import DeepseekV3
 from .exchange import MindSporeExchange
 from .kernels import parameters
 from .kv_cache import MindSporeKVCache
-from .layers import gathers_experts
+from .layers import gathers_experts, linear
 from .llama import LlamaFamily
 from .pieces import split
 from .plugin import CAPABILITIES
@@ -119,6 +119,9 @@ class MindSporeRunner:
         self.decoder = ARCHITECTURES[spec.architecture]
         self.layout: KVLayout | None = None  # the layout the step below was built for
         target = DEVICE_TARGETS[options.device.partition(":")[0]]
+        product = int8.select(target)  # before any graph is traced
+        if spec.quant is not None:
+            logger.info("sglang-fx mindspore: W8A8 linears by %s", product)
 
         placed: dict[int, Tensor] = {}  # id(torch tensor) -> its MindSpore tensor: a tied embedding is placed once
 
@@ -131,6 +134,14 @@ class MindSporeRunner:
             return placed[id(t)]
 
         self.weights = parameters(load(self.decoder.weights(weights, self.shard)))
+
+    def apply_linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The optional probe of spi.ModelRunner: the linear `name` (HF module name) as this runner
+        holds it (`Decoder.find_linear`; a fused projection's product cut to its rows), on x [T, in]
+        float32 torch (cast to the model's dtype) -> float32 [T, out], op by op with the step's ops."""
+        w, rows = self.decoder.find_linear(self.weights, self.shard, name)
+        y = self.exchange.to_torch(linear(self.exchange.from_torch(x.to(self.spec.dtype).contiguous()), w)).float()
+        return y if rows is None else y[:, rows.start : rows.stop]
 
     def _bind(self, layout: KVLayout) -> None:
         attn_spec = self.decoder.attention_spec(self.spec)

@@ -10,10 +10,18 @@ import os
 
 from sglang_fx import hookimpl
 from sglang_fx.capabilities import Capabilities
+from sglang_fx.quant import W8A8_INT8
 from sglang_fx.spi import BackendInfo
 
+#: The tiny DeepSeek-V3 at W8A8 has an activation 1.9e-6 from a rounding tie (token 10 of the first
+#: prompt): float32 sums in transformers' order and in ours round it apart, and 32 greedy steps of
+#: that amplifying model part ways (80% of tokens agree, as for reference_torch and numpy; its logits
+#: cases pass within 5e-2, and its logits match reference_torch's within 1.3e-6).
+KNOWN_GAPS = {"w8a8/greedy/DeepseekV3ForCausalLM": "one activation 1.9e-6 from a rounding tie rounds apart from "
+              "fake-quantized transformers (float summation order); greedy parts at step 7"}  # fmt: skip
+
 NAME = "mindspore"
-SPI = "1.2"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
+SPI = "1.3"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
 INSTALL = "pip install mindspore==2.10.0 'numpy<2' (CPU; for Ascend or GPU, the MindSpore build for that device)"
 
 CAPABILITIES = Capabilities(
@@ -33,6 +41,9 @@ CAPABILITIES = Capabilities(
     # (`collectives.py`); no GPU collectives are wired up.
     parallelism=frozenset({"tp", "ep"}),
     verify=frozenset({"tree"}),  # speculative verify steps, any draft tree (attention.py: the bias, the lookahead mask)
+    # int8 weights kept int8; the int8 product by the device's kernels (int8.py: Ascend's QuantBatchMatmul;
+    # elsewhere, MindSpore's CPU having no int8 x int8 -> int32 matmul, an exact float32 or int32 MatMul)
+    quantization=frozenset({W8A8_INT8}),
     options={
         "mode": "jit (default): the step as compiled graphs; pynative: op by op",
         "decode_batches": "batch sizes of the decode graphs, e.g. 1,2,4,8, or none (jit only)",
@@ -61,7 +72,8 @@ def sglang_fx_backend_info() -> BackendInfo:
             capabilities=None,
             unavailable=f"mindspore is not installed or fails to import ({type(e).__name__}: {e}): {INSTALL}",
         )
-    return BackendInfo(name=NAME, spi_version=SPI, framework="mindspore", framework_version=mindspore.__version__, capabilities=CAPABILITIES)
+    return BackendInfo(name=NAME, spi_version=SPI, framework="mindspore", framework_version=mindspore.__version__, capabilities=CAPABILITIES,
+                       known_gaps=KNOWN_GAPS)
 
 
 @hookimpl
