@@ -188,6 +188,12 @@ class ForwardMetadata:
             extend_lens_cpu=tuple(extend_lens),
         )
 
+    @property
+    def one_token_each(self) -> bool:
+        """Whether every sequence has exactly one new token and this is not a VERIFY step: the
+        steps `padded_decode` may pad to a fixed-batch decode program."""
+        return self.mode is not ForwardMode.VERIFY and all(n == 1 for n in self.extend_lens_cpu)
+
     def padded_decode(self, input_ids: torch.Tensor, batch_size: int) -> tuple[ForwardMetadata, torch.Tensor]:
         """This step and its input_ids [T] padded to `batch_size` sequences, for a backend that
         runs graphs of fixed batch size (one per bucket of sizes, as SGLang captures CUDA graphs).

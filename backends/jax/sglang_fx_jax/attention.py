@@ -276,7 +276,7 @@ class JaxPagedAttention:
 
     def plan(self, meta: ForwardMetadata) -> None:
         self.slots = meta.out_cache_loc
-        self.inputs, self.tokens = plan(meta, decode=meta.mode is not ForwardMode.VERIFY and all(n == 1 for n in meta.extend_lens_cpu))
+        self.inputs, self.tokens = plan(meta, decode=meta.one_token_each)
 
     def forward(self, layer: int, q: jax.Array, k: jax.Array, v: jax.Array | None, cache: JaxKVCache) -> jax.Array:
         T = q.shape[0]

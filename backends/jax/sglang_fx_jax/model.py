@@ -36,7 +36,7 @@ import torch
 from sglang_fx import buckets
 from sglang_fx.checkpoint import ModelSpec
 from sglang_fx.errors import UnsupportedConfigError
-from sglang_fx.metadata import ForwardMetadata, ForwardMode
+from sglang_fx.metadata import ForwardMetadata
 from sglang_fx.sharding import Shard
 from sglang_fx.spi import RunnerOptions
 
@@ -113,8 +113,7 @@ class JaxRunner:
             if self.precompile is not None:
                 self._compile_ahead(cache)
         T, wanted, slots = meta.num_tokens, len(meta.logits_indices), meta.out_cache_loc
-        one_each = meta.mode is not ForwardMode.VERIFY and all(n == 1 for n in meta.extend_lens_cpu)
-        batch = buckets.fit(meta.batch_size, self.decode_batches) if one_each else None
+        batch = buckets.fit(meta.batch_size, self.decode_batches) if meta.one_token_each else None
         if batch is not None:
             meta, input_ids = meta.padded_decode(input_ids, batch)
         inputs, tokens = attention.plan(meta, decode=batch is not None)

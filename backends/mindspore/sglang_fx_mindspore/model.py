@@ -179,7 +179,7 @@ class MindSporeRunner:
 
     def _decode_batch(self, meta: ForwardMetadata) -> int | None:
         """The decode graph's batch size for this step, or None (the dynamic graph)."""
-        if meta.mode is ForwardMode.VERIFY or any(n != 1 for n in meta.extend_lens_cpu):
+        if not meta.one_token_each:
             return None
         return buckets.fit(meta.batch_size, self.decode_batches)
 
