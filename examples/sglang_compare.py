@@ -10,6 +10,13 @@ sampling (SGLang's sampler path; only the lengths are compared); and input logpr
 top-k. Prints a JSON report (tokens, logprob differences, timings) and exits 1 if the greedy
 tokens differ. --tp-size/--ep-size run every engine tensor-parallel (experts split ep ways);
 --hf also reports each engine's input logprobs against transformers on the same checkpoint.
+
+With --answers N each engine instead answers only the --prompt texts (default the demo's
+questions), greedily, N tokens each, with the top-2 logprobs of every output token (SGLang's
+/generate format), and the script compares nothing itself: the caller judges, for instance
+counting near-ties (tests/sglang_support.verdict) where rounding may flip a greedy token.
+
+    python examples/sglang_compare.py --model DIR --impls reference_torch jax --answers 16
 """
 
 from __future__ import annotations
@@ -28,9 +35,24 @@ use_cpu_engine()  # before sglang is imported, here and in SGLang's subprocesses
 PROMPTS = SAMPLE_PROMPTS
 SHARED = [p + " and then some more words" for p in PROMPTS[:5]]  # prefixes cached by the first batch
 LONG = " ".join(f"word{i % 17} w{i % 5}" for i in range(60))  # > chunked_prefill_size tokens
+#: --answers' default prompts: the demo's real-model questions (tests/test_models.py's too)
+DEMO_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of"]
 
 
-def run(impl: str, model: str, max_new_tokens: int, repeats: int, page_size: int = 1, tp_size: int = 1, ep_size: int = 1) -> dict:
+def answers(engine, prompts: list[str], max_new_tokens: int) -> list[dict]:
+    """Greedy answers of max_new_tokens tokens: per prompt {"output_ids", "text", "meta_info":
+    {"output_top_logprobs": per output token [[logprob, token id, None] x 2], best first}}."""
+    params = {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True}
+    res = engine.generate(prompts, params, return_logprob=True, top_logprobs_num=2)
+    return [{"output_ids": r["output_ids"], "text": r["text"],
+             "meta_info": {"output_top_logprobs": [list(top[:2]) for top in r["meta_info"]["output_top_logprobs"]]}}
+            for r in res]  # fmt: skip
+
+
+def run(impl: str, model: str, max_new_tokens: int, repeats: int, page_size: int = 1, tp_size: int = 1, ep_size: int = 1,
+        answer_prompts: list[str] | None = None) -> dict:  # fmt: skip
+    """The requests of the module's docstring on one engine; with answer_prompts, only
+    answers(engine, answer_prompts, max_new_tokens)."""
     import sglang
 
     greedy = {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True}
@@ -52,6 +74,11 @@ def run(impl: str, model: str, max_new_tokens: int, repeats: int, page_size: int
     startup = time.perf_counter() - t0
     try:
         out = {"startup_s": round(startup, 2)}
+        if answer_prompts:
+            t = time.perf_counter()
+            out["answers"] = answers(engine, answer_prompts, max_new_tokens)
+            out["timings"] = {"answers_ms": round(1000 * (time.perf_counter() - t), 1)}
+            return out
         out["batch"] = [o["output_ids"] for o in engine.generate(PROMPTS, greedy)]
         shared = engine.generate(SHARED, greedy)
         out["shared"] = [o["output_ids"] for o in shared]
@@ -107,10 +134,20 @@ def main() -> int:
     ap.add_argument("--tp-size", type=int, default=1, help="tensor-parallel size of every engine (default 1)")
     ap.add_argument("--ep-size", type=int, default=1, help="expert-parallel size of every engine (default 1)")
     ap.add_argument("--hf", action="store_true", help="also compare input logprobs with transformers")
+    ap.add_argument("--answers", type=int, metavar="N", help="only greedy answers of N tokens to the --prompt texts, "
+                    "with top-2 logprobs; no comparison (the caller judges)")  # fmt: skip
+    ap.add_argument("--prompt", action="append", help="with --answers: a prompt (repeat; default the demo's)")
     ap.add_argument("--out", help="also write the JSON report here")
     args = ap.parse_args()
+    if args.prompt and not args.answers:
+        ap.error("--prompt goes with --answers N")
+    if args.hf and args.answers:
+        ap.error("--hf compares the standard requests' input logprobs; leave it out with --answers")
+    if args.answers:
+        args.max_new_tokens = args.answers
 
-    results = {impl: run(impl, args.model, args.max_new_tokens, args.repeats, args.page_size, args.tp_size, args.ep_size)
+    prompts = (args.prompt or DEMO_PROMPTS) if args.answers else None
+    results = {impl: run(impl, args.model, args.max_new_tokens, args.repeats, args.page_size, args.tp_size, args.ep_size, prompts)
                for impl in args.impls}  # fmt: skip
     base_name, base = args.impls[0], results[args.impls[0]]
     report = {"model": args.model, "baseline": base_name, "tp_size": args.tp_size, "ep_size": args.ep_size,
@@ -119,7 +156,9 @@ def main() -> int:
         truth = hf_input_logprobs(args.model, base["input_ids"])
         report["vs_transformers"] = {impl: max_diff(r["input_logprobs"], truth) for impl, r in results.items()}
     ok = True
-    for impl in args.impls[1:]:
+    if args.answers:
+        report["prompts"] = prompts  # the caller judges the answers
+    for impl in [] if args.answers else args.impls[1:]:
         r = results[impl]
         same = {k: r[k] == base[k] for k in ("batch", "shared", "long", "sampled_lens", "input_top_ids")}
         ok &= all(same.values())

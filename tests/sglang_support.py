@@ -189,8 +189,8 @@ def stop_all(servers: list[Server], grace: float = 20.0) -> None:
 NEAR_TIE = 1e-3
 
 
-def verdict(got: list[int], ref: dict) -> str:
-    """"same", "near-tie" (first difference where the reference's top-2 gap < NEAR_TIE; `ref` is
+def verdict(got: list[int], ref: dict, near_tie: float = NEAR_TIE) -> str:
+    """"same", "near-tie" (first difference where the reference's top-2 gap < near_tie; `ref` is
     a /generate answer with output_top_logprobs) or a description of the difference."""
     want = ref["output_ids"]
     if got == want:
@@ -200,4 +200,33 @@ def verdict(got: list[int], ref: dict) -> str:
         return f"length {len(got)} != {len(want)}"
     top = ref["meta_info"]["output_top_logprobs"][i]
     gap = top[0][0] - top[1][0]
-    return "near-tie" if gap < NEAR_TIE else f"token {i}: {got[i]} != {want[i]} (top-2 gap {gap:.3g})"
+    return "near-tie" if gap < near_tie else f"token {i}: {got[i]} != {want[i]} (top-2 gap {gap:.3g})"
+
+
+def leading_agreement(a: list[int], b: list[int]) -> int:
+    """How many leading tokens a and b have in common."""
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def logprob_spread(got: list[dict], ref: list[dict]) -> float:
+    """The largest |difference| between two runs' logprobs of the same chosen token, over every
+    answer's positions before its first differing token (answers in /generate's format, with
+    output_top_logprobs): how far two computations of the same model already disagree where
+    their greedy choices still agree."""
+    spread = 0.0
+    for g, r in zip(got, ref):
+        for k in range(leading_agreement(g["output_ids"], r["output_ids"])):
+            a, b = g["meta_info"]["output_top_logprobs"][k][0][0], r["meta_info"]["output_top_logprobs"][k][0][0]
+            spread = max(spread, abs(a - b))
+    return spread
+
+
+def flip_verdict(got: dict, ref: dict, spread: float) -> tuple[str, str]:
+    """Two greedy answers of a model whose greedy tokens may flip at rounding boundaries (W8A8):
+    (kind, verdict(got, ref)) where kind is "same", "near-tie", "rounding flip" (the reference's
+    top-2 gap at the first difference is below 2 x `spread`, the logprob_spread of the two runs:
+    each of the two logprobs may have moved by that much) or "other"."""
+    v = verdict(got["output_ids"], ref)
+    if v in ("same", "near-tie"):
+        return v, v
+    return ("rounding flip" if verdict(got["output_ids"], ref, near_tie=2 * spread) == "near-tie" else "other"), v

@@ -21,7 +21,8 @@ import pytest
 
 pytest.importorskip("sglang")
 
-from .sglang_support import DEVICE_BACKEND, PYTHON, ROOT, available, entry_points_env, installed_backends  # noqa: E402
+from .sglang_support import (  # noqa: E402
+    DEVICE_BACKEND, PYTHON, ROOT, available, entry_points_env, installed_backends, flip_verdict, leading_agreement, logprob_spread)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -56,24 +57,29 @@ def models(tmp_path_factory) -> dict[str, str]:
     return {arch: str(make_tiny_model(arch, root / arch)) for arch in ("qwen3", "deepseek_v3")}
 
 
-def compare(env: dict, model: str, impls: list[str], page_size: int, tmp_path) -> tuple[dict, str]:
-    """Run examples/sglang_compare.py: (its report, comparing impls[1:] with impls[0]; a log)."""
+def run_compare(env: dict, model: str, impls: list[str], tmp_path, *args: str) -> tuple[dict, str, int]:
+    """Run examples/sglang_compare.py with `args`: (its report, a log, its exit status)."""
     report_path = tmp_path / "report.json"
     proc = subprocess.run(
-        [PYTHON, str(ROOT / "examples" / "sglang_compare.py"), "--model", model, "--impls", *impls,
-         "--repeats", "1", "--page-size", str(page_size), "--out", str(report_path)],
+        [PYTHON, str(ROOT / "examples" / "sglang_compare.py"), "--model", model, "--impls", *impls, *args,
+         "--out", str(report_path)],
         env=env, capture_output=True, text=True, timeout=400, cwd=ROOT,
     )  # fmt: skip
     log = f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     assert report_path.exists(), log
-    report = json.loads(report_path.read_text())
+    return json.loads(report_path.read_text()), log, proc.returncode
+
+
+def compare(env: dict, model: str, impls: list[str], page_size: int, tmp_path) -> tuple[dict, str]:
+    """Run examples/sglang_compare.py: (its report, comparing impls[1:] with impls[0]; a log)."""
+    report, log, code = run_compare(env, model, impls, tmp_path, "--repeats", "1", "--page-size", str(page_size))
     for impl in impls[1:]:
         cmp = report["comparison"][impl]
         assert all(cmp["tokens_identical"].values()), (impl, cmp, log)
         assert cmp["max_abs_input_logprob_diff"] < 1e-4, (impl, cmp, log)
         assert cmp["max_abs_output_logprob_diff"] < 1e-4, (impl, cmp, log)
     print(json.dumps({k: v["timings"] for k, v in report["results"].items()}), json.dumps(report["comparison"]))
-    assert report["ok"] and proc.returncode == 0, log
+    assert report["ok"] and code == 0, log
     return report, log
 
 
@@ -133,3 +139,63 @@ def test_engine_serves_a_w8a8_checkpoint_at_float32(env, models, tmp_path):
     assert served["input_ids"] == prompts[2], log  # SGLang tokenizes as transformers does
     session = Session("reference_torch", model, dtype="float32", max_total_tokens=2048)
     assert session.generate(prompts, len(served["batch"][0])) == served["batch"], log
+
+
+#: The largest logprob spread between two backends' W8A8 SmolLM2 answers that is put down to
+#: rounding (see the test below); measured: up to 0.44 nats between any two of reference_torch,
+#: mindspore, jax and numpy (in float32 the backends agree within 1e-4: the tests above).
+W8A8_SPREAD_LIMIT = 1.0
+
+
+def test_engine_backends_serve_the_w8a8_real_model(env, smollm2, tmp_path):
+    """SmolLM2 in W8A8 (`fetch-model --quantize w8a8`) through sglang.Engine, one engine per
+    backend (reference_torch, then mindspore and jax where available), greedy answers of 12
+    tokens to the demo's prompts, compared with reference_torch's, and the capital answer still
+    starts with " Paris". How many leading tokens each answer shares with the float model's
+    (transformers, greedy) is printed.
+
+    Token identity holds only up to W8A8's rounding flips on this checkpoint: an activation next
+    to an int8 rounding boundary lands on either side under float rounding differences (reduction
+    order), and per-token activation scales carry that into every later layer, so two backends'
+    logprobs of the same tokens differ by up to ~0.4 nats where they still agree (logprob_spread;
+    one backend's own logits move by up to 1.9 between a whole and a chunked prefill of the same
+    prompt). So a first difference passes as a near-tie (the load test's rule: reference top-2 gap
+    < NEAR_TIE) or as a rounding flip (gap < 2x the spread the same two runs show before it: each
+    of the two logprobs may have moved by the spread), the spread itself must stay below
+    W8A8_SPREAD_LIMIT, and anything else fails. The exact W8A8 math of each backend is checked
+    where it is deterministic: the conformance suite (w8a8/*) on tiny checkpoints."""
+    import torch
+    import transformers
+
+    from sglang_fx.models import fetch
+
+    model = fetch("smollm2", quantize="w8a8", progress=None)
+    impls = with_backends(["reference_torch"])
+    report, log, code = run_compare(env, str(model), impls, tmp_path, "--answers", "12")
+    assert report["ok"] and code == 0, log
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    base = report["results"]["reference_torch"]["answers"]
+    floats = []
+    for prompt in report["prompts"]:
+        ids = tok.encode(prompt)
+        with torch.no_grad():
+            floats.append(hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist())
+    counts, problems = dict.fromkeys(("same", "near-tie", "rounding flip", "other"), 0), []
+    for impl in impls:
+        got = report["results"][impl]["answers"]
+        spread = logprob_spread(got, base)
+        print(f"W8A8 {impl} (start-up {report['results'][impl]['startup_s']} s): logprob spread vs reference_torch {spread:.3g}")
+        if spread >= W8A8_SPREAD_LIMIT:
+            problems.append((impl, f"logprob spread {spread:.3g} >= {W8A8_SPREAD_LIMIT}"))
+        for prompt, g, ref, flt in zip(report["prompts"], got, base, floats):
+            kind, v = flip_verdict(g, ref, spread)
+            counts[kind] += 1
+            print(f"  {prompt!r} -> {g['text']!r}: vs reference_torch {v} [{kind}]; leading tokens equal to float32 "
+                  f"{leading_agreement(g['output_ids'], flt)}/{len(flt)} (float32: {tok.decode(flt)!r})")  # fmt: skip
+            if kind == "other":
+                problems.append((impl, prompt, v))
+        if not got[0]["text"].startswith(" Paris"):
+            problems.append((impl, report["prompts"][0], got[0]["text"]))
+    print(f"W8A8 SmolLM2 through SGLang, vs reference_torch: {counts}")
+    assert not problems, (problems, log)
