@@ -42,13 +42,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sglang_decode  # noqa: E402  (sets SGLANG_USE_CPU_ENGINE for this process and its children)
+from processes import Memory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -107,43 +107,6 @@ def tool(args: list[str], cwd: str, timeout: float, log: Path) -> None:
 
 def jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-class Memory:
-    """Samples the summed RSS of a process tree every `period` s in a thread; `peak()` since
-    the last `reset()`."""
-
-    def __init__(self, pid: int, period: float = 0.5):
-        import psutil
-
-        self.root, self.period, self._peak = psutil.Process(pid), period, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> int:
-        import psutil
-
-        total = 0
-        for p in [self.root, *self.root.children(recursive=True)]:
-            with contextlib.suppress(psutil.Error):
-                total += p.memory_info().rss
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.period):
-            with contextlib.suppress(Exception):
-                self._peak = max(self._peak, self._sample())
-
-    def reset(self) -> None:
-        self._peak = self._sample()
-
-    def peak(self) -> int:
-        return self._peak
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
 
 # ------------------------------------------------------------------------------------------
