@@ -172,7 +172,9 @@ class PortablePagedAttention(nn.Cell):
             vals = keys[..., :Dv]
         else:
             vals = cast(ops.gather(v_rows, kv_index, 0), ms.float32)  # [B, Hkv, L, Dv]
-        probs = ops.softmax(_bmm_t(cast(qp, ms.float32), keys) * self.scale + bias, -1)  # [B, Hkv, R, L]
+        # The scale on the queries (R x D values) rather than on the scores (R x L): one pass less
+        # over the step's largest tensor per layer (exact when the scale is a power of two, as 1/8 is).
+        probs = ops.softmax(_bmm_t(cast(qp, ms.float32) * self.scale, keys) + bias, -1)  # [B, Hkv, R, L]
         out = _bmm(probs, vals)  # [B, Hkv, R, Dv]
         if variant == ONE_TOKEN:
             return cast(out.reshape(-1, self.num_heads, Dv), q.dtype)  # [B, Hq, Dv]
