@@ -26,6 +26,7 @@ from sglang_fx.registry import load_backend  # noqa: E402
 from sglang_fx.spi import AttentionSpec, RunnerOptions  # noqa: E402
 from sglang_fx_mindspore import plugin  # noqa: E402
 from sglang_fx_mindspore.attention import (  # noqa: E402
+    CAUSAL,
     DECODE,
     FLASH,
     MASK_VALUE,
@@ -439,6 +440,7 @@ def test_logits_match_transformers_with_prefix_hits(hf, arch, page_size):
 
     first, _ = s.new_sequence(PROMPT)
     got = s.forward([first], [PROMPT], logits="all")
+    assert s.runner.attn.variant == CAUSAL  # 150 new tokens: the causal query groups, in the jit graph
     worst = (got - expected(PROMPT)).abs().max().item()
 
     hit = PROMPT[:140] + [7, 8, 9, 10, 11, 12]  # shares 140 (page 1) or 128 (pages 16/128) tokens
