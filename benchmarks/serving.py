@@ -307,6 +307,7 @@ def main() -> int:
     ap.add_argument("--chunked-prefill-size", type=int, default=2048)
     ap.add_argument("--quick", action="store_true", help="a third of the prompts, fewer repeats")
     ap.add_argument("--json", help="also write every figure to this file")
+    ap.add_argument("--logs", help="keep the servers' and tools' logs in this directory (default: a temporary one)")
     args = ap.parse_args()
 
     from sglang_fx.registry import default_registry
@@ -315,7 +316,8 @@ def main() -> int:
     reg, results = default_registry(), []
     stages = {"prefill": prefill_stage, "serving": serving_stage, "offline": offline_stage, "decode": decode_stage}
     with tempfile.TemporaryDirectory(prefix="sglang-fx-serving-") as tmp:
-        work = Path(tmp)
+        work = Path(args.logs or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         if "decode" in args.stages:
             sglang_decode.declare_plugin(str(work / "plugin"))
         # JAX's persistent compilation cache in a fresh directory: first-use compiles count.

@@ -165,6 +165,9 @@ ATTENTION_BATCHES = {
     # The step's keys add up to exactly 64 (a power of two, a usual padding boundary), the last
     # sequence's ending there: a backend padding keys must not see its last key twice.
     "exact": ([35, 0, 0, 0], [1, 3, 15, 10]),
+    # Long extends beside short ones, one after a cached prefix: a backend that splits a long
+    # extend's queries (blocks, causal groups) must give each query exactly its keys.
+    "long": ([0, 40, 3, 129], [260, 131, 2, 1]),
 }
 
 
@@ -213,7 +216,8 @@ def attention_case(page_size: int, scenario: str, mla: bool = False) -> Case:
 
     what = {"prefill": "4 ragged prompts, no cached prefix", "prefix": "4 sequences with cached prefixes and new tokens",
             "decode": "4 sequences, one new token each",
-            "exact": "4 sequences whose keys add up to exactly 64, one a prefix hit with one new token"}[scenario]  # fmt: skip
+            "exact": "4 sequences whose keys add up to exactly 64, one a prefix hit with one new token",
+            "long": "extends of 260 and 131 tokens (one after a 40-token prefix) beside two short ones"}[scenario]  # fmt: skip
     checks = f"plan + forward on {what} (page size {page_size}{', MLA' if mla else ''}): new K written at out_cache_loc, output within 1e-4 of dense attention"
     return Case(f"attention/{'mla/' if mla else ''}page{page_size}/{scenario}", run, checks, "Attention in sglang_fx/spi.py")
 

@@ -41,6 +41,13 @@ _bmm, _bmm_t = ops.BatchMatMul(), ops.BatchMatMul(transpose_b=True)
 GENERAL = 0  # any mix of prefills, prefix hits and decodes
 ONE_TOKEN = 1  # every sequence has exactly one new token (decode): queries and outputs are plain
 #                reshapes, so the graph skips two gathers
+CAUSAL = 2  # an EXTEND step whose longest extend is at least CAUSAL_ROWS: queries in CAUSAL_GROUPS groups
+
+#: A long extend's queries run in this many groups of consecutive new tokens, each against only the
+#: keys its last query sees: on a prompt of E tokens, (1 + 2 + 3 + 4) / 16 = 62% of the score work
+#: of one E x E block, and each group's scores a quarter of that block's memory.
+CAUSAL_GROUPS = 4
+CAUSAL_ROWS = 128  # the least longest-extend that runs grouped (below, the extra kernels cost more)
 
 
 @dataclass(frozen=True)
@@ -51,7 +58,7 @@ class PortableInputs:
     into [B, Hkv, L, D]. Queries are padded per sequence to E rows, and each KV head's G query
     heads are stacked with them (R = E * G rows per KV head).
 
-    variant     GENERAL or ONE_TOKEN.
+    variant     GENERAL, ONE_TOKEN or CAUSAL.
     q_index     [B, Hkv, R] int32. Row of q.reshape(T * Hq, D) for (sequence, KV head, e * G + g).
     kv_index    [B, Hkv, L] int32. Row of the pool viewed as [S * Hkv, D] holding token j of
                 sequence b, KV head h (slot * Hkv + h), for j < seq_len_b; else 0 (masked).
@@ -62,16 +69,32 @@ class PortableInputs:
     ONE_TOKEN steps (T == B, E == 1, R == G) use neither q_index nor out_index (they would be
     the identity there): both are [1, ...] zero placeholders, not built. Indices are int32
     because MindSpore's CPU Gather casts int64 indices with an extra kernel.
+
+    CAUSAL steps split the E new-token rows into groups of consecutive ones (`groups`): group i
+    has its own q_index [B, Hkv, R_i], kv_index [B, Hkv, L_i] (the first L_i keys: those its last
+    query sees) and bias [B, Hkv, R_i, L_i]; the outputs of the groups are stacked in order, and
+    out_index is a row of that stack [sum_i B * Hkv * R_i, Dv]. The other variants are one group.
     """
 
     variant: int
-    q_index: torch.Tensor
-    kv_index: torch.Tensor
-    bias: torch.Tensor
+    groups: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...]  # (q_index, kv_index, bias) per group
     out_index: torch.Tensor
 
+    @property
+    def q_index(self) -> torch.Tensor:
+        return self.groups[0][0]
+
+    @property
+    def kv_index(self) -> torch.Tensor:
+        return self.groups[0][1]
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self.groups[0][2]
+
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.q_index, self.kv_index, self.bias, self.out_index)
+        """(q_index, kv_index, bias) of each group in turn, then out_index."""
+        return (*(t for group in self.groups for t in group), self.out_index)
 
 
 def portable_inputs(meta: ForwardMetadata, num_heads: int, num_kv_heads: int) -> PortableInputs:
@@ -85,24 +108,36 @@ def portable_inputs(meta: ForwardMetadata, num_heads: int, num_kv_heads: int) ->
         bias = torch.zeros((B, L), dtype=torch.float32, device=dev).masked_fill_(~in_seq, float("-inf"))
         bias = bias[:, None, None, :].expand(B, Hkv, G, L).contiguous()
         unused = torch.zeros((1, Hkv, 1), dtype=i32, device=dev), torch.zeros((1, Hq), dtype=i32, device=dev)
-        return PortableInputs(ONE_TOKEN, unused[0], kv_index, bias, unused[1])
+        return PortableInputs(ONE_TOKEN, ((unused[0], kv_index, bias),), unused[1])
+    causal = meta.mode is not ForwardMode.VERIFY and E >= CAUSAL_ROWS
+    size = -(-E // CAUSAL_GROUPS) if causal else E  # new-token rows per group
     ext, prefix = meta.extend_lens.long(), meta.prefix_lens.long()
     starts = ext.cumsum(0) - ext  # [B] first row of each sequence
-    e = torch.arange(E, device=dev)
-    query_pos = (prefix[:, None] + e[None, :]).repeat_interleave(G, dim=1)  # [B, R]; padding rows see a superset
-    hidden = j[:, None, None, :] > query_pos[:, None, :, None]  # [B, 1, R, L]
-    if meta.mode is ForwardMode.VERIFY:  # draft tokens see the prefix and what their tree-mask row allows
-        for b, (n, length) in enumerate(zip(meta.extend_lens_cpu, meta.seq_lens_cpu)):
-            hidden[b, 0, : n * G, :length] = ~meta.visible(b).to(dev).repeat_interleave(G, dim=0)
-    bias = torch.zeros((B, Hkv, E * G, L), dtype=torch.float32, device=dev).masked_fill_(hidden, float("-inf"))
-    q_rows = torch.where(e[None, :] < ext[:, None], starts[:, None] + e[None, :], 0)  # [B, E], padding -> 0
     head = torch.arange(Hq, device=dev).view(Hkv, 1, G)  # [Hkv, 1, G]
-    q_index = (q_rows[:, None, :, None] * Hq + head).reshape(B, Hkv, E * G)
+    groups, bases = [], []  # bases: the first row of each group's output in the stack
+    base = 0
+    for first in range(0, E, size):
+        e = torch.arange(first, min(E, first + size), device=dev)  # this group's new-token rows
+        query_pos = (prefix[:, None] + e[None, :]).repeat_interleave(G, dim=1)  # [B, R_i]; padding rows see a superset
+        # Keys the group's last real query sees (a group of only padding rows still reads one key).
+        width = max(1, max(min(p + first + size, n) for p, n in zip(meta.prefix_lens_cpu, meta.seq_lens_cpu))) if causal else L
+        hidden = j[:, None, None, :width] > query_pos[:, None, :, None]  # [B, 1, R_i, L_i]
+        if meta.mode is ForwardMode.VERIFY:  # draft tokens see the prefix and what their tree-mask row allows
+            for b, (n, length) in enumerate(zip(meta.extend_lens_cpu, meta.seq_lens_cpu)):
+                hidden[b, 0, : n * G, :length] = ~meta.visible(b).to(dev).repeat_interleave(G, dim=0)
+        bias = torch.zeros((B, Hkv, len(e) * G, width), dtype=torch.float32, device=dev).masked_fill_(hidden, float("-inf"))
+        q_rows = torch.where(e[None, :] < ext[:, None], starts[:, None] + e[None, :], 0)  # [B, E_i], padding -> 0
+        q_index = (q_rows[:, None, :, None] * Hq + head).reshape(B, Hkv, len(e) * G)
+        groups.append((q_index.to(i32), kv_index[:, :, :width].contiguous(), bias))
+        bases.append(base)
+        base += B * Hkv * len(e) * G
     seq = torch.repeat_interleave(torch.arange(B, device=dev), ext, output_size=T)  # [T]
     e_of_row = torch.arange(T, device=dev) - starts[seq]
+    group, e_in = e_of_row // size, e_of_row % size
+    rows = torch.tensor([min(size, E - first) for first in range(0, E, size)], device=dev)[group]  # E_i of each token's group
     h = torch.arange(Hq, device=dev)
-    out_index = ((seq[:, None] * Hkv + h // G) * E + e_of_row[:, None]) * G + h % G  # [T, Hq]
-    return PortableInputs(GENERAL, q_index.to(i32), kv_index, bias, out_index.to(i32))
+    out_index = torch.tensor(bases, device=dev)[group][:, None] + ((seq[:, None] * Hkv + h // G) * rows[:, None] + e_in[:, None]) * G + h % G
+    return PortableInputs(CAUSAL if causal else GENERAL, tuple(groups), out_index.to(i32))
 
 
 class PortablePagedAttention(nn.Cell):
@@ -129,18 +164,20 @@ class PortablePagedAttention(nn.Cell):
         self.inputs: tuple = ()
         self.variant = GENERAL
 
-    def signature(self, batch: int | None = None) -> tuple[Tensor, ...]:
+    def signature(self, batch: int | None = None, variant: int = GENERAL) -> tuple[Tensor, ...]:
         """The shapes of `inputs` for mindspore.enable_dynamic, None where steps differ. batch:
         the fixed size of the one-token steps a graph runs (`ForwardMetadata.padded_decode`), whose
-        q_index and out_index are placeholders; None: any step."""
+        q_index and out_index are placeholders; None: any step. variant: the steps' variant (its
+        number of query groups sets the length of `inputs`)."""
         Hq, Hkv, i32 = self.num_heads, self.num_kv_heads, ms.int32
         R = None if batch is None else Hq // Hkv
-        return (
+        group = (
             Tensor(shape=[None, Hkv, None] if batch is None else [1, Hkv, 1], dtype=i32),  # q_index [B, Hkv, R]
             Tensor(shape=[batch, Hkv, None], dtype=i32),  # kv_index [B, Hkv, L]
             Tensor(shape=[batch, Hkv, R, None], dtype=ms.float32),  # bias [B, Hkv, R, L]
-            Tensor(shape=[None, Hq] if batch is None else [1, Hq], dtype=i32),  # out_index [T, Hq]
         )
+        out_index = Tensor(shape=[None, Hq] if batch is None else [1, Hq], dtype=i32)  # [T, Hq]
+        return group * (CAUSAL_GROUPS if variant == CAUSAL else 1) + (out_index,)
 
     @staticmethod
     def cache_views(cache: MindSporeKVCache) -> tuple[tuple, tuple | None]:
@@ -161,22 +198,27 @@ class PortablePagedAttention(nn.Cell):
         """q [T, Hq, D]; k_rows/v_rows: the pool as [S * Hkv, D/Dv] (`cache_views`), holding this
         step's k/v already; v_rows None: latent attention, whose values are the keys' first Dv
         channels -> [T, Hq, Dv] in q's dtype. k and v are not read (the pool has them)."""
-        q_index, kv_index, bias, out_index = inputs
         Hkv, D, Dv = self.num_kv_heads, self.head_dim, self.v_head_dim
+        outs = []
+        for i in range(0, len(inputs) - 1, 3):  # each query group (a graph constant: unrolled)
+            q_index, kv_index, bias = inputs[i], inputs[i + 1], inputs[i + 2]
+            if variant == ONE_TOKEN:
+                qp = q.reshape(-1, Hkv, self.num_heads // Hkv, D)  # [B, Hkv, G, D]
+            else:
+                qp = ops.gather(q.reshape(-1, D), q_index, 0)  # [B, Hkv, R, D]
+            keys = cast(ops.gather(k_rows, kv_index, 0), ms.float32)  # [B, Hkv, L, D]
+            if v_rows is None:
+                vals = keys[..., :Dv]
+            else:
+                vals = cast(ops.gather(v_rows, kv_index, 0), ms.float32)  # [B, Hkv, L, Dv]
+            # The scale on the queries (R x D values) rather than on the scores (R x L): one pass less
+            # over the step's largest tensor per layer (exact when the scale is a power of two, as 1/8 is).
+            probs = ops.softmax(_bmm_t(cast(qp, ms.float32) * self.scale, keys) + bias, -1)  # [B, Hkv, R, L]
+            outs.append(_bmm(probs, vals).reshape(-1, Dv))  # [B * Hkv * R, Dv]
         if variant == ONE_TOKEN:
-            qp = q.reshape(-1, Hkv, self.num_heads // Hkv, D)  # [B, Hkv, G, D]
-        else:
-            qp = ops.gather(q.reshape(-1, D), q_index, 0)  # [B, Hkv, R, D]
-        keys = cast(ops.gather(k_rows, kv_index, 0), ms.float32)  # [B, Hkv, L, D]
-        if v_rows is None:
-            vals = keys[..., :Dv]
-        else:
-            vals = cast(ops.gather(v_rows, kv_index, 0), ms.float32)  # [B, Hkv, L, Dv]
-        probs = ops.softmax(_bmm_t(cast(qp, ms.float32), keys) * self.scale + bias, -1)  # [B, Hkv, R, L]
-        out = _bmm(probs, vals)  # [B, Hkv, R, Dv]
-        if variant == ONE_TOKEN:
-            return cast(out.reshape(-1, self.num_heads, Dv), q.dtype)  # [B, Hq, Dv]
-        return cast(ops.gather(out.reshape(-1, Dv), out_index, 0), q.dtype)  # [T, Hq, Dv]
+            return cast(outs[0].reshape(-1, self.num_heads, Dv), q.dtype)  # [B, Hq, Dv]
+        out = outs[0] if len(outs) == 1 else ops.cat(outs, 0)
+        return cast(ops.gather(out, inputs[-1], 0), q.dtype)  # [T, Hq, Dv]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,8 +334,9 @@ class AscendPagedAttention(nn.Cell):
         self.inputs: tuple = ()
         self.variant = FLASH
 
-    def signature(self, batch: int | None = None) -> tuple[Tensor, ...]:
-        """As `PortablePagedAttention.signature`; a one-token step's lookahead_mask is a placeholder."""
+    def signature(self, batch: int | None = None, variant: int = FLASH) -> tuple[Tensor, ...]:
+        """As `PortablePagedAttention.signature` (every variant's inputs have these shapes); a
+        one-token step's lookahead_mask is a placeholder."""
         i32, B = ms.int32, batch
         return (
             Tensor(shape=[B], dtype=i32),  # slot_mapping [T]

@@ -38,7 +38,7 @@ from sglang_fx.sharding import Shard
 from sglang_fx.spi import RunnerOptions
 
 from . import collectives, int8
-from .attention import make_attention
+from .attention import CAUSAL_ROWS, make_attention
 from .compile_cache import CompileCache, refuse_process_wide_cache
 from .decoder import Decoder
 from .deepseek_v3 import DeepseekV3
@@ -148,20 +148,22 @@ class MindSporeRunner:
         self.attn = make_attention(attn_spec, layout, self.device, self.spec.dtype, self.exchange)
         has_values, in_graph = layout.v_shape is not None, self.mode == "jit"
         self.model = self.decoder(self.shard, self.weights, self.attn, self.comm, ms_dtype(layout.dtype), has_values, in_graph)
-        self._graphs: dict[int | None, object] = {}  # decode batch size (None: the dynamic graph) -> graph
+        self._graphs: dict[tuple, object] = {}  # (decode batch size or None: the dynamic graph, attention variant) -> graph
         self.layout = layout
 
     def _step(self, batch: int | None, *args):
         """The Decoder on args: op by op, or on the graph for `batch` (compiled on first use)."""
         if self.mode == "pynative":
             return self.model(*args)
-        if batch not in self._graphs:
-            self._graphs[batch] = self._compile(batch)
-        return self._graphs[batch](*args)
+        key = (batch, self.attn.variant)
+        if key not in self._graphs:
+            self._graphs[key] = self._compile(*key)
+        return self._graphs[key](*args)
 
-    def _compile(self, batch: int | None):
+    def _compile(self, batch: int | None, variant: int):
         """The step as a jit graph for one-token steps of `batch` sequences, whose sizes are all
-        fixed but the sequence length; batch None: for any step, every size dynamic."""
+        fixed but the sequence length; batch None: for any step, every size dynamic. variant: the
+        attention's (`signature`): a graph per variant, as MindSpore compiles one per constant anyway."""
         model = self.model
         # The Cell's own construct, as a function object of its own per graph (enable_dynamic marks
         # the function it decorates), called with the Cell as `self`: so MindSpore knows the graph
@@ -175,7 +177,7 @@ class MindSporeRunner:
             i32, i64 = ms.int32, ms.int64
             tokens = dict(input_ids=Tensor(shape=[None], dtype=i32), positions=Tensor(shape=[None], dtype=i64),
                           logits_indices=Tensor(shape=[None], dtype=i32), slots=Tensor(shape=[None], dtype=i64))  # fmt: skip
-        return functools.partial(enable_dynamic(**tokens, attn_inputs=self.attn.signature(batch))(ms.jit(step)), model)
+        return functools.partial(enable_dynamic(**tokens, attn_inputs=self.attn.signature(batch, variant))(ms.jit(step)), model)
 
     def _decode_batch(self, meta: ForwardMetadata) -> int | None:
         """The decode graph's batch size for this step, or None (the dynamic graph)."""
@@ -190,7 +192,7 @@ class MindSporeRunner:
         and large-decode kernels; decode above the largest bucket). Only on the first forward:
         the pool holds no K/V yet, so the dummy steps' writes (page 0) touch nothing a sequence
         owns, and the real step then writes its own slots."""
-        prefills = [("prefill", 2)]
+        prefills = [("prefill", 2), ("prefill (causal query groups)", CAUSAL_ROWS)]
         if self.spec.moe is not None:  # a long prefill computes the experts densely: another graph
             prefills.append(("prefill (dense experts)", -(-self.spec.moe.num_experts // self.spec.moe.top_k)))
         steps = buckets.warmup_steps(self.layout.page_size, self.precompile, prefills, device=str(device))
