@@ -20,7 +20,7 @@ from sglang_fx.generate import Session  # noqa: E402
 from sglang_fx.kv_pool import KVLayout  # noqa: E402
 from sglang_fx.registry import load_backend  # noqa: E402
 from sglang_fx.spi import RunnerOptions  # noqa: E402
-from sglang_fx_jax import plugin  # noqa: E402
+from sglang_fx_jax import attention, plugin  # noqa: E402
 from sglang_fx_jax.kv_cache import JaxKVCache  # noqa: E402
 
 PROMPTS = [[5, 17, 99, 250, 3, 42, 77], [3, 42], [260, 14, 8, 9, 10]]
@@ -176,7 +176,7 @@ def test_decode_reuses_its_bucket_programs(tiny, caplog):
         for batch in (PROMPTS[:1], PROMPTS, PROMPTS + PROMPTS[:1], PROMPTS[:2]):  # 1, 3, 4, 2 sequences
             assert s.generate(batch, 6) == ref.generate(batch, 6)
     decode = [r.message for r in caplog.records if "decode step" in r.message]
-    assert len(decode) == 1 and "bucket ('decode', 4, 64)" in decode[0], decode
+    assert len(decode) == 1 and f"bucket ('decode', 4, {attention.DECODE_CONTEXT})" in decode[0], decode
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_moe"])

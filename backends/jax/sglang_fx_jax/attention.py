@@ -44,7 +44,12 @@ from sglang_fx.spi import AttentionSpec
 from .kv_cache import JaxKVCache
 
 HIDDEN = -1e30  # the score of a key a query may not see (finite: an all-hidden padding row stays finite)
-MIN_CONTEXT = 64  # smallest context bucket
+MIN_CONTEXT = 64  # smallest context bucket of an extend step's keys
+#: Smallest context bucket of a decode step. Its work follows the step's contexts, not the bucket
+#: (`attend_decode`), so one bucket for every context up to 2048 costs only the slot table's
+#: width ([B, 2048] int32, 8 KB a sequence) and spares a whole-model compile per new bucket and
+#: batch size while serving: `precompile` then covers every decode step up to that context.
+DECODE_CONTEXT = 2048
 MIN_TOKENS = 16  # smallest token bucket of a step that is not a padded decode
 QUERY_BLOCK = 128  # most query rows of a block (fewer when the step's longest extend is shorter)
 KEY_BLOCK = 128  # keys of a block (fewer when the context bucket is smaller)
@@ -171,7 +176,7 @@ def plan(meta: ForwardMetadata, decode: bool) -> tuple[Inputs, int]:
     """The step's attention inputs and its padded token count. decode: a one-token-per-sequence
     step whose batch is already padded to its bucket (`ForwardMetadata.padded_decode`)."""
     if decode:
-        return decode_inputs(meta, power_of_two(max(meta.seq_lens_cpu), MIN_CONTEXT)), meta.batch_size
+        return decode_inputs(meta, power_of_two(max(meta.seq_lens_cpu), DECODE_CONTEXT)), meta.batch_size
     shape = extend_shape(meta)
     return extend_inputs(meta, *shape), shape[0]
 

@@ -11,14 +11,16 @@ called once per layer on that layer's weights and pool (`Decoder.start`, `Decode
 Decode steps, few buckets that `precompile` can compile ahead, keep the whole-model body.
 
 Per step, on the host: pad the step to its bucket (decode: `ForwardMetadata.padded_decode` to
-the least `decode_batches` size that holds it, context to a power of two; any other step: tokens
+the least `decode_batches` size that holds it, context to a power of two of at least
+`attention.DECODE_CONTEXT`; any other step: tokens
 and keys to powers of two, `attention.plan`), run body then head, store the new K/V rows into the
 pool (`JaxKVCache.write_layers`, the only copy into host memory besides the logits), and return
 the logits, which alias the head's output buffer (no copy).
 
 A program compiles on first use of its bucket (seconds), and JAX's persistent compilation cache
 (`runtime.use_compile_cache`) keeps it across restarts. `precompile` compiles the prefill bucket
-of the smallest sizes and the chosen decode batch sizes (at the smallest context bucket) on the
+of the smallest sizes and the chosen decode batch sizes (at the smallest context bucket, which
+holds every context up to `attention.DECODE_CONTEXT`) on the
 first step instead, as SGLang captures CUDA graphs at start-up, with one log line each.
 """
 
