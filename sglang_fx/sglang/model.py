@@ -124,7 +124,7 @@ class SglangFxForCausalLM(torch.nn.Module):
         if mode.is_idle():
             return compat.logits_output(torch.empty((0, self.spec.vocab_size), dtype=torch.float32, device=input_ids.device))
         cache = self._bind()
-        all_logits = mode.name == "EXTEND" and compat.wants_input_logprobs(forward_batch)
+        all_logits = not mode.is_target_verify() and compat.wants_input_logprobs(forward_batch)
         meta = to_metadata(forward_batch, positions, compat.req_to_token(), cache.layout.page_size, all_logits,
                            draft=self.is_draft)  # fmt: skip
         if meta.mode is ForwardMode.VERIFY and not self.backend.info.capabilities.verify:

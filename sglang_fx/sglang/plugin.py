@@ -181,7 +181,8 @@ def draft_problems(target: str, view: Any, dtype: str, device: str) -> list[str]
     """What stops the draft model (--speculative-draft-model-path) from running on the backend
     its route names (`draft_backend`: SGLANG_FX_OPTIONS' "draft" entry, else the target's
     backend): an unknown or unavailable backend, or one whose Capabilities refuse the draft
-    checkpoint (architecture, dtype, device, page size) or its steps. [] when it can run."""
+    checkpoint (architecture, dtype, device, page size, the target's tp/ep sizes, which the
+    draft runs under). [] when it can run."""
     from . import OPTIONS_ENV
 
     name = draft_backend(target)
@@ -194,7 +195,8 @@ def draft_problems(target: str, view: Any, dtype: str, device: str) -> list[str]
     except SglangFxError as e:
         return [f"the draft model cannot run on backend {name!r}: {e}"]
     problems = capabilities.validate(architecture=spec.architecture, dtype=dtype, device=device, page_size=view.page_size,
-                                     options=backend_options(name), verify=None)  # fmt: skip
+                                     tp_size=int(getattr(view, "tp_size", 1) or 1), ep_size=int(getattr(view, "ep_size", 1) or 1),
+                                     options=backend_options(name))  # fmt: skip
     return [f"the draft model on backend {name!r}: {p}" for p in problems]
 
 
