@@ -43,7 +43,7 @@ from .. import sharding
 from ..checkpoint import load_spec
 from ..errors import SglangFxError, UnsupportedConfigError
 from ..registry import default_registry
-from . import backend_options, compat, draft, draft_backend
+from . import DRAFT_ENTRY, OPTIONS_ENV, backend_options, compat, draft, draft_backend
 from .quantization import serve_quantized_at_any_dtype
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,10 @@ def backend_names() -> list[str]:
             logger.error(
                 "sglang-fx: backend %r (from %s) is not usable as --model-impl: the name is SGLang's "
                 "own implementation. Rename the backend's entry point.", name, entries)
+            continue
+        if name == DRAFT_ENTRY:
+            logger.error("sglang-fx: backend %r is not usable as --model-impl: %s' %r key is the draft model's route. "
+                         "Rename the backend's entry point.", name, OPTIONS_ENV, DRAFT_ENTRY)  # fmt: skip
             continue
         names.append(name)
     return names
@@ -183,8 +187,6 @@ def draft_problems(target: str, view: Any, dtype: str, device: str) -> list[str]
     backend): an unknown or unavailable backend, or one whose Capabilities refuse the draft
     checkpoint (architecture, dtype, device, page size, the target's tp/ep sizes, which the
     draft runs under). [] when it can run."""
-    from . import OPTIONS_ENV
-
     name = draft_backend(target)
     if name not in _backends:
         return [f"the draft model's backend {name!r} ({OPTIONS_ENV} {{\"draft\": {{\"backend\": ...}}}}) is not an installed "
