@@ -99,7 +99,8 @@ def main() -> int:
     batches = args.batch or [1, 8]
     model = str(fetch("smollm2"))
     tok = transformers.AutoTokenizer.from_pretrained(model)
-    ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in PROMPTS]
+    ids = [list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_dict=False))
+           for p in PROMPTS]
     print(f"SmolLM2-135M-Instruct, SGLang server on CPU (float32), greedy, {NEW_TOKENS} new tokens, {len(PROMPTS)} prompts "
           f"(3 copy text), max-running-requests 8", flush=True)  # fmt: skip
     modes = ["NGRAM"] + ([] if args.no_standalone else ["STANDALONE"])
