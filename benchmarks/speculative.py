@@ -1,17 +1,20 @@
-"""Speculative decoding on the real SmolLM2-135M-Instruct: tokens/s with and without NGRAM, one run.
+"""Speculative decoding on the real SmolLM2-135M-Instruct: tokens/s with and without NGRAM and
+STANDALONE, one run.
 
-    python benchmarks/speculative.py [--impls mindspore jax] [--batch 1 --batch 8]
+    python benchmarks/speculative.py [--impls mindspore jax] [--batch 1 --batch 8] [--no-standalone]
 
-Per --model-impl, two SGLang servers in turn on the same checkpoint, with the same
---max-running-requests cap (speculation sets one otherwise): plain, and --speculative-algorithm
+Per --model-impl, three SGLang servers in turn on the same checkpoint, with the same
+--max-running-requests cap (speculation sets one otherwise): plain, --speculative-algorithm
 NGRAM (SGLang's defaults: a breadth-10 tree of 12 draft tokens; n-gram corpus capacity lowered
-so the corpus does not take 2 GB). Prompts that copy text (repeat a list, rewrite code with
+so the corpus does not take 2 GB), and STANDALONE with the checkpoint as its own draft on the
+same backend (chains of 3 draft tokens, topk 1; SGLang's EAGLE worker feeds the draft the
+sequence shifted by one, so even a self-draft misses tokens: see the README). Prompts that copy text (repeat a list, rewrite code with
 one change) and one that does not, chat-templated, greedy, 64 new tokens each. At batch 1 the
 prompts are sent one after another, at batch N N at a time (the prompts repeated to fill the
 batch); after one untimed round. Printed per impl and batch: output tokens/s plain and NGRAM,
 the speed-up, and SGLang's spec_accept_length (tokens per verify step, the bonus token included)
-averaged over the requests. Greedy outputs of the two servers must agree (near-ties counted).
-STANDALONE (a draft model) is not supported by sglang-fx yet, so it is not measured.
+averaged over the requests. Greedy outputs of the speculative servers must agree with plain's
+(near-ties counted).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ PROMPTS = [
 ]
 CAP = ["--max-running-requests", "8"]
 NGRAM = ["--speculative-algorithm", "NGRAM", "--speculative-ngram-capacity", "200000"]
+STANDALONE = ["--speculative-algorithm", "STANDALONE", "--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
+              "--speculative-num-draft-tokens", "4"]  # fmt: skip
 NEW_TOKENS = 64
 
 
@@ -57,9 +62,12 @@ def run_round(url: str, ids: list[list[int]], batch: int) -> tuple[float, list[d
     return time.perf_counter() - start, out
 
 
-def bench(impl: str, model: str, spec: bool, batches: list[int], ids, work: Path, port: int) -> dict:
-    cmd = server_command(model, impl, port=port) + CAP + (NGRAM if spec else [])
-    log = work / f"{impl}-{'ngram' if spec else 'plain'}.log"
+def bench(impl: str, model: str, mode: str, batches: list[int], ids, work: Path, port: int) -> dict:
+    """mode: "plain", "NGRAM" or "STANDALONE" (the checkpoint as its own draft)."""
+    extra = {"plain": [], "NGRAM": NGRAM, "STANDALONE": [*STANDALONE, "--speculative-draft-model-path", model]}[mode]
+    spec = mode != "plain"
+    cmd = server_command(model, impl, port=port) + CAP + extra
+    log = work / f"{impl}-{mode}.log"
     proc = start_server(cmd, log)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -86,33 +94,37 @@ def main() -> int:
     ap.add_argument("--impls", nargs="+", default=["mindspore", "jax"])
     ap.add_argument("--batch", type=int, action="append", help="batch sizes (default 1 and 8)")
     ap.add_argument("--port", type=int, default=31870)
+    ap.add_argument("--no-standalone", action="store_true", help="measure plain and NGRAM only")
     args = ap.parse_args()
     batches = args.batch or [1, 8]
     model = str(fetch("smollm2"))
     tok = transformers.AutoTokenizer.from_pretrained(model)
-    ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in PROMPTS]
+    ids = [list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_dict=False))
+           for p in PROMPTS]
     print(f"SmolLM2-135M-Instruct, SGLang server on CPU (float32), greedy, {NEW_TOKENS} new tokens, {len(PROMPTS)} prompts "
           f"(3 copy text), max-running-requests 8", flush=True)  # fmt: skip
+    modes = ["NGRAM"] + ([] if args.no_standalone else ["STANDALONE"])
     rows, mismatches = [], 0
     with tempfile.TemporaryDirectory() as tmp:
         for impl in args.impls:
-            plain = bench(impl, model, False, batches, ids, Path(tmp), args.port)
-            ngram = bench(impl, model, True, batches, ids, Path(tmp), args.port)
+            plain = bench(impl, model, "plain", batches, ids, Path(tmp), args.port)
+            specs = {m: bench(impl, model, m, batches, ids, Path(tmp), args.port) for m in modes}
             for b in batches:
-                for p, s in zip(plain[b]["results"], ngram[b]["results"]):
-                    if p["output_ids"] != s["output_ids"]:
-                        i = next(k for k, (x, y) in enumerate(zip(p["output_ids"], s["output_ids"])) if x != y)
-                        top = p["meta_info"]["output_top_logprobs"][i]
-                        gap = top[0][0] - top[1][0]
-                        print(f"  {impl} b={b}: NGRAM differs from plain at token {i} (plain's top-2 gap {gap:.3g}"
-                              f"{', a near-tie' if gap < 1e-3 else ''})")  # fmt: skip
-                        mismatches += gap >= 1e-3
-                rows.append((impl, b, plain[b]["tok_s"], ngram[b]["tok_s"], ngram[b]["accept"]))
+                for m in modes:
+                    for p, s in zip(plain[b]["results"], specs[m][b]["results"]):
+                        if p["output_ids"] != s["output_ids"]:
+                            i = next(k for k, (x, y) in enumerate(zip(p["output_ids"], s["output_ids"])) if x != y)
+                            top = p["meta_info"]["output_top_logprobs"][i]
+                            gap = top[0][0] - top[1][0]
+                            print(f"  {impl} b={b}: {m} differs from plain at token {i} (plain's top-2 gap {gap:.3g}"
+                                  f"{', a near-tie' if gap < 1e-3 else ''})")  # fmt: skip
+                            mismatches += gap >= 1e-3
+                    rows.append((impl, b, m, plain[b]["tok_s"], specs[m][b]["tok_s"], specs[m][b]["accept"]))
             print(f"  {impl} done", flush=True)
-    head = f"{'--model-impl':<14}{'batch':>6}{'plain tok/s':>13}{'NGRAM tok/s':>13}{'speed-up':>10}{'accept len':>12}"
+    head = f"{'--model-impl':<14}{'batch':>6}{'algorithm':>12}{'plain tok/s':>13}{'spec tok/s':>12}{'speed-up':>10}{'accept len':>12}"
     print("\n" + head + "\n" + "-" * len(head))
-    for impl, b, p, s, a in rows:
-        print(f"{impl:<14}{b:>6}{p:>13.1f}{s:>13.1f}{s / p:>9.2f}x{a if a is None else round(a, 2):>12}")
+    for impl, b, m, p, s, a in rows:
+        print(f"{impl:<14}{b:>6}{m:>12}{p:>13.1f}{s:>12.1f}{s / p:>9.2f}x{a if a is None else round(a, 2):>12}")
     print("accept len = SGLang's spec_accept_length, mean over the requests (tokens per verify step, bonus included)")
     return 1 if mismatches else 0
 

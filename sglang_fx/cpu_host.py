@@ -40,10 +40,13 @@ Fixes:
         with, and the target's token after it);
     fill_accept_out_cache_loc_cpu, fill_bonus_tokens_cpu  (the accepted tokens' slots and
         the bonus token per request, after verification).
-  The kernels only EAGLE-style drafting calls (tree building, draft cache slots, input-id
-  rotation) are provided as functions that raise NotImplementedError when called: draft-model
-  speculative decoding is refused at start-up for sglang-fx backends, and an import must not
-  fail for it.
+  For drafting with a draft model (STANDALONE; shared with EAGLE), from the same contracts:
+    assign_draft_cache_locs_contiguous_cpu  (the draft steps' KV slots, read from req_to_token);
+    build_tree_kernel_efficient_cpu  (the verify tree of the draft's candidates: mask,
+        positions, tree links; any topk, bool masks).
+  The kernel only multi-layer EAGLE drafting calls (input-id rotation) is provided as a
+  function that raises NotImplementedError when called: that algorithm is refused at start-up
+  for sglang-fx backends, and an import must not fail for it.
   Any other name raises ImportError("cannot import name ..."), as if sgl_kernel were absent,
   so SGLang's own `try: from sgl_kernel import X / except ImportError` fallbacks keep working,
   and an unexpected use fails loudly instead of computing something wrong.
@@ -249,6 +252,94 @@ def fill_bonus_tokens_cpu(accept_tokens, accept_lens, bonus_tokens, accept_strid
     bonus_tokens[: lens.numel()] = accept_tokens.reshape(-1)[rows + lens - 1].to(bonus_tokens.dtype)
 
 
+def assign_draft_cache_locs_contiguous_cpu(req_pool_indices, req_to_token, seq_lens, out_cache_loc, pool_len, topk,
+                                           num_cols) -> None:  # fmt: skip
+    """The KV slots of EAGLE-style drafting (STANDALONE at topk 1), read from req_to_token, where
+    the scheduler already placed them after each request's committed tokens: request b's
+    topk * num_cols slots, out_cache_loc[b * topk * num_cols + j] = req_to_token[req_pool_indices[b],
+    seq_lens[b] + j] for j < topk * num_cols. pool_len = req_to_token.shape[1]. (Contract of
+    kernels/ops/speculative/cache_locs.py::assign_draft_cache_locs_contiguous_func.)"""
+    import torch
+
+    width = int(topk) * int(num_cols)
+    batch = seq_lens.numel()
+    if batch == 0 or width == 0:
+        return
+    cols = seq_lens.long().view(-1, 1) + torch.arange(width, device=seq_lens.device)  # [B, width]
+    rows = req_to_token[req_pool_indices.long()]  # [B, pool_len]
+    out_cache_loc[: batch * width] = torch.gather(rows, 1, cols).reshape(-1).to(out_cache_loc.dtype)
+
+
+def build_tree_kernel_efficient_cpu(parent_list, top_scores_index, seq_lens, tree_mask, positions, retrieve_index,
+                                    retrieve_next_token, retrieve_next_sibling, topk, spec_steps, num_verify_tokens,
+                                    tree_mask_mode) -> None:  # fmt: skip
+    """The verify tree of EAGLE-style drafts (STANDALONE, EAGLE), from what the draft loop chose
+    (contract of kernels/ops/speculative/spec_tree.py::build_tree_kernel_efficient_func and its
+    Triton kernel). Per request b, n = num_verify_tokens nodes: node 0 the root (the bonus token),
+    node i > 0 the draft candidate top_scores_index[b, i - 1] (sorted ascending) of the draft
+    loop's flattened candidates; candidate c's parent is candidate parent_list[b, c // topk],
+    i.e. the node whose top_scores_index equals it, or the root when c // topk == 0.
+    Writes (retrieve_* arrive filled with -1):
+      positions [B * n]             seq_lens[b] + node depth (the root at depth 0);
+      retrieve_index [B, n]         b * n + i;
+      retrieve_next_token [B, n]    a node's first child: the smallest-index child;
+      retrieve_next_sibling [B, n]  the next larger-index child of the same parent, else -1;
+      tree_mask                     row i of request b: True for node i, its ancestors and the
+                                    root, False for other nodes. tree_mask_mode 1 (QLEN_ONLY, the
+                                    CPU default) is [B, n, n]; 0 (FULL_MASK) is [n, seq_lens[b] + n]
+                                    per request, packed, the committed columns left as they are.
+    Ancestor walks stop after spec_steps levels. Plain loops (the C++ reference's shape); the
+    tree is small (n nodes per request)."""
+    import torch
+
+    n, topk, depth = int(num_verify_tokens), int(topk), int(spec_steps)
+    if int(tree_mask_mode) not in (0, 1):
+        raise NotImplementedError(f"build_tree_kernel_efficient_cpu: tree mask mode {int(tree_mask_mode)} (only FULL_MASK 0 "
+                                  "and QLEN_ONLY 1)")  # fmt: skip
+    parents, chosen = parent_list.tolist(), top_scores_index.tolist()
+    lens = [int(x) for x in seq_lens.tolist()]
+    if tree_mask.dtype != torch.bool:
+        raise NotImplementedError(f"build_tree_kernel_efficient_cpu: a {tree_mask.dtype} tree mask (only bool)")
+    mask = tree_mask
+    pos, nxt, sib, idx = (t.view(len(lens), n) for t in (positions, retrieve_next_token, retrieve_next_sibling, retrieve_index))
+    start = 0
+    for b, seq_len in enumerate(lens):
+        sel = chosen[b]
+
+        def parent_node(i: int) -> int | None:
+            """The node index of node i's parent (0 = the root), None if not among the nodes."""
+            up = sel[i - 1] // topk
+            if up == 0:
+                return 0
+            target = parents[b][up]
+            return next((k + 1 for k in range(n - 1) if sel[k] == target), None)
+
+        for i in range(n - 1, 0, -1):
+            idx[b, i] = b * n + i
+            p = parent_node(i)
+            if p is not None:
+                first = int(nxt[b, p])
+                nxt[b, p] = i
+                if first != -1:
+                    sib[b, i] = first
+        idx[b, 0] = b * n
+        width = (seq_len + n) if int(tree_mask_mode) == 0 else n
+        base = start + (seq_len if int(tree_mask_mode) == 0 else 0)
+        for i in range(n):
+            row = base + i * width
+            mask[row : row + n] = False
+            mask[row] = True
+            node, level = i, 0
+            while node > 0 and level < depth:
+                mask[row + node] = True
+                level += 1
+                node = parent_node(node)
+                if node is None:
+                    break
+            pos[b, i] = seq_len + level
+        start += n * width
+
+
 #: name -> implementation, for the `sgl_kernel` stand-in. Only functions SGLang calls on CPU.
 _SGL_KERNEL_CPU = {
     "copy_all_layer_kv_cache_cpu": copy_all_layer_kv_cache_cpu,
@@ -257,6 +348,8 @@ _SGL_KERNEL_CPU = {
     "verify_tree_greedy_cpu": verify_tree_greedy_cpu,
     "fill_accept_out_cache_loc_cpu": fill_accept_out_cache_loc_cpu,
     "fill_bonus_tokens_cpu": fill_bonus_tokens_cpu,
+    "assign_draft_cache_locs_contiguous_cpu": assign_draft_cache_locs_contiguous_cpu,
+    "build_tree_kernel_efficient_cpu": build_tree_kernel_efficient_cpu,
 }
 #: The stand-in's submodules: name -> {name -> implementation}.
 _SGL_KERNEL_SUBMODULES = {
@@ -279,10 +372,8 @@ def _not_on_cpu(name: str, feature: str):
 #: Names SGLang imports at module level on CPU but only calls for features sglang-fx does not
 #: support on CPU; calling one raises NotImplementedError (never a wrong result).
 _SGL_KERNEL_IMPORT_ONLY = {
-    # kernels/ops/speculative/{spec_tree,cache_locs,multi_layer_eagle}.py: EAGLE-style drafting
-    "build_tree_kernel_efficient_cpu": "draft-model speculative decoding",
-    "assign_draft_cache_locs_contiguous_cpu": "draft-model speculative decoding",
-    "rotate_input_ids_cpu": "draft-model speculative decoding",
+    # kernels/ops/speculative/multi_layer_eagle.py: multi-layer EAGLE drafting
+    "rotate_input_ids_cpu": "multi-layer EAGLE speculative decoding",
 }
 _SGL_KERNEL_CPU.update({n: _not_on_cpu(n, f) for n, f in _SGL_KERNEL_IMPORT_ONLY.items()})
 

@@ -50,8 +50,9 @@ def test_stand_in_refuses_unknown_names_and_raises_for_import_only_ones():
     assert getattr(sgl_kernel, "SGLANG_FX_STAND_IN", False)
     with pytest.raises(ImportError, match="cannot import name"):
         exec("from sgl_kernel import fused_add_rmsnorm")
-    with pytest.raises(NotImplementedError, match="draft-model speculative decoding"):
-        sgl_kernel.build_tree_kernel_efficient_cpu()
+    with pytest.raises(NotImplementedError, match="multi-layer EAGLE speculative decoding"):
+        sgl_kernel.rotate_input_ids_cpu()
+    assert sgl_kernel.build_tree_kernel_efficient_cpu is cpu_host.build_tree_kernel_efficient_cpu
     from sgl_kernel.speculative import reconstruct_indices_from_tree_mask  # NGRAM's import
 
     assert reconstruct_indices_from_tree_mask is cpu_host.reconstruct_indices_from_tree_mask
@@ -175,3 +176,72 @@ def test_fill_accept_out_cache_loc_and_bonus_tokens_cpu():
     bonus = torch.zeros(3, dtype=torch.int64)
     cpu_host.fill_bonus_tokens_cpu(tokens.flatten(), torch.tensor([3, 1, 4]), bonus, 4)
     assert bonus.tolist() == [42, 99, 4]
+
+
+# Drafting with a draft model (STANDALONE): the draft steps' slots and the verify tree.
+
+
+def test_assign_draft_cache_locs_contiguous_cpu_matches_a_loop():
+    table = torch.arange(60, dtype=torch.int32).view(3, 20) + 1000
+    req_pool_indices, seq_lens, topk, cols = torch.tensor([2, 0]), torch.tensor([5, 11]), 2, 3
+    out = torch.full((2 * topk * cols + 2,), -1, dtype=torch.int64)
+    cpu_host.assign_draft_cache_locs_contiguous_cpu(req_pool_indices, table, seq_lens, out, 20, topk, cols)
+    want = [int(table[r, n + j]) for r, n in zip(req_pool_indices.tolist(), seq_lens.tolist()) for j in range(topk * cols)]
+    assert out.tolist() == want + [-1, -1]
+
+
+def _tree_reference(parents: list[int], seq_len: int):
+    """The contract of build_tree_kernel_efficient from a tree's parent list (node 0 the root):
+    mask rows (node, its ancestors), positions (seq_len + depth), first child, next sibling."""
+    mask = tree_mask(parents)
+    positions = [seq_len + sum(row) - 1 for row in mask]
+    children = [[c for c in range(len(parents)) if parents[c] == p] for p in range(len(parents))]
+    first = [kids[0] if kids else -1 for kids in children]
+    sibling = [-1] * len(parents)
+    for kids in children:
+        for a, b in zip(kids, kids[1:]):
+            sibling[a] = b
+    return mask, positions, first, sibling
+
+
+@pytest.mark.parametrize("mode", [0, 1])  # FULL_MASK, QLEN_ONLY (SGLang's CPU default)
+def test_build_tree_kernel_efficient_cpu_against_the_parent_lists(mode):
+    # Request 0: topk 1, 3 steps (SGLang's chain: parent_list arange(-1, ..), candidates 0, 1, 2):
+    # a chain of 4 nodes. Request 1: topk 2; candidates 0, 1 hang from the root, 2..5 from
+    # candidates parent_list[1..2] = 0, 1, 6..9 from parent_list[3..4] = 3, 4; the draft kept
+    # candidates 0, 1, 3, 6, i.e. nodes 1..4 with parents [-1, 0, 0, 1, 3].
+    cases = [(torch.tensor([[-1, 0, 1, 2, 3]]), torch.tensor([[0, 1, 2, 3]]), 1, [-1, 0, 1, 2, 3], 7),
+             (torch.tensor([[-1, 0, 1, 3, 4]]), torch.tensor([[0, 1, 3, 6]]), 2, [-1, 0, 0, 1, 3], 3)]  # fmt: skip
+    for parent_list, chosen, topk, parents, seq_len in cases:
+        n = len(parents)
+        size = n * (seq_len + n) if mode == 0 else n * n
+        mask = torch.full((size,), True)
+        positions = torch.zeros(n, dtype=torch.int64)
+        index, next_token, next_sibling = torch.full((3, 1, n), -1, dtype=torch.int64)
+        cpu_host.build_tree_kernel_efficient_cpu(parent_list, chosen, torch.tensor([seq_len]), mask, positions, index,
+                                                 next_token, next_sibling, topk, n - 1, n, mode)  # fmt: skip
+        want_mask, want_positions, want_first, want_sibling = _tree_reference(parents, seq_len)
+        rows = mask.view(n, -1)
+        if mode == 0:  # the committed columns stay as the caller filled them
+            assert rows[:, :seq_len].all()
+        assert rows[:, -n:].tolist() == want_mask
+        assert positions.tolist() == want_positions
+        assert index.tolist() == [list(range(n))] and next_token.tolist() == [want_first]
+        assert next_sibling.tolist() == [want_sibling]
+
+
+def test_build_tree_kernel_efficient_cpu_packs_requests_one_after_another():
+    """Two chain requests in one call: each request's rows after the previous request's (the
+    FULL_MASK rows of request 1 are seq_lens[1] + n wide, after request 0's n rows of
+    seq_lens[0] + n), retrieve_index counting flattened rows."""
+    n, lens = 3, [2, 4]
+    parent_list, chosen = torch.tensor([[-1, 0, 1]] * 2), torch.tensor([[0, 1]] * 2)
+    mask = torch.full((sum(n * (s + n) for s in lens),), True)
+    positions = torch.zeros(2 * n, dtype=torch.int64)
+    index, next_token, next_sibling = torch.full((3, 2, n), -1, dtype=torch.int64)
+    cpu_host.build_tree_kernel_efficient_cpu(parent_list, chosen, torch.tensor(lens), mask, positions, index, next_token,
+                                             next_sibling, 1, 2, n, 0)  # fmt: skip
+    chain = [[True, False, False], [True, True, False], [True, True, True]]
+    first, second = mask[: n * (lens[0] + n)].view(n, -1), mask[n * (lens[0] + n) :].view(n, -1)
+    assert first[:, lens[0]:].tolist() == chain and second[:, lens[1]:].tolist() == chain
+    assert positions.tolist() == [2, 3, 4, 4, 5, 6] and index.tolist() == [[0, 1, 2], [3, 4, 5]]

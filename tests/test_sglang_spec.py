@@ -1,5 +1,6 @@
 """Speculative decoding through the SPI: SGLang's NGRAM (drafts from each request's own
-n-grams, verified as a tree) with --model-impl reference_torch, numpy, mindspore and jax on the CPU.
+n-grams, verified as a tree) with --model-impl reference_torch, numpy, mindspore and jax on the CPU,
+and STANDALONE (a draft model) with a mindspore or jax target and a reference_torch or numpy draft.
 
 Per backend, two servers on one tiny float32 Llama, started together with those of one other
 backend (two waves of four servers: more at once overload a 2-core, 24 GiB host), with the same
@@ -14,11 +15,24 @@ SGLang's CPU speculative kernels come from sglang-fx's sgl_kernel stand-in.
   near-ties are counted and printed, any other difference fails.
 - On prompts that copy text (a list repeated), NGRAM accepts drafts: the mean of SGLang's
   `spec_accept_length` (tokens per verify step, bonus token included) exceeds 1.
-Budget: about 7 minutes on a 2-core machine (start-ups most of it).
+
+STANDALONE (a third wave: one server per target/draft pair, plus a server whose draft route is
+bad): the draft is a copy of the target (same checkpoint), chosen by SGLANG_FX_OPTIONS' "draft"
+entry, drafting chains of 3 (topk 1, 4 draft tokens with the bonus one). SGLang 0.5.23 runs
+STANDALONE through its EAGLE worker, whose draft sees the sequence shifted by one (draft position
+p holds token p + 1, the prompt's first token is never fed to the draft), so even a self-draft
+misses some tokens. The test therefore checks the exact outcome: greedy outputs equal the plain
+server's (near-ties counted), and each request's verify steps and accepted drafts equal an
+independent transformers simulation of that algorithm on the same weights, except where the
+simulated draft's top-2 gap is a near-tie (counted). --disable-radix-cache: with prefix hits, the
+draft's KV at the cached boundary holds the earlier request's next token (SGLang keys its radix
+cache by bigrams for EAGLE but not for STANDALONE), which lowers acceptance unpredictably.
+Budget: about 9 minutes on a 2-core machine (start-ups most of it).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -42,6 +56,11 @@ CAP = ("--max-running-requests", "8")
 # memory check then counts against the KV pool: servers starting beside others can fail it.
 NGRAM_CORPUS = ("--speculative-ngram-capacity", "200000")
 WORDS = sorted(set(re.findall(r"[A-Za-z]+", CORPUS)))
+STANDALONE_PAIRS = (("mindspore", "reference_torch"), ("jax", "numpy"))  # (target backend, draft backend)
+DRAFT_STEPS = 3
+STANDALONE = ("--speculative-algorithm", "STANDALONE", "--speculative-num-steps", str(DRAFT_STEPS),
+              "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", str(DRAFT_STEPS + 1),
+              "--disable-radix-cache")  # fmt: skip
 
 
 def _copy_prompt(rng: random.Random) -> str:
@@ -64,12 +83,22 @@ def model(tmp_path_factory) -> str:
     return str(make_tiny_model("llama", tmp_path_factory.mktemp("sglang_spec") / "llama"))
 
 
+def _draft_route(backend: str) -> dict:
+    return {**os.environ, "SGLANG_FX_OPTIONS": json.dumps({"draft": {"backend": backend}})}
+
+
 class Waves:
     """The servers of one wave at a time: `servers(backend)` starts the wave holding `backend`
-    (after stopping the previous one) and returns {(backend, "plain" | "ngram"): Server}."""
+    (after stopping the previous one) and returns {(backend, "plain" | "ngram"): Server};
+    `standalone()` starts the STANDALONE wave, {(target, "standalone"): Server, "bad route":
+    Server}, plus plain servers for targets whose plain outputs no earlier wave recorded in
+    `plain` (backend -> the plain server's answers to PROMPTS, with top-2 logprobs)."""
 
     def __init__(self, model: str, root):
-        self.model, self.root, self.wave, self.started = model, root, None, {}
+        self.model, self.root, self.wave, self.started, self.plain = model, root, None, {}, {}
+
+    def _base(self, backend: str) -> tuple:
+        return ("--model-impl", backend, "--context-length", "512", *CAP)
 
     def servers(self, backend: str) -> dict:
         wave = next(w for w in WAVES if backend in w)
@@ -80,14 +109,37 @@ class Waves:
                 pytest.fail(f"backends not available: {missing} (make setup installs them)")
             self.wave = wave
             for b in wave:
-                base = ("--model-impl", b, "--context-length", "512", *CAP)
+                base = self._base(b)
                 self.started[b, "plain"] = Server(f"{b}-plain", self.model, base, dict(os.environ), self.root)
                 spec = (*base, "--speculative-algorithm", "NGRAM", *NGRAM_CORPUS)
                 self.started[b, "ngram"] = Server(f"{b}-ngram", self.model, spec, dict(os.environ), self.root)
         return self.started
 
+    def standalone(self) -> dict:
+        if self.wave != "standalone":
+            self.stop()
+            missing = [b for pair in STANDALONE_PAIRS for b in pair if not available(b)]
+            if missing:
+                pytest.fail(f"backends not available: {missing} (make setup installs them)")
+            self.wave = "standalone"
+            for target, draft in STANDALONE_PAIRS:
+                args = (*self._base(target), *STANDALONE, "--speculative-draft-model-path", self.model)
+                self.started[target, "standalone"] = Server(f"{target}-standalone-{draft}", self.model, args,
+                                                            _draft_route(draft), self.root)  # fmt: skip
+                if target not in self.plain:
+                    self.started[target, "plain"] = Server(f"{target}-plain", self.model, self._base(target),
+                                                           dict(os.environ), self.root)  # fmt: skip
+            bad = (*self._base("numpy"), *STANDALONE, "--speculative-draft-model-path", self.model)
+            self.started["bad route"] = Server("standalone-bad-route", self.model, bad, _draft_route("no_such_backend"), self.root)
+        return self.started
+
+    def plain_answers(self, backend: str) -> list[dict]:
+        if backend not in self.plain:
+            self.plain[backend] = _run_all(self.started[backend, "plain"], return_logprob=True, top_logprobs_num=2)
+        return self.plain[backend]
+
     def stop(self) -> None:
-        stop_all(list(self.started.values()))
+        stop_all([s for s in self.started.values()])
         self.started, self.wave = {}, None
 
 
@@ -117,7 +169,7 @@ def _run_all(server: Server, **extra) -> list[dict]:
 @pytest.mark.parametrize("backend", BACKENDS)  # in wave order: each wave starts once
 def test_ngram_greedy_equals_plain_and_accepts_drafts(waves, backend):
     servers = waves.servers(backend)
-    plain = _run_all(servers[backend, "plain"], return_logprob=True, top_logprobs_num=2)
+    plain = waves.plain_answers(backend)
     spec = _run_all(servers[backend, "ngram"])
     verdicts = [verdict(s["output_ids"], p) for s, p in zip(spec, plain)]
     bad = [(PROMPTS[k], v) for k, v in enumerate(verdicts) if v not in ("same", "near-tie")]
@@ -130,6 +182,80 @@ def test_ngram_greedy_equals_plain_and_accepts_drafts(waves, backend):
           f"{verdicts.count('same')} same, {verdicts.count('near-tie')} near-ties; spec_accept_length per request "
           f"{[round(a, 2) for a in accept]} (copy prompts first, mean {copy_mean:.2f}); verify steps {verify_steps}")  # fmt: skip
     assert copy_mean > 1.0, f"{backend}: NGRAM accepted no draft on prompts that copy text: {accept}"
+
+
+def _simulate_standalone(model, prompt: list[int]) -> tuple[int, int, float]:
+    """SGLang 0.5.23's STANDALONE at topk 1 with the target as its own draft, greedy, in plain
+    transformers: after the prefill's first token, each verify step drafts DRAFT_STEPS greedy
+    tokens from the committed sequence without its first token (the EAGLE worker's shifted
+    draft), accepts the longest prefix the target's argmax agrees with, plus the target's next
+    token, until MAX_NEW_TOKENS. Returns (verify steps, accepted drafts, the smallest top-2
+    logit gap among the draft's choices)."""
+    import torch
+
+    def step(ids: list[int]) -> tuple[int, float]:
+        top = model(torch.tensor([ids])).logits[0, -1].float().topk(2)
+        return int(top.indices[0]), float(top.values[0] - top.values[1])
+
+    with torch.no_grad():
+        seq = prompt + [step(prompt)[0]]
+        made, steps, accepted, gap = 1, 0, 0, float("inf")
+        while made < MAX_NEW_TOKENS:
+            draft = []
+            for _ in range(DRAFT_STEPS):
+                token, g = step(seq[1:] + draft)
+                draft.append(token)
+                gap = min(gap, g)
+            target = model(torch.tensor([seq + draft])).logits[0, len(seq) - 1 :].argmax(-1).tolist()
+            k = 0
+            while k < DRAFT_STEPS and draft[k] == target[k]:
+                k += 1
+            seq += draft[:k] + [target[k]]
+            made, steps, accepted = made + k + 1, steps + 1, accepted + k
+    return steps, accepted, gap
+
+
+@pytest.mark.parametrize("target,draft", STANDALONE_PAIRS)
+def test_standalone_self_draft_on_another_backend(waves, model, target, draft):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    servers = waves.standalone()
+    plain = waves.plain_answers(target)
+    spec = _run_all(servers[target, "standalone"])
+    log = servers[target, "standalone"].output(200_000)
+    assert f"on backend {draft!r}" in log and "_Draft_ForCausalLM" in log, f"the draft did not run on {draft}:\n{log[-3000:]}"
+    verdicts = [verdict(s["output_ids"], p) for s, p in zip(spec, plain)]
+    bad = [(PROMPTS[k], v) for k, v in enumerate(verdicts) if v not in ("same", "near-tie")]
+    assert not bad, f"{target} + {draft} draft: STANDALONE outputs differ from plain greedy beyond near-ties: {bad}"
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    got = [(s["meta_info"]["spec_verify_ct"], s["meta_info"]["spec_num_correct_drafts"]) for s in spec]
+    want, draft_ties = [], 0
+    for k, prompt in enumerate(PROMPTS):
+        steps, accepted, gap = _simulate_standalone(hf, tokenizer(prompt)["input_ids"])
+        want.append((steps, accepted))
+        if got[k] != want[-1] or verdicts[k] != "same":
+            assert gap < 1e-3 or verdicts[k] == "near-tie", (
+                f"{target} + {draft} draft, prompt {k}: (verify steps, accepted drafts) {got[k]}, the simulation of "
+                f"SGLang's STANDALONE on the same weights {want[-1]}, and no near-tie (smallest draft top-2 gap {gap:.2e})")
+            draft_ties += 1
+    accept = [round(s["meta_info"]["spec_accept_length"], 2) for s in spec]
+    proposed = sum(s["meta_info"]["spec_num_proposed_drafts"] for s in spec)
+    print(f"\n{target} target + {draft} draft (self-draft, chains of {DRAFT_STEPS}), {len(PROMPTS)} concurrent requests x "
+          f"{MAX_NEW_TOKENS} tokens: {verdicts.count('same')} same as plain, {verdicts.count('near-tie')} near-ties; "
+          f"(verify steps, accepted drafts) {got} = simulation except {draft_ties} near-ties; accepted "
+          f"{sum(a for _, a in got)}/{proposed} drafts; spec_accept_length {accept}")  # fmt: skip
+    assert all(n > 0 for n, _ in got), f"{target}: some requests ran no verify step: {got}"
+
+
+def test_a_bad_draft_route_is_refused_at_startup(waves):
+    server = waves.standalone()["bad route"]
+    code = server.wait_exit(STARTUP_TIMEOUT)
+    log = server.output(20_000)
+    assert code not in (None, 0), f"a server with the draft route 'no_such_backend' started:\n{log[-3000:]}"
+    assert "the draft model's backend 'no_such_backend'" in log and "is not an installed sglang-fx backend; accepted:" in log \
+        and "numpy" in log.split("accepted:")[-1][:300], log[-3000:]  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,3 +341,85 @@ def test_a_quantized_draft_model_is_refused_at_startup(tmp_path):
     assert not any("quantized" in p for p in feature_problems(args(float_draft)))
     assert any(f"the draft model {int8_draft} is quantized (compressed-tensors); a quantized draft is not supported" in p
                for p in feature_problems(args(int8_draft)))  # fmt: skip
+
+
+def _draft_batch(mode: str):
+    """A fake draft-model ForwardBatch: 2 requests with 3 and 5 committed tokens (fb.seq_lens),
+    request rows 1 and 0. DECODE: draft step 1 (positions committed + 1); DRAFT_EXTEND_V2: the
+    4-token verify window after the committed tokens."""
+    import types
+
+    import torch
+
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode as SglMode
+
+    committed = torch.tensor([3, 5])
+    fb = types.SimpleNamespace(forward_mode=getattr(SglMode, mode), seq_lens=committed, seq_lens_cpu=committed,
+                               req_pool_indices=torch.tensor([1, 0]))  # fmt: skip
+    if mode == "DECODE":
+        fb.out_cache_loc = torch.tensor([40, 50])
+    else:  # SGLang's prepare_for_draft_extend: seq_lens already count the window
+        fb.seq_lens = fb.seq_lens_cpu = committed + 4
+        fb.extend_seq_lens, fb.extend_prefix_lens = torch.tensor([4, 4]), committed
+        fb.extend_seq_lens_cpu, fb.extend_prefix_lens_cpu = [4, 4], [3, 5]
+        fb.out_cache_loc = torch.arange(60, 68)
+    return fb
+
+
+def test_draft_steps_become_ordinary_spi_steps():
+    import torch
+
+    from sglang_fx.metadata import ForwardMode
+    from sglang_fx.sglang.model import to_metadata
+
+    table = torch.arange(40, dtype=torch.int32).view(2, 20)
+    # Draft decode step 1: each token at committed + 1, seeing the committed tokens, the step-0
+    # draft token and itself; fb.seq_lens still the committed lengths.
+    meta = to_metadata(_draft_batch("DECODE"), torch.tensor([4, 6]), table, page_size=1, draft=True)
+    assert meta.mode is ForwardMode.DECODE
+    assert (meta.seq_lens_cpu, meta.prefix_lens_cpu, meta.extend_lens_cpu) == ((5, 7), (4, 6), (1, 1))
+    assert meta.seq_lens.tolist() == [5, 7] and torch.equal(meta.req_to_token, table[[1, 0], :7])
+    assert meta.logits_indices.tolist() == [0, 1]
+    # The same batch in the target's runner is a plain decode step of the committed lengths.
+    plain = to_metadata(_draft_batch("DECODE"), torch.tensor([2, 4]), table, page_size=1)
+    assert plain.seq_lens_cpu == (3, 5)
+    # DRAFT_EXTEND_V2: an EXTEND of the window, logits for all 8 tokens (SGLang picks per request).
+    positions = torch.tensor([3, 4, 5, 6, 5, 6, 7, 8])
+    meta = to_metadata(_draft_batch("DRAFT_EXTEND_V2"), positions, table, page_size=1, draft=True)
+    assert meta.mode is ForwardMode.EXTEND
+    assert (meta.seq_lens_cpu, meta.prefix_lens_cpu, meta.extend_lens_cpu) == ((7, 9), (3, 5), (4, 4))
+    assert meta.logits_indices.tolist() == list(range(8)) and meta.out_cache_loc.tolist() == list(range(60, 68))
+
+
+def test_startup_decision_for_standalone_and_its_draft_route(monkeypatch, tmp_path):
+    import types
+
+    from sglang_fx.errors import UnsupportedConfigError
+    from sglang_fx.sglang import compat, draft_backend, plugin
+    from sglang_fx.tiny import make_tiny_model
+
+    def args(topk):
+        return types.SimpleNamespace(speculative_algorithm="STANDALONE", speculative_eagle_topk=topk)
+
+    assert compat.feature_problems(args(1)) == []
+    (tree,) = compat.feature_problems(args(4))
+    assert "STANDALONE with --speculative-eagle-topk 4 is not supported" in tree and "use --speculative-eagle-topk 1" in tree
+
+    monkeypatch.delenv("SGLANG_FX_OPTIONS", raising=False)
+    assert draft_backend("jax") == "jax"  # default: the target's backend
+    monkeypatch.setenv("SGLANG_FX_OPTIONS", '{"draft": {"backend": "numpy"}, "jax": {"x": "1"}}')
+    assert draft_backend("jax") == "numpy"
+    monkeypatch.setenv("SGLANG_FX_OPTIONS", '{"draft": {"backnd": "numpy"}}')
+    with pytest.raises(UnsupportedConfigError, match=r"'draft' entry takes only \"backend\".*not \['backnd'\]"):
+        draft_backend("jax")
+
+    draft_dir = make_tiny_model("llama", tmp_path / "draft")
+    view = types.SimpleNamespace(speculative_draft_model_path=str(draft_dir), page_size=1)
+    monkeypatch.setattr(plugin, "_backends", ["jax", "numpy"])
+    monkeypatch.setenv("SGLANG_FX_OPTIONS", '{"draft": {"backend": "tensorflow"}}')
+    (unknown,) = plugin.draft_problems("jax", view, "float32", "cpu")
+    assert "the draft model's backend 'tensorflow'" in unknown and "accepted: jax, numpy (default: the target's, 'jax')" in unknown
+    monkeypatch.setenv("SGLANG_FX_OPTIONS", '{"draft": {"backend": "numpy"}}')
+    assert plugin.draft_problems("jax", view, "float32", "cpu") == []
+    (dtype,) = plugin.draft_problems("jax", view, "float64", "cpu")
+    assert dtype.startswith("the draft model on backend 'numpy': dtype 'float64' is not supported")

@@ -7,6 +7,9 @@
 - `launch_server` is `python -m sglang.launch_server` with the CPU environment set.
 - `backend_options` reads SGLANG_FX_OPTIONS: the backends' own options (`RunnerOptions.extra`)
   for SGLang users, checked at start-up against what each backend declares.
+- `draft_backend` reads the one route that picks the backend of a speculative draft model
+  (SGLang has no flag for it): SGLANG_FX_OPTIONS' "draft" entry, e.g.
+  '{"draft": {"backend": "numpy"}}'; without it the draft runs on the target's backend.
 
 On a CPU-only host SGLang needs SGLANG_USE_CPU_ENGINE=1 in the environment *before* it is
 imported (it decides its device path at import time, in every process). `use_cpu_engine()`
@@ -47,6 +50,27 @@ def backend_options(backend: str) -> dict[str, str]:
     ):
         raise UnsupportedConfigError(f"{OPTIONS_ENV} must map backend names to objects of string options, e.g. {example}; got {text!r}")
     return dict(table.get(backend, {}))
+
+
+#: The SGLANG_FX_OPTIONS entry that is not a backend's options but the draft model's route:
+#: {"draft": {"backend": NAME}} runs a speculative draft model (--speculative-draft-model-path)
+#: on the sglang-fx backend NAME; the target runs on --model-impl. Validated at start-up.
+DRAFT_ENTRY = "draft"
+
+
+def draft_backend(target: str) -> str:
+    """The sglang-fx backend that serves the speculative draft model when --model-impl is
+    `target`: SGLANG_FX_OPTIONS' {"draft": {"backend": NAME}}, else `target`. Raises
+    UnsupportedConfigError when the entry holds anything but a "backend" name. Whether NAME is an
+    installed, available backend that can run the draft is checked by the plugin at start-up."""
+    from ..errors import UnsupportedConfigError
+
+    entry = backend_options(DRAFT_ENTRY)
+    unknown = sorted(set(entry) - {"backend"})
+    if unknown:
+        raise UnsupportedConfigError(f"{OPTIONS_ENV}'s {DRAFT_ENTRY!r} entry takes only \"backend\" (the draft model's "
+                                     f"sglang-fx backend), not {unknown}; e.g. '{{\"draft\": {{\"backend\": \"numpy\"}}}}'")  # fmt: skip
+    return entry.get("backend") or target
 
 
 def use_cpu_engine() -> None:

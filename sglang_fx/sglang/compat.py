@@ -51,6 +51,11 @@ MODEL_RUNNER_INIT = "sglang.srt.model_executor.model_runner.ModelRunner.__init__
 #: The main modules of SGLang's latency tool (`python -m ...`): 0.5.23's and its former name.
 ONE_BATCH_MODULES = ("sglang.benchmark.one_batch", "sglang.bench_one_batch")
 
+#: Where SGLang's EAGLE v2 draft worker (also STANDALONE's) gets the attention backends of its draft
+#: steps (speculative/draft_utils.py); see sglang_fx/sglang/draft.py.
+DRAFT_DECODE_BACKEND = "sglang.srt.speculative.draft_utils.DraftBackendFactory.create_decode_backend"
+DRAFT_EXTEND_BACKEND = "sglang.srt.speculative.draft_utils.DraftBackendFactory.create_draft_extend_backend"
+
 #: The environment variable SGLang reads (at import time, in every process) to take its CPU
 #: path (`srt/utils/common.py::is_cpu`).
 CPU_ENGINE_ENV = "SGLANG_USE_CPU_ENGINE"
@@ -157,17 +162,26 @@ def npu_rule_answered():
 # --------------------------------------------------------------------------------------------
 
 
-def model_path(hf_config: Any) -> str:
+def model_path(hf_config: Any, draft: bool = False) -> str:
     """Local directory of the checkpoint being loaded. SGLang's model config bag has the
     path it resolved (a hub id is downloaded to a local directory first); the HF config's
-    `_name_or_path` is the fallback."""
+    `_name_or_path` is the fallback. A speculative draft model (`draft`) is not in that bag
+    (it holds the target's): its HF config's `_name_or_path`, loaded by SGLang from the draft's
+    directory, else --speculative-draft-model-path (`get_spec()`)."""
+    named = str(getattr(hf_config, "_name_or_path", "") or getattr(hf_config, "name_or_path", ""))
+    if draft:
+        if named:
+            return named
+        from sglang.srt.runtime_context import get_spec
+
+        return str(get_spec().speculative_draft_model_path)
     with contextlib.suppress(Exception):
         from sglang.srt.runtime_context import get_model
 
         path = get_model().model_path
         if path:
             return str(path)
-    return str(getattr(hf_config, "_name_or_path", "") or getattr(hf_config, "name_or_path", ""))
+    return named
 
 
 def construction_dtype() -> torch.dtype:
@@ -238,9 +252,12 @@ def parallel_problems(server_args: Any) -> list[str]:
     return out
 
 
-#: Speculative algorithms sglang-fx runs: they need only verify steps of the target (no draft
-#: model, no hidden states).
-SPEC_ALGORITHMS = ("NGRAM",)
+#: Speculative algorithms sglang-fx runs. NGRAM needs only verify steps of the target;
+#: STANDALONE also runs a draft model (a second sglang-fx runner, `draft_problems`) whose steps
+#: are ordinary EXTEND/DECODE steps of the SPI, drafting chains (topk 1) only.
+SPEC_ALGORITHMS = ("NGRAM", "STANDALONE")
+#: Draft-model algorithms and the EAGLE topk they run with.
+DRAFT_TOPK = {"STANDALONE": 1}
 
 
 def feature_problems(server_args: Any, capabilities: Any = None) -> list[str]:
@@ -250,10 +267,16 @@ def feature_problems(server_args: Any, capabilities: Any = None) -> list[str]:
     wrap in the adapter."""
     out = []
     algorithm = getattr(server_args, "speculative_algorithm", None)
-    if algorithm and str(algorithm).upper() not in SPEC_ALGORITHMS:
+    name = str(algorithm).upper() if algorithm else None
+    topk = int(getattr(server_args, "speculative_eagle_topk", None) or 1)
+    if algorithm and name not in SPEC_ALGORITHMS:
         out.append(f"speculative decoding with --speculative-algorithm {algorithm} is not supported by sglang-fx backends "
-                   f"yet (it needs a draft model run through the SPI); supported: {', '.join(SPEC_ALGORITHMS)}, "
+                   f"yet; supported: {', '.join(SPEC_ALGORITHMS)} (STANDALONE with --speculative-eagle-topk 1), "
                    "or use --model-impl sglang")  # fmt: skip
+    elif name in DRAFT_TOPK and topk != DRAFT_TOPK[name]:
+        out.append(f"--speculative-algorithm {name} with --speculative-eagle-topk {topk} is not supported by sglang-fx "
+                   f"backends yet (draft trees); use --speculative-eagle-topk {DRAFT_TOPK[name]} (a chain of "
+                   "--speculative-num-steps tokens, --speculative-num-draft-tokens = steps + 1)")  # fmt: skip
     elif algorithm and capabilities is not None:
         out += capabilities.validate(verify=spec_verify_kind(server_args))
     if algorithm and (scheme := _quantization_of(getattr(server_args, "speculative_draft_model_path", None))):

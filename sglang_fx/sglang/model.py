@@ -38,6 +38,8 @@ class SglangFxForCausalLM(torch.nn.Module):
     made by `model_class`)."""
 
     backend_name: str = ""
+    #: True for a speculative draft model (run by SGLang's draft worker; `model_class(..., draft=True)`).
+    is_draft: bool = False
 
     def __init__(self, config: Any, quant_config: Any = None, prefix: str = "", **_: Any) -> None:
         super().__init__()
@@ -49,7 +51,7 @@ class SglangFxForCausalLM(torch.nn.Module):
             )
         self.config = config
         self.backend: Backend = load_backend(self.backend_name)
-        self.model_path = compat.model_path(config)
+        self.model_path = compat.model_path(config, self.is_draft)
         self.device = compat.construction_device()
         self.spec = load_spec(self.model_path, compat.construction_dtype())
         self.parallel = compat.parallel_layout(self.device)
@@ -123,7 +125,8 @@ class SglangFxForCausalLM(torch.nn.Module):
             return compat.logits_output(torch.empty((0, self.spec.vocab_size), dtype=torch.float32, device=input_ids.device))
         cache = self._bind()
         all_logits = not mode.is_target_verify() and compat.wants_input_logprobs(forward_batch)
-        meta = to_metadata(forward_batch, positions, compat.req_to_token(), cache.layout.page_size, all_logits)
+        meta = to_metadata(forward_batch, positions, compat.req_to_token(), cache.layout.page_size, all_logits,
+                           draft=self.is_draft)  # fmt: skip
         if meta.mode is ForwardMode.VERIFY and not self.backend.info.capabilities.verify:
             raise UnsupportedConfigError(f"sglang-fx backend {self.backend_name!r} declares no verify steps "
                                          "(Capabilities.verify): serve it without speculative decoding")  # fmt: skip
@@ -134,18 +137,28 @@ class SglangFxForCausalLM(torch.nn.Module):
 
 
 def to_metadata(
-    fb: Any, positions: torch.Tensor, req_to_token: torch.Tensor, page_size: int, all_logits: bool = False
+    fb: Any, positions: torch.Tensor, req_to_token: torch.Tensor, page_size: int, all_logits: bool = False,
+    draft: bool = False,
 ) -> ForwardMetadata:
     """ForwardMetadata of one SGLang step. Decode: one new token per sequence, seq_lens
     already counting it. Extend (and mixed): extend_seq_lens new tokens after
     extend_prefix_lens cached ones. Target verify: see `verify_metadata`. Only index tensors
-    are built; the KV cache is untouched."""
+    are built; the KV cache is untouched.
+
+    A draft model's steps (`draft`, SGLang's EAGLE-style draft worker, which STANDALONE uses):
+    DRAFT_EXTEND_V2 is an EXTEND of the verify window (D tokens per request after its committed
+    ones) with logits for every token (SGLang picks the last accepted one per request); a draft
+    DECODE step i feeds one token per request at positions[b] = committed + i, whose slot and the
+    i earlier draft tokens' slots SGLang placed in req_to_token, while fb.seq_lens stays the
+    committed length: the token sees req_to_token[b, :positions[b] + 1]."""
     mode = fb.forward_mode
     if mode.name == "TARGET_VERIFY":
         return verify_metadata(fb, positions, req_to_token, page_size)
-    if mode.name not in ("EXTEND", "MIXED", "DECODE"):
+    if mode.name == "DRAFT_EXTEND_V2":
+        all_logits = True
+    elif mode.name not in ("EXTEND", "MIXED", "DECODE"):
         raise UnsupportedConfigError(
-            f"sglang-fx does not run SGLang forward mode {mode.name} (draft-model speculative decoding, split "
+            f"sglang-fx does not run SGLang forward mode {mode.name} (EAGLE-style drafting with hidden states, split "
             "prefill and diffusion LLMs are not supported)"
         )
     device = positions.device
@@ -153,6 +166,9 @@ def to_metadata(
     seq_lens_cpu = tuple(int(x) for x in lens.tolist())
     batch = len(seq_lens_cpu)
     seq_lens = fb.seq_lens.to(torch.int32)
+    if draft and mode.is_decode():  # draft decode step: lengths from the tokens' positions
+        seq_lens = (positions + 1).to(torch.int32)
+        seq_lens_cpu = tuple(int(x) + 1 for x in positions.cpu().tolist())
     if mode.is_decode():
         extend_cpu = (1,) * batch
         prefix_cpu = tuple(n - 1 for n in seq_lens_cpu)
@@ -228,8 +244,8 @@ def verify_metadata(fb: Any, positions: torch.Tensor, req_to_token: torch.Tensor
 
 
 @functools.cache
-def model_class(backend_name: str) -> type[SglangFxForCausalLM]:
+def model_class(backend_name: str, draft: bool = False) -> type[SglangFxForCausalLM]:
     """The model class SGLang builds for `--model-impl backend_name` (one per backend, so the
-    class name in SGLang's logs names the backend)."""
-    name = "SglangFx_" + "".join(c if c.isalnum() else "_" for c in backend_name) + "_ForCausalLM"
-    return type(name, (SglangFxForCausalLM,), {"backend_name": backend_name, "__module__": __name__})
+    class name in SGLang's logs names the backend), or for a speculative draft model on it."""
+    name = "SglangFx_" + "".join(c if c.isalnum() else "_" for c in backend_name) + ("_Draft" if draft else "") + "_ForCausalLM"
+    return type(name, (SglangFxForCausalLM,), {"backend_name": backend_name, "is_draft": draft, "__module__": __name__})

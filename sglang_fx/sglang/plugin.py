@@ -21,6 +21,9 @@ hooks (SGLang applies them right after):
   prompt of no tokens with a 400. SGLang 0.5.23 lets it through, and its scheduler then dies
   on the empty step (native models as well as ours: "cannot reshape tensor of 0 elements"),
   taking every request in flight with it. Applied for every --model-impl, since all crash.
+- AROUND `DraftBackendFactory.create_decode_backend` / `create_draft_extend_backend` (the
+  scheduler, with a draft model): for an sglang-fx draft model, the draft steps' attention
+  backends SGLang cannot build on CPU are not needed (sglang_fx/sglang/draft.py).
 - AROUND `model_loader.loader._get_quantization_config` (every process), named
   `serve_quantized_at_any_dtype` (sglang_fx/sglang/quantization.py): for an sglang-fx name,
   SGLang builds no quantization config (nor refuses a W8A8 checkpoint at --dtype float32);
@@ -40,7 +43,7 @@ from .. import sharding
 from ..checkpoint import load_spec
 from ..errors import SglangFxError, UnsupportedConfigError
 from ..registry import default_registry
-from . import backend_options, compat
+from . import DRAFT_ENTRY, OPTIONS_ENV, backend_options, compat, draft, draft_backend
 from .quantization import serve_quantized_at_any_dtype
 
 logger = logging.getLogger(__name__)
@@ -61,6 +64,10 @@ def backend_names() -> list[str]:
                 "sglang-fx: backend %r (from %s) is not usable as --model-impl: the name is SGLang's "
                 "own implementation. Rename the backend's entry point.", name, entries)
             continue
+        if name == DRAFT_ENTRY:
+            logger.error("sglang-fx: backend %r is not usable as --model-impl: %s' %r key is the draft model's route. "
+                         "Rename the backend's entry point.", name, OPTIONS_ENV, DRAFT_ENTRY)  # fmt: skip
+            continue
         names.append(name)
     return names
 
@@ -75,6 +82,8 @@ def register() -> None:
     HookRegistry.register(compat.GET_MODEL_ARCHITECTURE, get_model_architecture, HookType.AROUND)
     HookRegistry.register(compat.VALIDATE_REQUEST, refuse_empty_prompt, HookType.AROUND)
     HookRegistry.register(compat.GET_QUANT_CONFIG, serve_quantized_at_any_dtype, HookType.AROUND)
+    HookRegistry.register(compat.DRAFT_DECODE_BACKEND, draft.create_decode_backend, HookType.AROUND)
+    HookRegistry.register(compat.DRAFT_EXTEND_BACKEND, draft.create_draft_extend_backend, HookType.AROUND)
     logger.info("sglang-fx: --model-impl can name the backends %s", ", ".join(_backends) or "(none installed)")
 
 
@@ -155,6 +164,8 @@ def check_backend(name: str, server_args: Any) -> None:
             tp_size=tp, ep_size=ep, options=backend_options(name), quantization=spec.quant.scheme if spec and spec.quant else None,
         )
         problems += compat.parallel_problems(view) + compat.feature_problems(view, capabilities)
+        if not problems and getattr(view, "speculative_draft_model_path", None):
+            problems += draft_problems(name, view, dtype, device)
         if spec_error is not None and not problems:
             raise spec_error
         if not problems and (tp > 1 or ep > 1):
@@ -170,6 +181,27 @@ def check_backend(name: str, server_args: Any) -> None:
         raise ValueError(f"--model-impl {name}: sglang-fx backend {name!r} cannot serve this: {e}") from e
 
 
+def draft_problems(target: str, view: Any, dtype: str, device: str) -> list[str]:
+    """What stops the draft model (--speculative-draft-model-path) from running on the backend
+    its route names (`draft_backend`: SGLANG_FX_OPTIONS' "draft" entry, else the target's
+    backend): an unknown or unavailable backend, or one whose Capabilities refuse the draft
+    checkpoint (architecture, dtype, device, page size, the target's tp/ep sizes, which the
+    draft runs under). [] when it can run."""
+    name = draft_backend(target)
+    if name not in _backends:
+        return [f"the draft model's backend {name!r} ({OPTIONS_ENV} {{\"draft\": {{\"backend\": ...}}}}) is not an installed "
+                f"sglang-fx backend; accepted: {', '.join(sorted(_backends))} (default: the target's, {target!r})"]  # fmt: skip
+    try:
+        capabilities = default_registry().available_info(name, isolated=True).capabilities
+        spec = load_spec(view.speculative_draft_model_path)
+    except SglangFxError as e:
+        return [f"the draft model cannot run on backend {name!r}: {e}"]
+    problems = capabilities.validate(architecture=spec.architecture, dtype=dtype, device=device, page_size=view.page_size,
+                                     tp_size=int(getattr(view, "tp_size", 1) or 1), ep_size=int(getattr(view, "ep_size", 1) or 1),
+                                     options=backend_options(name))  # fmt: skip
+    return [f"the draft model on backend {name!r}: {p}" for p in problems]
+
+
 def refuse_empty_prompt(original, manager: Any, obj: Any, input_ids: Any, *args: Any, **kwargs: Any):
     if input_ids is not None and len(input_ids) == 0 and getattr(obj, "input_embeds", None) is None:
         raise ValueError("The input is empty (0 tokens): send a prompt of at least one token "
@@ -183,6 +215,9 @@ def get_model_architecture(original, model_config: Any, *args: Any, **kwargs: An
         return original(model_config, *args, **kwargs)
     from .model import model_class
 
-    cls = model_class(name)
+    draft = bool(getattr(model_config, "is_draft_model", False))
+    if draft:  # a speculative draft model: its own route
+        name = draft_backend(name)
+    cls = model_class(name, draft)
     compat.set_resolved_architecture(model_config, cls.__name__, compat.resolved_model_impl(name))
     return cls, cls.__name__
