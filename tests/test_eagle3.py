@@ -1,0 +1,103 @@
+"""EAGLE3's model side (SPI 1.4): the capture convention, the draft checkpoint and its refusals,
+and forward_hidden's argument checks. Correctness against transformers' output_hidden_states and
+against an independent float64 draft runs in the conformance suite (eagle3/capture/*,
+eagle3/draft/*) on every backend declaring Capabilities.eagle3 (tests/test_conformance.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sglang_fx.capabilities import Capabilities
+from sglang_fx.checkpoint import EAGLE3_ARCH, load_spec
+from sglang_fx.eagle3 import capture_layers, check_capture, hot_token_ids
+from sglang_fx.errors import UnsupportedConfigError
+from sglang_fx.generate import Session
+from sglang_fx.tiny import make_tiny_eagle3
+
+
+@pytest.fixture(scope="module")
+def pair(tiny, tmp_path_factory):
+    """(target path, draft path): the tiny Llama with 4 layers and its draft on layers 0-2's outputs."""
+    target = tiny("llama", num_hidden_layers=4)
+    return target, make_tiny_eagle3(target, tmp_path_factory.mktemp("eagle3") / "draft", aux_layer_ids=(0, 1, 2))
+
+
+def test_capture_layers_follow_sglang():
+    """SGLang's set_eagle3_layers_to_capture: layer j's output is the input of layer j + 1;
+    without ids, layers (2, L // 2, L - 3)."""
+    assert capture_layers(32, (1, 15, 29)) == (2, 16, 30)
+    assert capture_layers(30) == (2, 15, 27)
+    for bad in [(3, 1), (1, 1), (0, 4), (-1,)]:
+        with pytest.raises(ValueError, match="strictly increasing layer indices in \\[0, 4\\)"):
+            check_capture(bad, 4)
+    with pytest.raises(ValueError, match="in \\[0, 2\\)"):
+        capture_layers(2)  # SGLang's default needs more layers than that
+
+
+def test_draft_checkpoint_reads_as_an_eagle3_spec_with_its_vocabulary(pair):
+    target, draft = pair
+    spec = load_spec(draft)
+    assert spec.architecture == EAGLE3_ARCH and spec.num_layers == 1
+    e = spec.eagle3
+    assert (e.draft_vocab_size, e.num_aux, e.target_hidden_size, e.aux_layer_ids) == (256, 3, 64, (0, 1, 2))
+    from safetensors.torch import load_file
+
+    w = load_file(draft / "model.safetensors")
+    hot = hot_token_ids(w["d2t"])
+    assert torch.equal(hot, w["t2d"].nonzero().flatten())  # d2t maps each draft id to its target id
+    assert "embed_tokens.weight" not in w
+
+
+def test_draft_shares_the_target_embedding_unless_it_has_its_own(pair, tmp_path):
+    target_path, draft_path = pair
+    target = Session("reference_torch", target_path, dtype="float32")
+    draft = Session("reference_torch", draft_path, dtype="float32", target=target)
+    assert draft.weights["embed_tokens.weight"] is target.weights["model.embed_tokens.weight"]
+    own = make_tiny_eagle3(target_path, tmp_path / "own", own_embedding=True)
+    mine = Session("reference_torch", own, dtype="float32", target=target)
+    assert not torch.equal(mine.weights["embed_tokens.weight"], target.weights["model.embed_tokens.weight"])
+    with pytest.raises(ValueError, match="give its target's Session"):
+        Session("reference_torch", draft_path, dtype="float32")
+
+
+def test_forward_hidden_refuses_mismatched_roles_and_shapes(pair):
+    target_path, draft_path = pair
+    target = Session("reference_torch", target_path, dtype="float32")
+    draft = Session("reference_torch", draft_path, dtype="float32", target=target)
+    t = target.new_sequence([5, 6, 7])[0]
+    with pytest.raises(ValueError, match="only an EAGLE3 draft takes hidden states"):
+        target.forward_hidden([t], [[5, 6, 7]], hidden=torch.zeros(3, 64))
+    logits, none = target.forward_hidden([t], [[5, 6, 7]])  # no capture: logits only
+    assert none is None and logits.shape == (1, 512)
+    d = draft.new_sequence([6, 7, 8])[0]
+    with pytest.raises(ValueError, match=r"needs the target's hidden states; call forward_hidden"):
+        draft.forward([d], [[6, 7, 8]])
+    with pytest.raises(ValueError, match=r"needs hidden \[3, 192\] .* or \[3, 64\] .*, got \[3, 100\]"):
+        draft.forward_hidden([d], [[6, 7, 8]], hidden=torch.zeros(3, 100))
+    with pytest.raises(ValueError, match="only a target model captures"):
+        draft.forward_hidden([d], [[6, 7, 8]], capture=(0,), hidden=torch.zeros(3, 64))
+
+
+@pytest.mark.parametrize("change,why", [({"num_hidden_layers": 2}, "num_hidden_layers 2"), ({"fc_norm": True}, "fc_norm set"),
+                                        ({"tie_word_embeddings": True}, "tie_word_embeddings set")])  # fmt: skip
+def test_unsupported_draft_layouts_are_refused_naming_the_field(pair, tmp_path, change, why):
+    import shutil
+
+    bad = shutil.copytree(pair[1], tmp_path / "bad")
+    cfg = json.loads((bad / "config.json").read_text()) | change
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedConfigError, match=f"draft has {why}; sglang-fx runs EAGLE3 drafts of one decoder layer"):
+        load_spec(bad)
+
+
+def test_eagle3_is_refused_where_undeclared(pair):
+    caps = Capabilities(dtypes={"cpu": frozenset({"float32"})}, architectures=frozenset({"LlamaForCausalLM"}))
+    (problem,) = caps.validate(eagle3=True)
+    assert "Capabilities.eagle3" in problem and "serve without EAGLE3" in problem
+    assert caps.validate(eagle3=False) == []
+    assert "eagle3 [none]" in caps.describe()
+    with pytest.raises(UnsupportedConfigError, match=f"architecture '{EAGLE3_ARCH}' is not supported"):
+        Session("numpy", pair[1], dtype="float32")  # a backend that declares no eagle3 does not list the draft either
