@@ -101,3 +101,29 @@ def test_eagle3_is_refused_where_undeclared(pair):
     assert "eagle3 [none]" in caps.describe()
     with pytest.raises(UnsupportedConfigError, match=f"architecture '{EAGLE3_ARCH}' is not supported"):
         Session("numpy", pair[1], dtype="float32")  # a backend that declares no eagle3 does not list the draft either
+
+
+@pytest.mark.parametrize("mode", ["jit", "pynative"])
+def test_mindspore_matches_the_reference_on_odd_batches(pair, mode):
+    """Three sequences: the decode steps run padded to the decode graph of 4 (jit), the draft's
+    hidden rows with them; the target's capture and the draft's logits and hidden_out equal
+    reference_torch's (itself checked against transformers and a float64 draft by conformance)."""
+    pytest.importorskip("mindspore")
+    prompts = [[5, 17, 99, 250, 3], [260, 14], [7, 8, 9, 10, 11, 12, 13]]
+    out = {}
+    for backend, options in [("reference_torch", {}), ("mindspore", {"mode": mode})]:
+        target = Session(backend, pair[0], dtype="float32", options=options)
+        draft = Session(backend, pair[1], dtype="float32", options=options, target=target)
+        capture = capture_layers(4, draft.spec.eagle3.aux_layer_ids)
+        seqs = [target.new_sequence(p)[0] for p in prompts]
+        logits, cap = target.forward_hidden(seqs, prompts, capture=capture)
+        _, cap2 = target.forward_hidden(seqs, [[1], [2], [3]], capture=capture)  # a decode step of 3
+        dseqs = [draft.new_sequence(p)[0] for p in prompts]
+        d_logits, h = draft.forward_hidden(dseqs, prompts, logits="all", hidden=cap)
+        last = torch.tensor([4, 6, 13])
+        d2_logits, h2 = draft.forward_hidden(dseqs, [[1], [2], [3]], hidden=h[last])  # its own [3, H]
+        d3_logits, h3 = draft.forward_hidden(dseqs, [[4], [5], [6]], hidden=cap2)  # a capture, in a decode step
+        out[backend] = [logits, cap, cap2, d_logits, h, d2_logits, h2, d3_logits, h3]
+    for ref, ms_ in zip(out["reference_torch"], out["mindspore"]):
+        assert ref.shape == ms_.shape and ms_.dtype == torch.float32
+        assert (ref - ms_).abs().max().item() < 1e-4
