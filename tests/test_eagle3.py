@@ -10,7 +10,6 @@ import json
 import pytest
 import torch
 
-from sglang_fx.capabilities import Capabilities
 from sglang_fx.checkpoint import EAGLE3_ARCH, load_spec
 from sglang_fx.eagle3 import capture_layers, check_capture, hot_token_ids
 from sglang_fx.errors import UnsupportedConfigError
@@ -93,14 +92,35 @@ def test_unsupported_draft_layouts_are_refused_naming_the_field(pair, tmp_path, 
         load_spec(bad)
 
 
-def test_eagle3_is_refused_where_undeclared(pair):
-    caps = Capabilities(dtypes={"cpu": frozenset({"float32"})}, architectures=frozenset({"LlamaForCausalLM"}))
-    (problem,) = caps.validate(eagle3=True)
+#: A backend written for SPI 1.3: the reference backend's hooks with 1.3's Capabilities (no eagle3, no draft).
+SPI_1_3 = """
+from dataclasses import replace
+from sglang_fx import hookimpl
+from sglang_fx.checkpoint import ARCHITECTURES
+import sglang_fx_reference_torch.plugin as ref
+
+@hookimpl
+def sglang_fx_backend_info():
+    info = ref.sglang_fx_backend_info()
+    caps = replace(info.capabilities, eagle3=False, architectures=frozenset(ARCHITECTURES))
+    return replace(info, name="old", spi_version="1.3", capabilities=caps)
+
+sglang_fx_make_exchange = ref.sglang_fx_make_exchange
+sglang_fx_make_kv_cache = ref.sglang_fx_make_kv_cache
+sglang_fx_make_attention = ref.sglang_fx_make_attention
+sglang_fx_make_runner = ref.sglang_fx_make_runner
+"""
+
+
+def test_a_1_3_backend_loads_and_is_refused_only_eagle3(pair, fake_registry):
+    old = fake_registry({"dist-old": {"old": SPI_1_3}}).load("old")
+    (problem,) = old.capabilities.validate(eagle3=True)
     assert "Capabilities.eagle3" in problem and "serve without EAGLE3" in problem
-    assert caps.validate(eagle3=False) == []
-    assert "eagle3 [none]" in caps.describe()
+    assert old.capabilities.validate(eagle3=False) == [] and "eagle3 [none]" in old.capabilities.describe()
+    target = Session(old, pair[0], dtype="float32")  # it still runs its targets
+    assert target.generate([[5, 6, 7]], 2)
     with pytest.raises(UnsupportedConfigError, match=f"architecture '{EAGLE3_ARCH}' is not supported"):
-        Session("numpy", pair[1], dtype="float32")  # a backend that declares no eagle3 does not list the draft either
+        Session(old, pair[1], dtype="float32", target=target)
 
 
 @pytest.mark.parametrize("mode", ["jit", "pynative"])
