@@ -123,15 +123,17 @@ def test_a_1_3_backend_loads_and_is_refused_only_eagle3(pair, fake_registry):
         Session(old, pair[1], dtype="float32", target=target)
 
 
-@pytest.mark.parametrize("mode", ["jit", "pynative"])
-def test_mindspore_matches_the_reference_on_odd_batches(pair, mode):
+@pytest.mark.parametrize("backend,options", [("mindspore", {"mode": "jit"}), ("mindspore", {"mode": "pynative"}),
+                                             ("jax", {}), ("jax", {"extend": "whole"}), ("numpy", {})])  # fmt: skip
+def test_compiled_backends_match_the_reference_on_odd_batches(pair, backend, options):
     """Three sequences: the decode steps run padded to the decode graph of 4 (jit), the draft's
-    hidden rows with them; the target's capture and the draft's logits and hidden_out equal
-    reference_torch's (itself checked against transformers and a float64 draft by conformance)."""
-    pytest.importorskip("mindspore")
+    hidden rows with them; the target's capture (in extend and decode programs) and the draft's
+    logits and hidden_out equal reference_torch's (itself checked against transformers and a
+    float64 draft by conformance)."""
+    pytest.importorskip(backend)
     prompts = [[5, 17, 99, 250, 3], [260, 14], [7, 8, 9, 10, 11, 12, 13]]
     out = {}
-    for backend, options in [("reference_torch", {}), ("mindspore", {"mode": mode})]:
+    for backend, options in [("reference_torch", {}), (backend, options)]:
         target = Session(backend, pair[0], dtype="float32", options=options)
         draft = Session(backend, pair[1], dtype="float32", options=options, target=target)
         capture = capture_layers(4, draft.spec.eagle3.aux_layer_ids)
@@ -144,6 +146,6 @@ def test_mindspore_matches_the_reference_on_odd_batches(pair, mode):
         d2_logits, h2 = draft.forward_hidden(dseqs, [[1], [2], [3]], hidden=h[last])  # its own [3, H]
         d3_logits, h3 = draft.forward_hidden(dseqs, [[4], [5], [6]], hidden=cap2)  # a capture, in a decode step
         out[backend] = [logits, cap, cap2, d_logits, h, d2_logits, h2, d3_logits, h3]
-    for ref, ms_ in zip(out["reference_torch"], out["mindspore"]):
-        assert ref.shape == ms_.shape and ms_.dtype == torch.float32
-        assert (ref - ms_).abs().max().item() < 1e-4
+    for ref, ours in zip(out["reference_torch"], out[backend]):
+        assert ref.shape == ours.shape and ours.dtype == torch.float32
+        assert (ref - ours).abs().max().item() < 1e-4
