@@ -80,16 +80,20 @@ class Eagle3Spec:
     hidden size; one Llama decoder layer attends over concat(norm(embeds), norm(hidden)); its own
     lm_head scores draft_vocab_size draft ids, which its `d2t` maps to target ids.
     aux_layer_ids: the target layers whose outputs it was trained on (config.json's
-    eagle_config.eagle_aux_hidden_state_layer_ids), or None for SGLang's default choice."""
+    eagle_config.eagle_aux_hidden_state_layer_ids), or None for SGLang's default choice.
+    head_from_target: config.json names no draft_vocab_size, so (as SGLang does) the draft scores
+    the target's whole vocabulary with the target's lm_head."""
 
     draft_vocab_size: int
     target_hidden_size: int
     num_aux: int
     aux_layer_ids: tuple[int, ...] | None = None
+    head_from_target: bool = False
 
 
 #: An EAGLE3 draft's architecture name, and its tensors a checkpoint may leave out: the
-#: embedding (then the target's is used), the head and d2t (then the target's head, identity d2t).
+#: embedding (the target's is used: `eagle3.draft_weights`), the head and d2t (with no
+#: draft_vocab_size in config.json: the target's head, identity d2t).
 EAGLE3_ARCH = "LlamaForCausalLMEagle3"
 EAGLE3_OPTIONAL = frozenset({"embed_tokens.weight", "lm_head.weight", "d2t"})
 
@@ -242,6 +246,7 @@ def _llama_eagle3(cfg: dict, arch: str, dtype: torch.dtype) -> ModelSpec:
         target_hidden_size=cfg.get("target_hidden_size") or base.hidden_size,
         num_aux=cfg.get("num_aux_hidden_states") or (len(ids) if ids else 3),
         aux_layer_ids=tuple(ids) if ids else None,
+        head_from_target=cfg.get("draft_vocab_size") is None,
     )
     return replace(base, attention_bias=False, eagle3=draft)
 

@@ -17,8 +17,10 @@ hidden h [T, n * Ht] (a capture) or [T, H] (its own previous output), norms RMSN
     r = r + mlp(norm_post(r))                              # SwiGLU
     logits = lm_head(norm(r))                              # [N, draft_vocab] (rows logits_indices)
     hidden_out = r                                         # [T, H], fed to the next draft step
-Draft id d is target id d + d2t[d] (`hot_token_ids`). The embedding is the target's where the
-draft's checkpoint has none; SGLang shares it, and so does `draft_weights` (the same tensor).
+Draft id d is target id d + d2t[d] (`hot_token_ids`). The embedding is the target's (SGLang's
+`set_embed` replaces even a draft's own, unless their hidden sizes differ), and so is the head
+when config.json names no draft_vocab_size (`set_embed_and_head`); `draft_weights` does the same,
+sharing the target's tensors.
 """
 
 from __future__ import annotations
@@ -69,17 +71,21 @@ def refuse_plain_forward(spec: ModelSpec):
 
 
 def draft_weights(spec: ModelSpec, weights: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The draft's weights (`Checkpoint.load`) completed from its target's: the embedding (the
-    target's "model.embed_tokens.weight" tensor itself) where the draft has none; where it has no
-    head, the target's lm_head and an identity d2t (then the draft's vocabulary is the target's)."""
+    """The draft's weights (`Checkpoint.load`) completed from its target's as SGLang's EAGLE3
+    worker does: the target's embedding (its "model.embed_tokens.weight" tensor itself) in place of
+    the draft's own unless their hidden sizes differ; with `head_from_target`, the target's
+    lm_head too; an identity d2t where the checkpoint has none."""
     e, out = spec.eagle3, dict(weights)
-    if "embed_tokens.weight" not in out:
+    if e.target_hidden_size == spec.hidden_size:
         out["embed_tokens.weight"] = target["model.embed_tokens.weight"]
-    if "lm_head.weight" not in out:
-        if e.draft_vocab_size != spec.vocab_size:
-            raise ValueError(f"the EAGLE3 draft has no lm_head.weight but a draft vocabulary of {e.draft_vocab_size} (the "
-                             f"target has {spec.vocab_size}); its checkpoint must carry its head")  # fmt: skip
+    elif "embed_tokens.weight" not in out:
+        raise ValueError(f"the EAGLE3 draft's hidden size {spec.hidden_size} differs from its target's {e.target_hidden_size}, so "
+                         "it cannot share the target's embedding; its checkpoint must carry embed_tokens.weight")  # fmt: skip
+    if e.head_from_target:
         out["lm_head.weight"] = target["lm_head.weight"]
+    elif "lm_head.weight" not in out:
+        raise ValueError(f"the EAGLE3 draft has a draft vocabulary of {e.draft_vocab_size} (draft_vocab_size in config.json) "
+                         "but no lm_head.weight; its checkpoint must carry its head, or its config no draft_vocab_size")  # fmt: skip
     if "d2t" not in out:
         out["d2t"] = torch.zeros(e.draft_vocab_size, dtype=torch.int64)
     if out["embed_tokens.weight"].shape != (spec.vocab_size, spec.hidden_size):

@@ -155,8 +155,9 @@ def make_tiny_eagle3(target: str | Path, out: str | Path, *, seed: int = 0, draf
     checkpoints: fc, midlayer.*, norm, lm_head, d2t, t2d) for the Llama-family checkpoint at
     `target` to `out`, and return it. Its sizes are the target's; aux_layer_ids: the target layers
     whose outputs it reads (default: the first three, as many as the target has); its draft
-    vocabulary is `draft_vocab_size` target ids chosen at random (sorted), mapped by d2t. Without
-    own_embedding it has no embed_tokens.weight and shares the target's."""
+    vocabulary is `draft_vocab_size` target ids chosen at random (sorted), mapped by d2t. With
+    own_embedding it carries an embed_tokens.weight of its own (which the target's replaces, as
+    in SGLang: `sglang_fx.eagle3.draft_weights`)."""
     import json
     import shutil
 

@@ -50,14 +50,22 @@ def test_draft_checkpoint_reads_as_an_eagle3_spec_with_its_vocabulary(pair):
     assert "embed_tokens.weight" not in w
 
 
-def test_draft_shares_the_target_embedding_unless_it_has_its_own(pair, tmp_path):
+def test_draft_shares_the_target_embedding_as_sglang_does(pair, tmp_path):
+    """SGLang's EAGLE3 worker gives the draft the target's embedding (set_embed), replacing one the
+    draft carries; and the target's head too when config.json names no draft_vocab_size."""
     target_path, draft_path = pair
     target = Session("reference_torch", target_path, dtype="float32")
     draft = Session("reference_torch", draft_path, dtype="float32", target=target)
     assert draft.weights["embed_tokens.weight"] is target.weights["model.embed_tokens.weight"]
+    assert draft.weights["lm_head.weight"].shape == (256, 64)  # its own head over its draft vocabulary
     own = make_tiny_eagle3(target_path, tmp_path / "own", own_embedding=True)
-    mine = Session("reference_torch", own, dtype="float32", target=target)
-    assert not torch.equal(mine.weights["embed_tokens.weight"], target.weights["model.embed_tokens.weight"])
+    assert Session("reference_torch", own, dtype="float32", target=target).weights["embed_tokens.weight"] is \
+        target.weights["model.embed_tokens.weight"]  # fmt: skip
+    full = make_tiny_eagle3(target_path, tmp_path / "full", draft_vocab_size=512)
+    cfg = json.loads((full / "config.json").read_text())
+    del cfg["draft_vocab_size"]
+    (full / "config.json").write_text(json.dumps(cfg))
+    assert Session("reference_torch", full, dtype="float32", target=target).weights["lm_head.weight"] is target.weights["lm_head.weight"]
     with pytest.raises(ValueError, match="give its target's Session"):
         Session("reference_torch", draft_path, dtype="float32")
 
