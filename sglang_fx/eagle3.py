@@ -35,8 +35,10 @@ from .checkpoint import Checkpoint, ModelSpec, load_spec
 
 def capture_layers(num_layers: int, aux_layer_ids: Sequence[int] | None = None) -> tuple[int, ...]:
     """The target layers to capture (SGLang's `set_eagle3_layers_to_capture`) for a draft trained on
-    the outputs of layers `aux_layer_ids` (its `Eagle3Spec.aux_layer_ids`), or SGLang's default."""
+    the outputs of layers `aux_layer_ids` (its `Eagle3Spec.aux_layer_ids`), or SGLang's default;
+    in layer order, each once, as SGLang's layer loop captures them whatever the ids' order."""
     wanted = (2, num_layers // 2, num_layers - 3) if aux_layer_ids is None else tuple(j + 1 for j in aux_layer_ids)
+    wanted = tuple(sorted(set(wanted)))
     check_capture(wanted, num_layers)
     return wanted
 

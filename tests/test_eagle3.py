@@ -29,6 +29,7 @@ def test_capture_layers_follow_sglang():
     without ids, layers (2, L // 2, L - 3)."""
     assert capture_layers(32, (1, 15, 29)) == (2, 16, 30)
     assert capture_layers(30) == (2, 15, 27)
+    assert capture_layers(32, (29, 1, 15)) == (2, 16, 30)  # SGLang's layer loop captures in layer order
     for bad in [(3, 1), (1, 1), (0, 4), (-1,)]:
         with pytest.raises(ValueError, match="strictly increasing layer indices in \\[0, 4\\)"):
             check_capture(bad, 4)
