@@ -16,6 +16,7 @@ from sglang_fx.metadata import ForwardMetadata
 from sglang_fx.parallel import SINGLE
 from sglang_fx.spi import AttentionSpec
 
+from .eagle3 import TOLERANCE as EAGLE3_TOLERANCE
 from .context import MLA_ARCHES, REFERENCE_BACKEND, TOLERANCE, W8A8, Context, naive_attention
 
 
@@ -456,6 +457,97 @@ def greedy_case(arch: str, variant: str = "") -> Case:
 
 
 # --------------------------------------------------------------------------------------------
+# EAGLE3 (SPI 1.4): hidden-state capture and the LlamaForCausalLMEagle3 draft
+# --------------------------------------------------------------------------------------------
+
+
+def _eagle3_skip(ctx: Context) -> str | None:
+    return None if ctx.backend.capabilities.eagle3 else f"{ctx.backend.name} declares no eagle3 (Capabilities.eagle3)"
+
+
+def eagle3_capture_case(arch: str) -> Case:
+    def run(ctx: Context) -> Outcome:
+        session = ctx.session(arch, page_size=16)
+        capture = tuple(range(session.spec.num_layers))  # every layer's input; 0 is the embeddings
+        first, _ = session.new_sequence(PROMPTS[0])
+        session.forward([first], [PROMPTS[0]])
+        seqs, new = zip(*[(seq, p[shared:]) for p in PROMPTS[1:] for seq, shared in [session.new_sequence(p)]])
+        logits, hidden = session.forward_hidden(list(seqs), list(new), logits="all", capture=capture)
+        width = session.spec.hidden_size * len(capture)
+        if hidden is None or hidden.dtype != torch.float32 or list(hidden.shape) != [sum(map(len, new)), width]:
+            got = None if hidden is None else f"{hidden.dtype} {list(hidden.shape)}"
+            return Outcome(False, None, None, f"forward_hidden returned hidden {got}, expected float32 [{sum(map(len, new))}, {width}]")
+        diff, logit_diff, row = 0.0, 0.0, 0
+        for p, n in zip(PROMPTS[1:], new):
+            s = len(p) - len(n)
+            truth = torch.cat([h[s:] for h in ctx.hf_hidden(arch, p)[: len(capture)]], dim=1)
+            diff = max(diff, _max_diff(hidden[row : row + len(n)].cpu(), truth))
+            logit_diff = max(logit_diff, _max_diff(logits[row : row + len(n)].cpu(), ctx.hf_logits(arch, p)[s:]))
+            row += len(n)
+        ok = diff <= EAGLE3_TOLERANCE and logit_diff <= EAGLE3_TOLERANCE
+        return Outcome(ok, diff, None, f"captured layers {list(capture)} vs transformers' output_hidden_states: max abs diff "
+                                       f"{diff:.3g}, logits {logit_diff:.3g} (tolerance {EAGLE3_TOLERANCE:g})")  # fmt: skip
+
+    return Case(f"eagle3/capture/{arch}", run,
+                f"{arch}: forward_hidden capturing every layer's input (ragged batch after a prefix hit) equals transformers' "
+                f"output_hidden_states[0..L-1] for the new tokens, float32 [T, H * L], logits as forward's, within {EAGLE3_TOLERANCE:g}",
+                "ModelRunner.forward_hidden in sglang_fx/spi.py, capture in sglang_fx/eagle3.py", _eagle3_skip)  # fmt: skip
+
+
+def eagle3_draft_case() -> Case:
+    """The draft on a target's capture (an extend step of two sequences, EAGLE's shift: token i + 1
+    with the hidden states of token i), then one draft decode step on its own hidden_out, against
+    `eagle3.draft_reference` fed transformers' hidden states."""
+
+    def run(ctx: Context) -> Outcome:
+        from sglang_fx.eagle3 import capture_layers, hot_token_ids
+
+        from .eagle3 import TARGET_VARIANT, draft_fc, draft_reference
+
+        arch = "LlamaForCausalLM"
+        target = ctx.session(arch, page_size=16, variant=TARGET_VARIANT)
+        draft = ctx.draft_session(target)
+        capture = capture_layers(target.spec.num_layers, draft.spec.eagle3.aux_layer_ids)
+        prompts = [PROMPTS[0], PROMPTS[2]]
+        t_logits, _ = target.forward_hidden([target.new_sequence(p)[0] for p in prompts], prompts, capture=capture)
+        ids = [p[1:] + [t] for p, t in zip(prompts, t_logits.argmax(-1).tolist())]  # token i + 1 beside hidden of token i
+        truth = [torch.cat([ctx.hf_hidden(arch, p, TARGET_VARIANT)[i] for i in capture], dim=1) for p in prompts]
+        seqs = [draft.new_sequence(i)[0] for i in ids]
+        logits, hidden = draft.forward_hidden(seqs, ids, logits="all", hidden=torch.cat(truth).to(ctx.device))
+        w, hot = draft.weights, hot_token_ids(draft.weights["d2t"])
+        refs, nxt = [], []
+        for i, cap in zip(ids, truth):
+            ref_logits, ref_hidden = draft_reference(draft.spec, w, i, draft_fc(w, cap))
+            t = int(hot[ref_logits[-1].argmax()])  # the draft's guess, as a target id
+            refs.append(draft_reference(draft.spec, w, i + [t], torch.cat([draft_fc(w, cap), ref_hidden[-1:]])))
+            nxt.append(t)
+        last = torch.tensor([len(i) for i in ids]).cumsum(0) - 1
+        logits2, hidden2 = draft.forward_hidden(seqs, [[t] for t in nxt], logits="last", hidden=hidden[last.to(hidden.device)])
+        want_logits = torch.cat([r[0][:-1] for r in refs])
+        want_hidden = torch.cat([r[1][:-1] for r in refs])
+        diff = max(_max_diff(logits.cpu(), want_logits), _max_diff(hidden.cpu(), want_hidden),
+                   _max_diff(logits2.cpu(), torch.stack([r[0][-1] for r in refs])), _max_diff(hidden2.cpu(), torch.stack([r[1][-1] for r in refs])))  # fmt: skip
+        vd = draft.spec.eagle3.draft_vocab_size
+        if logits.shape[1] != vd:
+            return Outcome(False, diff, None, f"draft logits are {logits.shape[1]} wide, expected the draft vocabulary {vd}")
+        return _close(diff, torch.float32, f"draft logits [.., {vd}] and hidden_out of an extend on the target's capture "
+                                           f"(layers {list(capture)}) and a decode on its own output, vs a float64 reference")  # fmt: skip
+
+    def skip(ctx: Context) -> str | None:
+        from sglang_fx.checkpoint import EAGLE3_ARCH
+
+        caps = ctx.backend.capabilities
+        return _eagle3_skip(ctx) or (None if EAGLE3_ARCH in caps.architectures and "LlamaForCausalLM" in caps.architectures
+                                     else f"{ctx.backend.name} does not run both {EAGLE3_ARCH} and its LlamaForCausalLM target")  # fmt: skip
+
+    return Case("eagle3/draft/LlamaForCausalLMEagle3", run,
+                "the Llama EAGLE3 draft (fc over 3 captured target layers, sharing the target's embedding, 256-id draft "
+                "vocabulary) on an extend of 2 sequences and a decode step on its own hidden_out: logits and hidden_out "
+                "within 1e-4 of a plain float64 computation (conformance/eagle3.py) fed transformers' hidden states",
+                "ModelRunner.forward_hidden in sglang_fx/spi.py, the draft in sglang_fx/eagle3.py", skip)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
 # Quantized checkpoints (W8A8 int8, sglang_fx/quant.py)
 # --------------------------------------------------------------------------------------------
 
@@ -612,6 +704,7 @@ def cases_for(ctx: Context) -> list[Case]:
         cases += [kv_case(16, mla=True)] + [attention_case(p, s, mla=True) for p in (1, 16) for s in ATTENTION_BATCHES]
     for arch in ctx.architectures():
         cases += [logits_case(arch), logits_vs_reference_case(arch), greedy_case(arch), verify_model_case(arch)]
+    cases += [eagle3_capture_case(arch) for arch in ctx.architectures()] + [eagle3_draft_case()]
     if ctx.architectures():
         cases.append(w8a8_linear_case(ctx.architectures()[0]))
     for arch in ctx.architectures():

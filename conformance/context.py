@@ -32,8 +32,8 @@ TINY_ARCHES = {
 MLA_ARCHES = frozenset({"DeepseekV3ForCausalLM"})
 
 #: Checkpoint variants (config overrides) some cases use. "kv1": one KV head, which tensor
-#: parallelism must replicate on every rank.
-VARIANTS: dict[str, dict] = {"": {}, "kv1": {"num_key_value_heads": 1}}
+#: parallelism must replicate on every rank. "l4": four layers (the EAGLE3 draft cases' target).
+VARIANTS: dict[str, dict] = {"": {}, "kv1": {"num_key_value_heads": 1}, "l4": {"num_hidden_layers": 4}}
 
 #: The quantized variant: the tiny checkpoint through `sglang-fx quantize --scheme w8a8`. Its
 #: ground truth is transformers on the float checkpoint with each quantized linear's weight
@@ -79,6 +79,26 @@ class Context:
         return make_tiny_model(TINY_ARCHES[arch], out, seed=0, **VARIANTS[variant])
 
     @functools.cache
+    def eagle3_draft(self) -> Path:
+        """The tiny EAGLE3 draft (`make_tiny_eagle3`) of the tiny Llama's "l4" variant, reading the
+        outputs of layers eagle3.AUX_LAYER_IDS, with no embedding of its own (it shares the target's)."""
+        from sglang_fx.tiny import make_tiny_eagle3
+
+        from .eagle3 import AUX_LAYER_IDS, TARGET_VARIANT
+
+        out = self.workdir / "llama-eagle3"
+        if (out / "config.json").is_file():
+            return out
+        return make_tiny_eagle3(self.checkpoint("LlamaForCausalLM", TARGET_VARIANT), out, seed=1, aux_layer_ids=AUX_LAYER_IDS)
+
+    def hf_hidden(self, arch: str, prompt: list[int], variant: str = "") -> tuple[torch.Tensor, ...]:
+        """transformers' output_hidden_states of one prompt: num_layers + 1 tensors [len(prompt), H]
+        float32 (entry i < num_layers: the input of layer i; the last one is after the final norm)."""
+        with torch.inference_mode():
+            out = self.hf_model(arch, variant)(torch.tensor([prompt]), output_hidden_states=True)
+        return tuple(h[0].float() for h in out.hidden_states)
+
+    @functools.cache
     def hf_model(self, arch: str, variant: str = ""):
         import transformers
 
@@ -94,6 +114,11 @@ class Context:
         b = self.backend if backend is None else self.registry.load(backend)
         return Session(b, self.checkpoint(arch, variant), dtype="float32", device=self.device, page_size=page_size,
                        max_total_tokens=4096, parallel=self.parallel if parallel is None else parallel)  # fmt: skip
+
+    def draft_session(self, target: Session, *, page_size: int = 16) -> Session:
+        """A Session of the backend under test on `eagle3_draft`, sharing `target`'s embedding."""
+        return Session(self.backend, self.eagle3_draft(), dtype="float32", device=self.device, page_size=page_size,
+                       max_total_tokens=4096, target=target)  # fmt: skip
 
     def hf_logits(self, arch: str, prompt: list[int], variant: str = "") -> torch.Tensor:
         """[len(prompt), vocab] float32 logits of transformers, one prompt, no padding."""

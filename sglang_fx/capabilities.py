@@ -25,6 +25,11 @@ class Capabilities:
     quantization    the quantized-checkpoint schemes it runs (`sglang_fx.quant`: "w8a8_int8", with
                     int8 weights kept int8 and an int8 x int8 -> int32 product). Empty: float
                     checkpoints only (SPI 1.3; a backend written for 1.1 or 1.2 declares none).
+    eagle3          EAGLE3 speculative decoding's model side (SPI 1.4): its runners capture the
+                    hidden states of chosen layers of a target model and run the
+                    LlamaForCausalLMEagle3 draft on them, both through ModelRunner.forward_hidden
+                    (sglang_fx/spi.py); it lists "LlamaForCausalLMEagle3" in architectures too.
+                    False: neither (a backend written for SPI 1.3 or older).
     options         the keys of RunnerOptions.extra the runner takes -> what each means (shown
                     by `sglang-fx backends`); an unknown key is refused before loading. The
                     runner checks the values.
@@ -38,6 +43,7 @@ class Capabilities:
     quantization: frozenset[str] = field(default_factory=frozenset)
     options: Mapping[str, str] = field(default_factory=dict)
     verify: frozenset[str] = field(default_factory=frozenset)
+    eagle3: bool = False
 
     @property
     def devices(self) -> frozenset[str]:
@@ -55,6 +61,7 @@ class Capabilities:
         options: Mapping[str, str] | None = None,
         verify: str | None = None,
         quantization: str | None = None,
+        eagle3: bool = False,
     ) -> list[str]:
         """Every problem with running this configuration, as sentences naming the fix.
         An empty list means supported. Arguments left as None are not checked."""
@@ -94,6 +101,10 @@ class Capabilities:
             runs = ", ".join(sorted(self.quantization)) or "none (float checkpoints only)"
             problems.append(f"quantized checkpoints of scheme {quantization!r} are not supported; the schemes it runs: {runs}; "
                             "use a float checkpoint or a backend that declares the scheme")  # fmt: skip
+        if eagle3 and not self.eagle3:
+            problems.append("EAGLE3 speculative decoding needs hidden-state capture and the LlamaForCausalLMEagle3 draft "
+                            "(Capabilities.eagle3, ModelRunner.forward_hidden, SPI 1.4), which this backend does not declare; "
+                            "serve without EAGLE3 (e.g. NGRAM or STANDALONE), or with a backend that declares eagle3")  # fmt: skip
         unknown = sorted(set(options or {}) - set(self.options))
         if unknown:
             takes = ", ".join(sorted(self.options)) or "none"
@@ -115,5 +126,6 @@ class Capabilities:
             f"parallelism [{', '.join(sorted(self.parallelism)) or 'none'}]; "
             f"verify [{', '.join(sorted(self.verify)) or 'none'}]; "
             f"quantization [{', '.join(sorted(self.quantization)) or 'none'}]; "
+            f"eagle3 [{'capture and draft' if self.eagle3 else 'none'}]; "
             f"options [{', '.join(f'{k}: {v}' for k, v in sorted(self.options.items())) or 'none'}]"
         )

@@ -74,6 +74,31 @@ class MLASpec:
 
 
 @dataclass(frozen=True)
+class Eagle3Spec:
+    """An EAGLE3 draft (`LlamaForCausalLMEagle3`; its computation is written in sglang_fx/eagle3.py):
+    fc projects num_aux captured target hidden states, target_hidden_size wide each, to the draft's
+    hidden size; one Llama decoder layer attends over concat(norm(embeds), norm(hidden)); its own
+    lm_head scores draft_vocab_size draft ids, which its `d2t` maps to target ids.
+    aux_layer_ids: the target layers whose outputs it was trained on (config.json's
+    eagle_config.eagle_aux_hidden_state_layer_ids), or None for SGLang's default choice.
+    head_from_target: config.json names no draft_vocab_size, so (as SGLang does) the draft scores
+    the target's whole vocabulary with the target's lm_head."""
+
+    draft_vocab_size: int
+    target_hidden_size: int
+    num_aux: int
+    aux_layer_ids: tuple[int, ...] | None = None
+    head_from_target: bool = False
+
+
+#: An EAGLE3 draft's architecture name, and its tensors a checkpoint may leave out: the
+#: embedding (the target's is used: `eagle3.draft_weights`), the head and d2t (with no
+#: draft_vocab_size in config.json: the target's head, identity d2t).
+EAGLE3_ARCH = "LlamaForCausalLMEagle3"
+EAGLE3_OPTIONAL = frozenset({"embed_tokens.weight", "lm_head.weight", "d2t"})
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """The shape of a decoder-only transformer, read from its HF config.
 
@@ -83,7 +108,8 @@ class ModelSpec:
     moe: routed experts, or None for a dense model. mla: latent attention, or None for GQA
     (then head_dim/num_kv_heads describe the KV cache). quant: the quantization scheme and the
     linears it covers (`sglang_fx.quant`), or None for a float checkpoint; dtype is then the
-    dtype of everything left float and of the activations.
+    dtype of everything left float and of the activations. eagle3: set for an EAGLE3 draft
+    (SPI 1.4; then num_layers is 1 and vocab_size is the target's), else None.
     """
 
     architecture: str
@@ -105,6 +131,7 @@ class ModelSpec:
     moe: MoESpec | None = None
     mla: MLASpec | None = None
     quant: QuantSpec | None = None
+    eagle3: Eagle3Spec | None = None
 
     def is_moe_layer(self, i: int) -> bool:
         return self.moe is not None and i not in self.moe.dense_layers
@@ -203,6 +230,27 @@ def _deepseek_v3(cfg: dict, arch: str, dtype: torch.dtype) -> ModelSpec:
     return replace(base, num_kv_heads=1, head_dim=mla.qk_head_dim, moe=moe, mla=mla)
 
 
+def _llama_eagle3(cfg: dict, arch: str, dtype: torch.dtype) -> ModelSpec:
+    """SGLang's reading of an EAGLE3 draft config (models/llama_eagle3.py), minus what we refuse."""
+    eagle = cfg.get("eagle_config") or {}
+    refused = [k for k in ("norm_before_fc", "fc_norm", "use_aux_norm", "norm_output", "bias") if cfg.get(k) or eagle.get(k)]
+    if refused or cfg.get("num_hidden_layers") != 1 or cfg.get("tie_word_embeddings"):
+        why = (f"{', '.join(refused)} set" if refused else f"num_hidden_layers {cfg.get('num_hidden_layers')}"
+               if cfg.get("num_hidden_layers") != 1 else "tie_word_embeddings set")  # fmt: skip
+        raise UnsupportedConfigError(f"this {arch} draft has {why}; sglang-fx runs EAGLE3 drafts of one decoder layer with an "
+                                     "untied head of their own, no bias on fc and no norms around fc (the EAGLE3 layout)")  # fmt: skip
+    base = _llama_family(qk_norm=False, bias_default=False)(cfg, arch, dtype)
+    ids = eagle.get("eagle_aux_hidden_state_layer_ids")
+    draft = Eagle3Spec(
+        draft_vocab_size=cfg.get("draft_vocab_size") or base.vocab_size,
+        target_hidden_size=cfg.get("target_hidden_size") or base.hidden_size,
+        num_aux=cfg.get("num_aux_hidden_states") or (len(ids) if ids else 3),
+        aux_layer_ids=tuple(ids) if ids else None,
+        head_from_target=cfg.get("draft_vocab_size") is None,
+    )
+    return replace(base, attention_bias=False, eagle3=draft)
+
+
 #: HF architecture name -> config parser. The one place that knows which configs we read.
 ARCHITECTURES: dict[str, Callable[[dict, str, torch.dtype], ModelSpec]] = {
     "Qwen3ForCausalLM": _llama_family(qk_norm=True, bias_default=False),
@@ -211,6 +259,8 @@ ARCHITECTURES: dict[str, Callable[[dict, str, torch.dtype], ModelSpec]] = {
     "Qwen3MoeForCausalLM": _qwen3_moe,
     "DeepseekV3ForCausalLM": _deepseek_v3,
 }
+#: Speculative draft architectures (SPI 1.4): readable by every backend, run by those declaring them.
+DRAFT_ARCHITECTURES: dict[str, Callable[[dict, str, torch.dtype], ModelSpec]] = {EAGLE3_ARCH: _llama_eagle3}
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -233,11 +283,12 @@ def load_spec(model_path: str | Path, dtype: str | torch.dtype | None = None) ->
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
     archs = cfg.get("architectures") or []
-    arch = next((a for a in archs if a in ARCHITECTURES), None)
+    parsers = ARCHITECTURES | DRAFT_ARCHITECTURES
+    arch = next((a for a in archs if a in parsers), None)
     if arch is None:
         raise UnsupportedConfigError(
             f"{path}: architecture {archs or cfg.get('model_type')!r} is not supported; "
-            f"supported: {', '.join(ARCHITECTURES)}"
+            f"supported: {', '.join(parsers)}"
         )
     refused = modelslim(model_path)
     if refused:
@@ -245,7 +296,7 @@ def load_spec(model_path: str | Path, dtype: str | torch.dtype | None = None) ->
     if dtype in (None, "auto"):
         dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
     try:
-        spec = ARCHITECTURES[arch](cfg, arch, resolve_dtype(dtype))
+        spec = parsers[arch](cfg, arch, resolve_dtype(dtype))
     except KeyError as e:
         raise CheckpointError(f"{path}: missing required field {e.args[0]!r} for {arch}") from None
     if cfg.get("quantization_config"):
@@ -268,7 +319,9 @@ def _quant_spec(spec: ModelSpec, qc: dict, where: str) -> QuantSpec:
 def expected_weights(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """HF parameter name -> shape, for every tensor the model needs (lm_head.weight included
     even when tied; `Checkpoint.load` fills it from the embedding). A quantized linear X adds
-    X.weight_scale [out, 1] (spec.quant)."""
+    X.weight_scale [out, 1] (spec.quant). An EAGLE3 draft: its own names (`_eagle3_weights`)."""
+    if spec.eagle3 is not None:
+        return _eagle3_weights(spec, spec.eagle3)
     H = spec.hidden_size
     shapes: dict[str, tuple[int, ...]] = {
         "model.embed_tokens.weight": (spec.vocab_size, H),
@@ -287,6 +340,25 @@ def expected_weights(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     if spec.quant is not None:
         shapes |= {n + "_scale": (s[0], 1) for n, s in list(shapes.items()) if spec.quant.covers(n)}
     return shapes
+
+
+def _eagle3_weights(spec: ModelSpec, e: Eagle3Spec) -> dict[str, tuple[int, ...]]:
+    """The EAGLE3 draft's tensors under the names its checkpoints use (EAGLE's, as SGLang reads
+    them): no "model." prefix, the decoder layer as "midlayer.", d2t [draft_vocab] int64."""
+    H = spec.hidden_size
+    attention = _gqa_weights(replace(spec, hidden_size=2 * H))  # q/k/v read concat(embeds, hidden)
+    attention["o_proj.weight"] = (H, spec.num_heads * spec.head_dim)
+    p = "midlayer."
+    return {
+        "embed_tokens.weight": (spec.vocab_size, H),
+        "fc.weight": (H, e.num_aux * e.target_hidden_size),
+        p + "input_layernorm.weight": (H,), p + "hidden_norm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+        **{p + "self_attn." + n: s for n, s in attention.items()},
+        **{p + "mlp." + n: s for n, s in _mlp_weights(H, spec.intermediate_size).items()},
+        "norm.weight": (H,),
+        "lm_head.weight": (e.draft_vocab_size, H),
+        "d2t": (e.draft_vocab_size,),
+    }  # fmt: skip
 
 
 def _mlp_weights(H: int, I: int) -> dict[str, tuple[int, ...]]:
@@ -397,6 +469,10 @@ def _load_dtype(spec: ModelSpec, name: str, file: SafetensorsFile) -> torch.dtyp
     """The dtype tensor `name` is handed to backends in; CheckpointError when a quantized linear's
     tensors are not stored as the scheme says."""
     stored = file.tensors[name]["dtype"]
+    if name == "d2t":  # EAGLE3's draft -> target id offsets
+        if stored not in ("I64", "I32"):
+            raise CheckpointError(f"tensor 'd2t' in {file.path} is {stored}; EAGLE3's d2t holds integer id offsets (I64)")
+        return torch.int64
     if spec.quant is None:
         return spec.dtype
     if spec.quant.covers(name):
@@ -451,11 +527,14 @@ class Checkpoint:
         linear's weight stays int8 and its weight_scale becomes float32, an exact widening); with a
         `shard`, only the tensors and slices that rank holds (`Shard.expected()` shapes), read
         from disk slice by slice. Raises CheckpointError naming the tensor and file on a missing,
-        truncated or mis-shaped tensor. A tied lm_head.weight is the embedding tensor itself."""
+        truncated or mis-shaped tensor. A tied lm_head.weight is the embedding tensor itself. An
+        EAGLE3 draft's EAGLE3_OPTIONAL tensors are left out when absent (`eagle3.draft_weights`
+        completes them from the target)."""
         expected = expected_weights(spec)
         local = expected if shard is None else shard.expected()
         tied = spec.tie_word_embeddings and "lm_head.weight" not in self.weight_map
-        wanted = [n for n in local if not (tied and n == "lm_head.weight")]
+        optional = EAGLE3_OPTIONAL if spec.eagle3 is not None else frozenset()
+        wanted = [n for n in local if not (tied and n == "lm_head.weight") and (n not in optional or n in self.weight_map)]
         missing = [n for n in wanted if n not in self.weight_map]
         if missing:
             files = sorted({p.name for p in self.weight_map.values()})

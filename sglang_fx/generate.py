@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint, load_spec
+from .eagle3 import draft_weights
 from .errors import KVPoolFullError
 from .kv_pool import PagedKVPool, layout_for
 from .metadata import ForwardMetadata
@@ -39,9 +40,12 @@ class Session:
         max_total_tokens: int = 8192,
         options: Mapping[str, str] | None = None,
         parallel: Parallel = SINGLE,
+        target: Session | None = None,
     ):
         """parallel: this process's rank in a tensor-parallel world (`sglang_fx.distributed`
-        starts one); every rank of it runs the same Session calls in step."""
+        starts one); every rank of it runs the same Session calls in step. target: for an EAGLE3
+        draft checkpoint, its target's Session, whose embedding (and head, where the draft has
+        none) it shares (`eagle3.draft_weights`)."""
         self.backend = load_backend(backend) if isinstance(backend, str) else backend
         self.spec = load_spec(model_path, dtype)
         self.backend.check(architecture=self.spec.architecture, dtype=self.spec.dtype_name, device=device, page_size=page_size,
@@ -49,6 +53,11 @@ class Session:
                            quantization=self.spec.quant.scheme if self.spec.quant else None)  # fmt: skip
         shard = Shard.of(self.spec, parallel)
         weights = Checkpoint(model_path).load(self.spec, shard)
+        if self.spec.eagle3 is not None:
+            if target is None:
+                raise ValueError(f"{model_path} is an EAGLE3 draft; give its target's Session (target=...)")
+            weights = draft_weights(self.spec, weights, target.weights)
+        self.weights = weights
         self.layout = layout_for(shard.local, num_pages=-(-max_total_tokens // page_size), page_size=page_size)
         self.device = device
         self.pool = PagedKVPool(self.layout, device)
@@ -62,6 +71,17 @@ class Session:
     def forward(self, seqs: Sequence[int], new_tokens: Sequence[Sequence[int]], logits: str = "last") -> torch.Tensor:
         """Append new_tokens[i] to sequence seqs[i] (all in one step) and return the logits
         ([num_seqs, vocab] for "last", [total_new, vocab] for "all")."""
+        ids, meta = self._step(seqs, new_tokens, logits)
+        return self.runner.forward(ids, meta, self.cache)
+
+    def forward_hidden(self, seqs: Sequence[int], new_tokens: Sequence[Sequence[int]], logits: str = "last", *,
+                       capture: Sequence[int] = (), hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """`forward` through ModelRunner.forward_hidden (SPI 1.4, a backend declaring eagle3):
+        (logits, hidden_out [total_new, ...]) with a target's `capture` or a draft's `hidden`."""
+        ids, meta = self._step(seqs, new_tokens, logits)
+        return self.runner.forward_hidden(ids, meta, self.cache, capture=capture, hidden=hidden)
+
+    def _step(self, seqs: Sequence[int], new_tokens: Sequence[Sequence[int]], logits: str) -> tuple[torch.Tensor, ForwardMetadata]:
         prefix = [self.pool.length(s) if s in self.pool else 0 for s in seqs]
         self.pool.reserve_many({s: len(t) for s, t in zip(seqs, new_tokens)})
         meta = ForwardMetadata.from_lists(
@@ -74,7 +94,7 @@ class Session:
         for s, t in zip(seqs, new_tokens):
             self._tokens.setdefault(s, []).extend(t)
         ids = torch.tensor([t for ts in new_tokens for t in ts], dtype=torch.int64, device=self.device)
-        return self.runner.forward(ids, meta, self.cache)
+        return ids, meta
 
     def new_sequence(self, prompt: Sequence[int]) -> tuple[int, int]:
         """Create a sequence for `prompt`, sharing the pages of the longest cached prefix.

@@ -96,5 +96,8 @@ def sglang_fx_make_runner(spec: ModelSpec, weights: Mapping[str, torch.Tensor], 
     The host makes the runner before any other object of the backend in the process (SGLang
     does, and so does `sglang_fx.generate.Session`): a runner may have to start its collective
     library before any other work of its framework (JAX's `jax.distributed.initialize` must).
+    An EAGLE3 draft (spec.eagle3 set; SPI 1.4, only to a backend declaring Capabilities.eagle3)
+    arrives by its own weight names, completed from its target (`sglang_fx.eagle3.draft_weights`),
+    d2t as int64; its runner is driven by `forward_hidden` (sglang_fx/spi.py).
     Raises UnsupportedConfigError for a configuration outside its capabilities and for
     unknown options.extra keys."""

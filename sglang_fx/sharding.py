@@ -49,6 +49,8 @@ def problems(spec: ModelSpec, tp_size: int, ep_size: int = 1) -> list[str]:
     out = []
     if tp_size < 1 or ep_size < 1:
         return [f"tp_size ({tp_size}) and ep_size ({ep_size}) must be positive"]
+    if spec.eagle3 is not None and tp_size > 1:
+        out.append(f"an EAGLE3 draft ({spec.architecture}) runs unsharded; use tp_size 1 for it")
     if tp_size % ep_size:
         out.append(f"ep_size {ep_size} must divide tp_size {tp_size} (experts are split over the TP group)")
     if spec.num_heads % tp_size:
@@ -161,6 +163,8 @@ class Shard:
         """(dim, range) of the HF tensor `name` this rank reads, or None for all of it. A quantized
         linear's per-channel weight_scale [out, 1] splits with its weight's rows (column-parallel)
         and is whole on every rank of a row-parallel one (its output channels are not split)."""
+        if self.spec.eagle3 is not None:
+            return None  # an EAGLE3 draft runs unsharded (`problems`)
         if name.endswith(".weight_scale"):
             cut = self.split(name.removesuffix("_scale"))
             return cut if cut is not None and cut[0] == 0 else None

@@ -41,7 +41,10 @@ Array = Any  # the backend framework's tensor type
 #: checkpoint int8 weights plus float32 `weight_scale`s in the runner's weights (sglang_fx/quant.py);
 #: a backend written for 1.1 or 1.2 declares no scheme, so it keeps running float checkpoints and is
 #: refused (at start-up, naming the scheme) only for quantized ones.
-SPI_VERSION = "1.3"
+#: 1.4, EAGLE3's model side: Capabilities.eagle3 and the optional ModelRunner.forward_hidden (hidden
+#: states out of a target step, into and out of a LlamaForCausalLMEagle3 draft step), ModelSpec.eagle3;
+#: a backend written for 1.3 or older declares no eagle3 and is refused only for EAGLE3.
+SPI_VERSION = "1.4"
 
 
 def spi_problem(declared: str) -> str | None:
@@ -170,6 +173,28 @@ class ModelRunner(Protocol):
     apply_linear(name, x): the model's linear `name` (HF module name, "model.layers.0.mlp.down_proj")
         as loaded, on x [T, in] float32 torch (cast to the model's dtype first) -> [T, out]
         float32 torch; for a quantized linear, its W8A8 product (sglang_fx/quant.py).
+
+    Optional (SPI 1.4), on every runner of a backend declaring Capabilities.eagle3, and only there:
+    forward_hidden(input_ids, meta, cache, *, capture=(), hidden=None) -> (logits, hidden_out):
+        the step of `forward` (same input_ids, meta, cache and logits), with hidden states in and out.
+        All hidden tensors are float32 torch on the step's device, one row per new token (T rows,
+        every new token, not only meta.logits_indices); the caller owns what is returned, and the
+        runner keeps no reference to `hidden` after the call.
+        - A target model (spec.eagle3 is None): capture = layer indices i, 0 <= i < num_layers,
+          strictly increasing (SGLang's `layers_to_capture`, which it concatenates in layer order;
+          `sglang_fx.eagle3.capture_layers` derives them). hidden_out [T, H * len(capture)]: column block k
+          holds the residual stream entering layer capture[k] (before that layer's input norm),
+          which is transformers' `output_hidden_states[capture[k]]` (0: the embeddings); None when
+          capture is empty. hidden must be None.
+        - An EAGLE3 draft (spec.eagle3 set, architecture LlamaForCausalLMEagle3; `sglang_fx.eagle3`
+          writes its computation down): hidden is required, either [T, eagle3.num_aux *
+          eagle3.target_hidden_size] (a target's capture for the same rows, which the draft's fc
+          projects to H) or [T, H] (the draft's own earlier hidden_out, used as is). capture must
+          be empty. logits [N, eagle3.draft_vocab_size] over the draft vocabulary (draft id d is
+          target id d + d2t[d]: `sglang_fx.eagle3.hot_token_ids`); hidden_out [T, H], the residual
+          stream after its decoder layer, before the final norm (what SGLang feeds the next draft
+          step). Its plain `forward` raises, naming forward_hidden.
+        Raises ValueError naming the argument on a shape, index or role mismatch.
     """
 
     spec: ModelSpec

@@ -147,3 +147,68 @@ def make_tiny_model(
     model.save_pretrained(out, max_shard_size=max_shard)
     tokenizer.save_pretrained(out)
     return out
+
+
+def make_tiny_eagle3(target: str | Path, out: str | Path, *, seed: int = 0, draft_vocab_size: int = 256,
+                     aux_layer_ids: tuple[int, ...] | None = None, own_embedding: bool = False) -> Path:  # fmt: skip
+    """Write a random-weight EAGLE3 draft (`LlamaForCausalLMEagle3`, the layout of EAGLE3's own
+    checkpoints: fc, midlayer.*, norm, lm_head, d2t, t2d) for the Llama-family checkpoint at
+    `target` to `out`, and return it. Its sizes are the target's; aux_layer_ids: the target layers
+    whose outputs it reads (default: the first three, as many as the target has); its draft
+    vocabulary is `draft_vocab_size` target ids chosen at random (sorted), mapped by d2t. With
+    own_embedding it carries an embed_tokens.weight of its own (which the target's replaces, as
+    in SGLang: `sglang_fx.eagle3.draft_weights`)."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    target, out = Path(target), Path(out)
+    cfg = json.loads((target / "config.json").read_text())
+    layers = cfg["num_hidden_layers"]
+    ids = list(aux_layer_ids if aux_layer_ids is not None else range(min(3, layers - 1)))
+    H, V = cfg["hidden_size"], cfg["vocab_size"]
+    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    D = cfg.get("head_dim") or H // heads
+    if not 0 < draft_vocab_size <= V:
+        raise ValueError(f"draft_vocab_size must be in [1, {V}] (the target's vocabulary), got {draft_vocab_size}")
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(shape, generator=g) * 0.1
+
+    def norm(n):
+        return 0.5 + torch.rand((n,), generator=g)
+
+    I, p = cfg["intermediate_size"], "midlayer."
+    hot = torch.randperm(V, generator=g)[:draft_vocab_size].sort().values  # the draft vocabulary, as target ids
+    weights = {
+        "fc.weight": rand(H, H * len(ids)),
+        p + "input_layernorm.weight": norm(H), p + "hidden_norm.weight": norm(H),
+        p + "self_attn.q_proj.weight": rand(heads * D, 2 * H), p + "self_attn.k_proj.weight": rand(kv * D, 2 * H),
+        p + "self_attn.v_proj.weight": rand(kv * D, 2 * H), p + "self_attn.o_proj.weight": rand(H, heads * D),
+        p + "post_attention_layernorm.weight": norm(H),
+        p + "mlp.gate_proj.weight": rand(I, H), p + "mlp.up_proj.weight": rand(I, H), p + "mlp.down_proj.weight": rand(H, I),
+        "norm.weight": norm(H),
+        "lm_head.weight": rand(draft_vocab_size, H),
+        "d2t": hot - torch.arange(draft_vocab_size),
+        "t2d": torch.zeros(V, dtype=torch.bool).index_fill_(0, hot, True),
+    }  # fmt: skip
+    if own_embedding:
+        weights["embed_tokens.weight"] = rand(V, H)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({n: t.contiguous() for n, t in weights.items()}, str(out / "model.safetensors"))
+    config = {
+        "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_size": H, "intermediate_size": I,
+        "num_hidden_layers": 1, "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": D,
+        "rms_norm_eps": cfg.get("rms_norm_eps", 1e-6), "rope_theta": cfg.get("rope_theta", 10000.0),
+        "max_position_embeddings": cfg.get("max_position_embeddings", 4096), "vocab_size": V,
+        "draft_vocab_size": draft_vocab_size, "target_hidden_size": H, "tie_word_embeddings": False,
+        "hidden_act": "silu", "torch_dtype": "float32", "eagle_config": {"eagle_aux_hidden_state_layer_ids": ids},
+    }  # fmt: skip
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for f in target.iterdir():  # the tokenizer: the draft reads the target's text
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy(f, out / f.name)
+    return out

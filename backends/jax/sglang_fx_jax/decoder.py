@@ -143,9 +143,10 @@ class Decoder:
     # --- the step --------------------------------------------------------------------------------
 
     def body(self, w: dict, k_pools: tuple[jax.Array, ...], v_pools: tuple[jax.Array, ...] | None, input_ids: jax.Array,
-             positions: jax.Array, inputs: Inputs) -> tuple[jax.Array, jax.Array, jax.Array | None]:  # fmt: skip
+             positions: jax.Array, inputs: Inputs, capture: tuple[int, ...] = ()) -> tuple:  # fmt: skip
         """input_ids, positions [T] (padded); pools: every layer's [S, Hkv, D] pool (read only).
-        Returns (hidden [T, H] before the final norm, k [layers, T, Hkv, D], v likewise or None)."""
+        Returns (hidden [T, H] before the final norm, k [layers, T, Hkv, D], v likewise or None),
+        and with `capture` (static; unrolled layers only) the inputs of those layers, [T, H * n] float32."""
         x, cos, sin = self.start(w, input_ids, positions)
         reads = [pool_reader(k_pools[i], None if v_pools is None else v_pools[i]) for i in range(self.spec.num_layers)]
 
@@ -153,13 +154,16 @@ class Decoder:
             x, k, v = self._layer(p, read, x, cos, sin, inputs, moe_layer)
             return x, (k, v)
 
-        new_k, new_v = [], []
+        new_k, new_v, taken = [], [], []
         if not self.scan:
             for i, p in enumerate(w["layers"]):
+                if i in capture:
+                    taken.append(x.astype(jnp.float32))
                 x, (k, v) = layer(x, p, reads[i], self.spec.is_moe_layer(i))
                 new_k.append(k)
                 new_v.append(v)
-            return x, jnp.stack(new_k), None if v_pools is None else jnp.stack(new_v)
+            out = x, jnp.stack(new_k), None if v_pools is None else jnp.stack(new_v)
+            return (*out, jnp.concatenate(taken, axis=1)) if capture else out
         for seg, lw in zip(self.segments, w["layers"]):
             mine = reads[seg.start : seg.stop]
 

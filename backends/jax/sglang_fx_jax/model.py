@@ -29,14 +29,16 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 
 from sglang_fx import buckets
 from sglang_fx.checkpoint import ModelSpec
+from sglang_fx.eagle3 import check_capture
 from sglang_fx.errors import UnsupportedConfigError
 from sglang_fx.metadata import ForwardMetadata
 from sglang_fx.sharding import Shard
@@ -60,7 +62,7 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": llama_family,
     "LlamaForCausalLM": llama_family,
     "DeepseekV3ForCausalLM": deepseek_v3,
-}
+}  # and the EAGLE3 draft: llama_eagle3.JaxEagle3 (plugin.sglang_fx_make_runner)
 
 #: The "moe" option -> `layers.moe`'s gather argument.
 MOE = {"auto": None, "dense": False, "gather": True}
@@ -106,10 +108,28 @@ class JaxRunner:
         self._start = self.placement.jit(self.decoder.start, sharded=(0,))
         self._layer = {kind: self.placement.jit(functools.partial(self.decoder.layer, moe_layer=kind), sharded=(0, 1, 2, 3, 4, 5))
                        for kind in (False, True)}  # fmt: skip
+        self._capturing: dict[tuple[int, ...], object] = {}  # capture -> the body returning those layers' inputs too
         self._buckets: set[tuple] = set()  # the body's shape buckets run so far
         self._first = True
 
     def forward(self, input_ids: torch.Tensor, meta: ForwardMetadata, cache: JaxKVCache) -> torch.Tensor:
+        return self._forward(input_ids, meta, cache, ())[0]
+
+    def forward_hidden(self, input_ids: torch.Tensor, meta: ForwardMetadata, cache: JaxKVCache, *, capture: Sequence[int] = (),
+                       hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """spi.ModelRunner.forward_hidden of a target model: the logits and the captured layers'
+        inputs. One process with unrolled layers (the defaults): under TP or layers=scan, capture
+        is refused."""
+        if hidden is not None:
+            raise ValueError(f"hidden was given to a {self.spec.architecture} target; only an EAGLE3 draft takes hidden states")
+        check_capture(capture, self.spec.num_layers)
+        if capture and (self.decoder.scan or self.shard.parallel.tp_size > 1):
+            raise UnsupportedConfigError("jax backend: capturing hidden states (EAGLE3) needs layers=unroll (the default) and "
+                                         "tp_size 1")  # fmt: skip
+        return self._forward(input_ids, meta, cache, tuple(capture))
+
+    def _forward(self, input_ids: torch.Tensor, meta: ForwardMetadata, cache: JaxKVCache, capture: tuple[int, ...]):
+        """(logits [N, V], the captured layers' inputs [T, H * len(capture)] float32 or None)."""
         if self._first:
             self._first = False
             if self.precompile is not None:
@@ -123,11 +143,15 @@ class JaxRunner:
         rows = _pad(meta.logits_indices, buckets.power_of_two(len(meta.logits_indices)))
         p, start = self.placement, time.perf_counter()
         if batch is None and self.layered:
-            hidden, k, v = self._layers(cache, p.replicate(ids), p.replicate(positions), p.replicate(inputs))
+            hidden, k, v, taken = self._layers(cache, p.replicate(ids), p.replicate(positions), p.replicate(inputs), capture)
             k, v = [p.local(x)[:T] for x in k], None if v is None else [p.local(x)[:T] for x in v]
         else:
-            hidden, k, v = self._body(self.weights, *p.pools(cache), p.replicate(ids), p.replicate(positions), p.replicate(inputs))
+            if capture and capture not in self._capturing:
+                self._capturing[capture] = p.jit(functools.partial(self.decoder.body, capture=capture), sharded=(0, 1, 2))
+            body = self._capturing[capture] if capture else self._body
+            hidden, k, v, *taken = body(self.weights, *p.pools(cache), p.replicate(ids), p.replicate(positions), p.replicate(inputs))
             k, v = p.local(k)[:, :T], None if v is None else p.local(v)[:, :T]
+            taken = taken[0] if taken else None
         logits = self._head(self.weights, hidden, p.replicate(rows))
         cache.write_layers(slots, k, v)
         out = p.local(logits)[:wanted]
@@ -137,18 +161,21 @@ class JaxRunner:
             self._buckets.add(bucket)
             logger.info("sglang-fx jax: %s step of %d tokens compiled and ran in %.1f s (bucket %s)", kind, T,
                         time.perf_counter() - start, bucket)  # fmt: skip
-        return out
+        return out, None if taken is None else p.local(taken)[:T]
 
-    def _layers(self, cache: JaxKVCache, ids, positions, inputs) -> tuple:
-        """A layered step: (hidden, every layer's new K, every layer's new V or None), per rank."""
+    def _layers(self, cache: JaxKVCache, ids, positions, inputs, capture: tuple[int, ...] = ()) -> tuple:
+        """A layered step: (hidden, every layer's new K, every layer's new V or None, the `capture`
+        layers' inputs [tokens, H * n] float32 or None), per rank."""
         k_pools, v_pools = self.placement.pools(cache)
         x, cos, sin = self._start(self.weights, ids, positions)
-        ks, vs = [], []
+        ks, vs, taken = [], [], []
         for i, w in enumerate(self.weights["layers"]):
+            if i in capture:
+                taken.append(x)
             x, k, v = self._layer[self.spec.is_moe_layer(i)](w, k_pools[i], None if v_pools is None else v_pools[i], x, cos, sin, inputs)
             ks.append(k)
             vs.append(v)
-        return x, ks, None if v_pools is None else vs
+        return x, ks, None if v_pools is None else vs, _concat(taken) if taken else None
 
     def apply_linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """The optional probe of spi.ModelRunner: the linear `name` (HF module name) as this runner
@@ -171,6 +198,7 @@ class JaxRunner:
 
 
 _linear = jax.jit(linear)  # `apply_linear`, compiled per shape as the step is
+_concat = jax.jit(lambda xs: jnp.concatenate(xs, axis=1).astype(jnp.float32))  # captured layer inputs -> [T, H * n]
 
 
 def _pad(t: torch.Tensor, n: int) -> np.ndarray:

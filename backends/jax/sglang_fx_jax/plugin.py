@@ -16,7 +16,7 @@ from sglang_fx.quant import W8A8_INT8
 from sglang_fx.spi import BackendInfo
 
 NAME = "jax"
-SPI = "1.3"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
+SPI = "1.4"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
 JAX_VERSION = "0.7.1"
 INSTALL = f"pip install jax=={JAX_VERSION} jaxlib=={JAX_VERSION} 'numpy<2'"
 FLOATS = frozenset({"float32", "bfloat16", "float16"})
@@ -26,12 +26,13 @@ CAPABILITIES = Capabilities(
     # one the conformance suite checks against transformers.
     dtypes={"cpu": FLOATS},
     architectures=frozenset({"Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM",
-                             "DeepseekV3ForCausalLM"}),  # fmt: skip
+                             "DeepseekV3ForCausalLM", "LlamaForCausalLMEagle3"}),  # fmt: skip
     page_sizes=None,
     features=frozenset({"prefix_cache", "jit", "all_token_logits"}),
     parallelism=frozenset({"tp", "ep"}),
     verify=frozenset({"tree"}),  # speculative verify steps, any draft tree (attention.py's row_tree)
     quantization=frozenset({W8A8_INT8}),  # int8 weights in device memory, int8 x int8 -> int32 products (layers.linear)
+    eagle3=True,  # JaxRunner.forward_hidden captures (one process, unrolled layers); llama_eagle3.py is the draft
     options={
         "decode_batches": "batch sizes of the decode programs, e.g. 1,2,4,8, or none (decode runs as extend steps)",
         "precompile": "programs to compile at the first step instead of on first use: none (default), all "
@@ -102,4 +103,8 @@ def sglang_fx_make_attention(spec, layout, device):
 def sglang_fx_make_runner(spec, weights, options):
     from .model import JaxRunner
 
+    if spec.eagle3 is not None:
+        from .llama_eagle3 import JaxEagle3
+
+        return JaxEagle3(spec, weights, options)
     return JaxRunner(spec, weights, options)

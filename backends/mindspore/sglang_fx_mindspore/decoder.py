@@ -57,6 +57,10 @@ class Decoder(nn.Cell):
 
     # --- what a model file supplies -----------------------------------------------------------
 
+    #: Inputs of `construct` beyond the step's, declared dynamic in the graph for any step
+    #: (name -> MindSpore Tensor placeholder): none here; the EAGLE3 draft adds its hidden states.
+    dynamic_inputs: dict = {}
+
     @staticmethod
     def attention_spec(spec: ModelSpec) -> AttentionSpec:
         raise NotImplementedError
@@ -156,19 +160,23 @@ class Decoder(nn.Cell):
         return w, rows
 
     def construct(self, keys, values, kv_store, input_ids, positions, logits_indices, slots, attn_inputs, attn_variant,
-                  gather_experts, few_tokens):  # fmt: skip
+                  gather_experts, few_tokens, capture=()):  # fmt: skip
         """keys/values: the pool views the attention reads (its `cache_views`; values None without
         V); kv_store: the cache's [S, *shape] views (`MindSporeKVCache.slot_views`: keys and, with V,
         `values`), where this step's K/V go at `slots` [T] int64. gather_experts: how MoE layers
         compute (`layers.gathers_experts`); few_tokens: RoPE by per-token rotation matrices
         (`layers.rope_rotations`). Like attn_variant, both are Python constants that pick a path
-        of the graph."""
+        of the graph, and so is capture: the layers whose input is also returned (EAGLE3,
+        `spi.ModelRunner.forward_hidden`), as (logits, [T, H * len(capture)] float32)."""
         embed, head, (inv_freq, p, r), layers = self.params
         cos, sin = rope_angles(positions, inv_freq, embed.dtype)
         rot = (rope_rotations(cos, sin, p, r),) if few_tokens else (cos, sin, p, r)
         x = self.embed(embed, input_ids)  # [T, H]
         comm = self.comm
+        taken = []
         for i in range(self.num_layers):
+            if i in capture:
+                taken.append(cast(x, ms.float32))
             attn_w, mlp_w, norms = layers[i]  # norms (): their weights are folded into attn_w and mlp_w (but an MoE layer's)
             v_pool = values[i] if self.has_values else None
             kv = (i, keys[i], v_pool, kv_store, slots, attn_inputs, attn_variant)
@@ -179,7 +187,8 @@ class Decoder(nn.Cell):
                 x = x + comm.all_reduce(mlp(rms_norm(x, norms[1] if self.unfolded else None, self.eps), *mlp_w))
         x = rms_norm(ops.gather(x, logits_indices, 0), head[1] if len(head) > 1 else None, self.eps)  # [N, H]
         logits = comm.gather_columns(cast(linear(x, head[0]), ms.float32))  # [N, tp * ceil(V / tp)]
-        return logits if comm.size == 1 else logits[:, : self.spec.vocab_size]  # [N, V]
+        logits = logits if comm.size == 1 else logits[:, : self.spec.vocab_size]  # [N, V]
+        return (logits, ops.cat(taken, 1)) if capture else logits
 
     def embed(self, table: Tensor, input_ids: Tensor) -> Tensor:
         """input_ids [T] int32 -> [T, H]. Under TP the table holds this rank's vocabulary rows:

@@ -23,14 +23,15 @@ import functools
 import logging
 import time
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import mindspore as ms
 import torch
 from mindspore import Tensor, enable_dynamic
 
 from sglang_fx import buckets
-from sglang_fx.checkpoint import ModelSpec
+from sglang_fx.checkpoint import EAGLE3_ARCH, ModelSpec
+from sglang_fx.eagle3 import check_capture, check_draft_hidden, refuse_plain_forward
 from sglang_fx.errors import UnsupportedConfigError
 from sglang_fx.kv_pool import KVLayout
 from sglang_fx.metadata import ForwardMetadata, ForwardMode
@@ -47,6 +48,7 @@ from .kernels import parameters
 from .kv_cache import MindSporeKVCache
 from .layers import gathers_experts, linear
 from .llama import LlamaFamily
+from .llama_eagle3 import LlamaEagle3
 from .pieces import split
 from .plugin import CAPABILITIES
 from .runtime import DEVICE_TARGETS, ms_dtype
@@ -66,6 +68,7 @@ ARCHITECTURES: dict[str, type[Decoder]] = {
     "Qwen2ForCausalLM": LlamaFamily,
     "LlamaForCausalLM": LlamaFamily,
     "DeepseekV3ForCausalLM": DeepseekV3,
+    EAGLE3_ARCH: LlamaEagle3,  # a draft: runs only through forward_hidden
 }
 
 
@@ -176,7 +179,8 @@ class MindSporeRunner:
         if batch is None:
             i32, i64 = ms.int32, ms.int64
             tokens = dict(input_ids=Tensor(shape=[None], dtype=i32), positions=Tensor(shape=[None], dtype=i64),
-                          logits_indices=Tensor(shape=[None], dtype=i32), slots=Tensor(shape=[None], dtype=i64))  # fmt: skip
+                          logits_indices=Tensor(shape=[None], dtype=i32), slots=Tensor(shape=[None], dtype=i64),
+                          **self.decoder.dynamic_inputs)  # fmt: skip
         return functools.partial(enable_dynamic(**tokens, attn_inputs=self.attn.signature(batch, variant))(ms.jit(step)), model)
 
     def _decode_batch(self, meta: ForwardMetadata) -> int | None:
@@ -208,12 +212,17 @@ class MindSporeRunner:
                 logger.info("sglang-fx mindspore: %s graph compiled in %.1f s%s", label, time.perf_counter() - start,
                             f" (compile cache: {store.state})" if store is not None else "")  # fmt: skip
 
-    def forward(self, input_ids: torch.Tensor, meta: ForwardMetadata, cache: MindSporeKVCache) -> torch.Tensor:
+    def _ready(self, meta: ForwardMetadata, cache: MindSporeKVCache) -> None:
         if cache.layout != self.layout:
             first = self.layout is None
             self._bind(cache.layout)
-            if first and self.precompile is not None:
+            if first and self.precompile is not None and self.spec.eagle3 is None:  # a draft compiles on first use
                 self._compile_ahead(cache, meta.positions.device)
+
+    def forward(self, input_ids: torch.Tensor, meta: ForwardMetadata, cache: MindSporeKVCache) -> torch.Tensor:
+        if self.spec.eagle3 is not None:
+            raise refuse_plain_forward(self.spec)
+        self._ready(meta, cache)
         wanted, batch = len(meta.logits_indices), self._decode_batch(meta)
         # A VERIFY step is never split: its draft tokens' tree mask spans the sequence's new tokens.
         if batch is None and self.attn.pads_scores and meta.mode is not ForwardMode.VERIFY:
@@ -227,8 +236,33 @@ class MindSporeRunner:
                 return out
         return self._run(input_ids, meta, cache, batch)[:wanted]
 
-    def _run(self, input_ids: torch.Tensor, meta: ForwardMetadata, cache: MindSporeKVCache, batch: int | None) -> torch.Tensor:
-        """One step on the graph for `batch` (None: the dynamic graph) -> logits [>= N, V] float32."""
+    def forward_hidden(self, input_ids: torch.Tensor, meta: ForwardMetadata, cache: MindSporeKVCache, *,
+                       capture: Sequence[int] = (), hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """spi.ModelRunner.forward_hidden: a target's step returning its `capture` layers' inputs, or
+        the EAGLE3 draft's step on `hidden`. Never split into pieces (the hidden rows span the step)."""
+        T = meta.num_tokens
+        if self.spec.eagle3 is not None:
+            project = check_draft_hidden(self.spec, hidden, T, capture)
+            extra = (hidden.float(), project)
+        else:
+            if hidden is not None:
+                raise ValueError(f"hidden was given to a {self.spec.architecture} target; only an EAGLE3 draft takes hidden states")
+            check_capture(capture, self.spec.num_layers)
+            extra = (tuple(capture),) if capture else ()
+        self._ready(meta, cache)
+        out = self._run(input_ids, meta, cache, self._decode_batch(meta), extra)
+        logits, taken = out if extra else (out, None)
+        return logits[: len(meta.logits_indices)], None if taken is None else taken[:T]
+
+    def _run(self, input_ids: torch.Tensor, meta: ForwardMetadata, cache: MindSporeKVCache, batch: int | None,
+             extra: tuple = ()):  # fmt: skip
+        """One step on the graph for `batch` (None: the dynamic graph) -> logits [>= N, V] float32.
+        extra: the trailing `construct` inputs of forward_hidden (a target's capture, or the draft's
+        hidden [T, W] float32 torch and whether fc projects it); then (logits, hidden [>= T, ...])."""
+        if extra and not isinstance(extra[0], tuple):  # the draft's hidden rows, padded like the tokens
+            pad = (batch - meta.batch_size) if batch is not None else 0
+            hidden = torch.cat([extra[0], extra[0][-1:].expand(pad, -1)]) if pad > 0 else extra[0]
+            extra = (self.exchange.from_torch(hidden.contiguous()), extra[1])
         if batch is not None:
             meta, input_ids = meta.padded_decode(input_ids, batch)
         self.attn.plan(meta)
@@ -238,5 +272,7 @@ class MindSporeRunner:
         # Gather indices as int32: MindSpore's CPU Gather casts int64 indices with a kernel of its own.
         ids, logits_indices = input_ids.to(torch.int32), meta.logits_indices.to(torch.int32)
         out = self._step(batch, keys, values, cache.slot_views, ex(ids), ex(meta.positions), ex(logits_indices),
-                         ex(meta.out_cache_loc), self.attn.inputs, self.attn.variant, gather_experts, batch is not None)  # fmt: skip
+                         ex(meta.out_cache_loc), self.attn.inputs, self.attn.variant, gather_experts, batch is not None, *extra)  # fmt: skip
+        if isinstance(out, tuple):
+            return tuple(self.exchange.output_to_torch(o) for o in out)
         return self.exchange.output_to_torch(out)

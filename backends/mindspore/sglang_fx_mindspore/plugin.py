@@ -21,7 +21,7 @@ KNOWN_GAPS = {"w8a8/greedy/DeepseekV3ForCausalLM": "one activation 1.9e-6 from a
               "fake-quantized transformers (float summation order); greedy parts at step 7"}  # fmt: skip
 
 NAME = "mindspore"
-SPI = "1.3"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
+SPI = "1.4"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
 INSTALL = "pip install mindspore==2.10.0 'numpy<2' (CPU; for Ascend or GPU, the MindSpore build for that device)"
 
 CAPABILITIES = Capabilities(
@@ -34,7 +34,7 @@ CAPABILITIES = Capabilities(
     },
     # The keys of model.ARCHITECTURES (not imported here: that imports MindSpore).
     architectures=frozenset({"Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM",
-                             "DeepseekV3ForCausalLM"}),
+                             "DeepseekV3ForCausalLM", "LlamaForCausalLMEagle3"}),
     page_sizes=None,
     features=frozenset({"prefix_cache", "jit", "all_token_logits"}),
     # MindSpore's own collectives inside the step's graph: mccl on CPU, HCCL on Ascend
@@ -44,6 +44,7 @@ CAPABILITIES = Capabilities(
     # int8 weights kept int8; the int8 product by the device's kernels (int8.py: Ascend's QuantBatchMatmul;
     # elsewhere, MindSpore's CPU having no int8 x int8 -> int32 matmul, an exact float32 or int32 MatMul)
     quantization=frozenset({W8A8_INT8}),
+    eagle3=True,  # Decoder.construct's capture; llama_eagle3.py is the draft (model.MindSporeRunner.forward_hidden)
     options={
         "mode": "jit (default): the step as compiled graphs; pynative: op by op",
         "decode_batches": "batch sizes of the decode graphs, e.g. 1,2,4,8, or none (jit only)",

@@ -4,12 +4,13 @@ A model file supplies its attention block, its RoPE and its AttentionSpec."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 from sglang_fx.checkpoint import ModelSpec
+from sglang_fx.eagle3 import check_capture
 from sglang_fx.metadata import ForwardMetadata
 from sglang_fx.spi import AttentionSpec
 
@@ -27,11 +28,25 @@ class Decoder:
         self.attn = NumpyPagedAttention(attn_spec)
 
     def forward(self, input_ids: torch.Tensor, meta: ForwardMetadata, cache: NumpyKVCache) -> torch.Tensor:
+        return self._step(input_ids, meta, cache, ())[0]
+
+    def forward_hidden(self, input_ids: torch.Tensor, meta: ForwardMetadata, cache: NumpyKVCache, *, capture: Sequence[int] = (),
+                       hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """spi.ModelRunner.forward_hidden of a target model: the logits and the captured layers' inputs."""
+        if hidden is not None:
+            raise ValueError(f"hidden was given to a {self.spec.architecture} target; only an EAGLE3 draft takes hidden states")
+        check_capture(capture, self.spec.num_layers)
+        return self._step(input_ids, meta, cache, tuple(capture))
+
+    def _step(self, input_ids: torch.Tensor, meta: ForwardMetadata, cache: NumpyKVCache, capture: tuple[int, ...]):
         s, w, eps = self.spec, self.w, self.spec.rms_norm_eps
         x = w["model.embed_tokens.weight"][input_ids.numpy()]  # [T, H]
         cos, sin = self.rope.angles(meta.positions.numpy(), x.dtype)
         self.attn.plan(meta)
+        taken = []  # the residual stream entering each captured layer
         for i in range(s.num_layers):
+            if i in capture:
+                taken.append(x.astype(np.float32))
             p = f"model.layers.{i}."
             h = rms_norm(x, w[p + "input_layernorm.weight"], eps)
             x = x + self.block(s, w, p + "self_attn.", i, h, self.rope, cos, sin, self.attn, cache)
@@ -39,7 +54,8 @@ class Decoder:
             x = x + (moe(s.moe, w, p + "mlp.", h) if s.is_moe_layer(i) else mlp(w, p + "mlp.", h))
         x = rms_norm(x[meta.logits_indices.numpy()], w["model.norm.weight"], eps)  # [N, H]
         logits = linear(x, w["lm_head.weight"]).astype(np.float32)  # [N, V]
-        return torch.from_numpy(logits)  # an ordinary tensor the caller owns (SGLang's sampler writes into it)
+        hidden = torch.from_numpy(np.concatenate(taken, axis=1)) if taken else None  # [T, H * n]
+        return torch.from_numpy(logits), hidden  # ordinary tensors the caller owns (SGLang's sampler writes into logits)
 
     def apply_linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """The optional probe of spi.ModelRunner: linear `name` on x [T, in] -> float32 [T, out]."""

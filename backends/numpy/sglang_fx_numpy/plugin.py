@@ -11,7 +11,7 @@ import numpy as np
 
 from sglang_fx import hookimpl
 from sglang_fx.capabilities import Capabilities
-from sglang_fx.checkpoint import ARCHITECTURES
+from sglang_fx.checkpoint import ARCHITECTURES, EAGLE3_ARCH
 from sglang_fx.errors import UnsupportedConfigError
 from sglang_fx.quant import W8A8_INT8
 from sglang_fx.spi import BackendInfo
@@ -22,6 +22,7 @@ from .exchange import NumpyExchange
 from .kv_cache import NumpyKVCache
 from .layers import int8_weights
 from .llama import llama_family
+from .llama_eagle3 import LlamaEagle3
 
 #: The tiny DeepSeek-V3 at W8A8 has an activation 1.9e-6 from a rounding tie (token 10 of the first
 #: prompt): float32 sums in transformers' order and in ours round it apart, and 32 greedy steps of
@@ -30,15 +31,16 @@ KNOWN_GAPS = {"w8a8/greedy/DeepseekV3ForCausalLM": "one activation 1.9e-6 from a
               "fake-quantized transformers (float summation order); greedy parts at step 7"}  # fmt: skip
 
 NAME = "numpy"
-SPI = "1.3"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
+SPI = "1.4"  # the sglang-fx SPI version this backend is written for (sglang_fx.spi.SPI_VERSION)
 
 CAPABILITIES = Capabilities(
     dtypes={"cpu": frozenset({"float32", "float16"})},  # NumPy has no bfloat16
-    architectures=frozenset(ARCHITECTURES),
+    architectures=frozenset(ARCHITECTURES) | {EAGLE3_ARCH},
     page_sizes=None,  # any
     features=frozenset({"prefix_cache", "all_token_logits"}),
     verify=frozenset({"tree"}),  # speculative verify steps, any draft tree (attention.py)
     quantization=frozenset({W8A8_INT8}),  # int8 weights, int32 products (layers.linear)
+    eagle3=True,  # Decoder.forward_hidden captures; llama_eagle3.py is the draft
 )
 
 
@@ -69,5 +71,7 @@ def sglang_fx_make_runner(spec, weights, options):
         raise UnsupportedConfigError(f"{NAME} backend takes no options, got {sorted(options.extra)}")
     exchange = NumpyExchange()
     arrays = {name: exchange.from_torch(t) for name, t in weights.items()}  # aliases, no copy
+    if spec.eagle3 is not None:
+        return LlamaEagle3(spec, arrays)
     build = deepseek_v3 if spec.mla is not None else llama_family
     return build(spec, int8_weights(spec, arrays))

@@ -9,13 +9,14 @@ vocabulary-parallel embedding's all-reduce, one all-reduce after each attention 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from sglang_fx.checkpoint import ModelSpec
+from sglang_fx.eagle3 import check_capture
 from sglang_fx.metadata import ForwardMetadata
 from sglang_fx.sharding import Shard
 from sglang_fx.spi import AttentionSpec, KVCache
@@ -49,18 +50,32 @@ class Decoder:
             mlp = MoE(spec.moe, w, p + "mlp.", shard.experts) if spec.is_moe_layer(i) else MLP.from_weights(w, p + "mlp.")
             self.layers.append((w[p + "input_layernorm.weight"], block(spec, w, p + "self_attn."), w[p + "post_attention_layernorm.weight"], mlp))
 
-    @torch.no_grad()  # not inference_mode: see ModelRunner.forward's contract
     def forward(self, input_ids: torch.Tensor, meta: ForwardMetadata, cache: KVCache) -> torch.Tensor:
+        return self._step(input_ids, meta, cache, ())[0]
+
+    def forward_hidden(self, input_ids: torch.Tensor, meta: ForwardMetadata, cache: KVCache, *, capture: Sequence[int] = (),
+                       hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """spi.ModelRunner.forward_hidden of a target model: the logits and the captured layers' inputs."""
+        if hidden is not None:
+            raise ValueError(f"hidden was given to a {self.spec.architecture} target; only an EAGLE3 draft takes hidden states")
+        check_capture(capture, self.spec.num_layers)
+        return self._step(input_ids, meta, cache, tuple(capture))
+
+    @torch.no_grad()  # not inference_mode: see ModelRunner.forward's contract
+    def _step(self, input_ids: torch.Tensor, meta: ForwardMetadata, cache: KVCache, capture: tuple[int, ...]):
         eps = self.spec.rms_norm_eps
         cos, sin = self.rope.angles(meta.positions, self.spec.dtype)
         self.attn.plan(meta)
         x = self.embed_tokens(input_ids)  # [T, H]
+        taken = []  # the residual stream entering each captured layer, [T, H] float32
         for i, (ln1, block, ln2, mlp) in enumerate(self.layers):
+            if i in capture:
+                taken.append(x.float())
             x = x + self.comm.all_reduce(block(i, rms_norm(x, ln1, eps), self.rope, cos, sin, self.attn, cache))
             x = x + self.comm.all_reduce(mlp(rms_norm(x, ln2, eps)))
         x = rms_norm(x[meta.logits_indices], self.norm, eps)  # [N, H]
         logits = self.comm.all_gather_rows(F.linear(x, self.lm_head))  # [N, tp * ceil(V / tp)]
-        return logits[:, : self.spec.vocab_size].float()  # [N, V]
+        return logits[:, : self.spec.vocab_size].float(), torch.cat(taken, dim=1) if taken else None  # [N, V], [T, H * n]
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[T] -> [T, H]. Tokens outside this rank's vocabulary rows embed as zeros; the sum over
