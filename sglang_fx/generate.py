@@ -22,6 +22,10 @@ from .sharding import Shard
 from .spi import RunnerOptions
 
 
+#: A target's tensors an EAGLE3 draft may share (`eagle3.draft_weights`).
+SHAREABLE = ("model.embed_tokens.weight", "lm_head.weight")
+
+
 class Session:
     """A model loaded by one backend, with its own KV pool.
 
@@ -57,7 +61,10 @@ class Session:
             if target is None:
                 raise ValueError(f"{model_path} is an EAGLE3 draft; give its target's Session (target=...)")
             weights = draft_weights(self.spec, weights, target.weights)
-        self.weights = weights
+        # What an EAGLE3 draft may share with this Session as its target (embedding, head), or a
+        # draft's own weights; a target keeps no others, which are the runner's to keep or drop
+        # (holding all of them kept the checkpoint's unfused tensors alive: +270 MB on SmolLM2).
+        self.weights = weights if self.spec.eagle3 is not None else {k: weights[k] for k in SHAREABLE if k in weights}
         self.layout = layout_for(shard.local, num_pages=-(-max_total_tokens // page_size), page_size=page_size)
         self.device = device
         self.pool = PagedKVPool(self.layout, device)
