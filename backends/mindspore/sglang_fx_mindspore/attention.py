@@ -114,8 +114,7 @@ def portable_inputs(meta: ForwardMetadata, num_heads: int, num_kv_heads: int) ->
     ext, prefix = meta.extend_lens.long(), meta.prefix_lens.long()
     starts = ext.cumsum(0) - ext  # [B] first row of each sequence
     head = torch.arange(Hq, device=dev).view(Hkv, 1, G)  # [Hkv, 1, G]
-    groups, bases = [], []  # bases: the first row of each group's output in the stack
-    base = 0
+    groups, counts = [], []  # counts: each group's new-token rows E_i
     for first in range(0, E, size):
         e = torch.arange(first, min(E, first + size), device=dev)  # this group's new-token rows
         query_pos = (prefix[:, None] + e[None, :]).repeat_interleave(G, dim=1)  # [B, R_i]; padding rows see a superset
@@ -129,14 +128,15 @@ def portable_inputs(meta: ForwardMetadata, num_heads: int, num_kv_heads: int) ->
         q_rows = torch.where(e[None, :] < ext[:, None], starts[:, None] + e[None, :], 0)  # [B, E_i], padding -> 0
         q_index = (q_rows[:, None, :, None] * Hq + head).reshape(B, Hkv, len(e) * G)
         groups.append((q_index.to(i32), kv_index[:, :, :width].contiguous(), bias))
-        bases.append(base)
-        base += B * Hkv * len(e) * G
+        counts.append(len(e))
     seq = torch.repeat_interleave(torch.arange(B, device=dev), ext, output_size=T)  # [T]
     e_of_row = torch.arange(T, device=dev) - starts[seq]
     group, e_in = e_of_row // size, e_of_row % size
-    rows = torch.tensor([min(size, E - first) for first in range(0, E, size)], device=dev)[group]  # E_i of each token's group
+    counts_t = torch.tensor(counts, device=dev)
+    bases = B * Hkv * G * (counts_t.cumsum(0) - counts_t)  # each group's first row in the stack of outputs
+    rows = counts_t[group]  # E_i of each token's group
     h = torch.arange(Hq, device=dev)
-    out_index = torch.tensor(bases, device=dev)[group][:, None] + ((seq[:, None] * Hkv + h // G) * rows[:, None] + e_in[:, None]) * G + h % G
+    out_index = bases[group][:, None] + ((seq[:, None] * Hkv + h // G) * rows[:, None] + e_in[:, None]) * G + h % G
     return PortableInputs(CAUSAL if causal else GENERAL, tuple(groups), out_index.to(i32))
 
 
