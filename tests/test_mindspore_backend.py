@@ -26,13 +26,13 @@ from sglang_fx.registry import load_backend  # noqa: E402
 from sglang_fx.spi import AttentionSpec, RunnerOptions  # noqa: E402
 from sglang_fx_mindspore import plugin  # noqa: E402
 from sglang_fx_mindspore.attention import (  # noqa: E402
-    CAUSAL,
     DECODE,
     FLASH,
     GENERAL,
     MASK_VALUE,
     ONE_TOKEN,
     PAGED_EXTEND,
+    QUERY_GROUPS,
     ascend_inputs,
     flash_causal_mask,
 )
@@ -442,7 +442,7 @@ def test_logits_match_transformers_with_prefix_hits(hf, arch, page_size):
 
     first, _ = s.new_sequence(PROMPT)
     got = s.forward([first], [PROMPT], logits="all")
-    assert s.runner.attn.variant == CAUSAL  # 150 new tokens: the causal query groups, in the jit graph
+    assert s.runner.attn.variant == GENERAL and len(s.runner.attn.inputs) == 3 * QUERY_GROUPS + 1  # query groups, jit
     worst = (got - expected(PROMPT)).abs().max().item()
 
     hit = PROMPT[:140] + [7, 8, 9, 10, 11, 12]  # shares 140 (page 1) or 128 (pages 16/128) tokens
@@ -512,9 +512,9 @@ def test_precompile_compiles_before_the_first_step_and_changes_no_token(tiny, ca
     with caplog.at_level(logging.INFO, logger="sglang_fx_mindspore.model"):
         first = ahead.generate(prompts[:1], 8)
     compiled = [r.getMessage().split(" graph compiled in")[0] for r in caplog.records if "graph compiled in" in r.getMessage()]
-    want = ["prefill", "prefill (causal query groups)"] + (["prefill (dense experts)"] if arch == "qwen3_moe" else [])
+    want = ["prefill"] + (["prefill (dense experts)"] if arch == "qwen3_moe" else [])
     assert compiled == [f"sglang-fx mindspore: {label}" for label in want + ["decode batch 1", "decode batch 4"]]
-    graphs = [(1, ONE_TOKEN), (4, ONE_TOKEN), (None, GENERAL), (None, CAUSAL)]
+    graphs = [(1, ONE_TOKEN), (4, ONE_TOKEN), (None, GENERAL)]  # one graph for every multi-token step
     assert sorted(ahead.runner._graphs, key=str) == sorted(graphs, key=str)
     rest = ahead.generate(prompts, 8)  # batch 3 runs the batch-4 graph: no new graph
     assert sorted(ahead.runner._graphs, key=str) == sorted(graphs, key=str)
@@ -551,8 +551,8 @@ def test_compile_cache_gives_a_restarted_process_the_same_graphs(tiny, tmp_path)
     plain, _ = run("none")
     cold, cold_states = run(cache)
     warm, warm_states = run(cache)
-    # prefill, prefill (causal query groups), decode batch 1 and 4
-    assert cold_states == ["cold"] * 4 and warm_states == ["warm"] * 4, (cold_states, warm_states)
+    # prefill, decode batch 1 and 4
+    assert cold_states == ["cold"] * 3 and warm_states == ["warm"] * 3, (cold_states, warm_states)
     assert cold["tokens"] == warm["tokens"] == plain["tokens"]
     assert cold["enabled"] == warm["enabled"] == "0"
 

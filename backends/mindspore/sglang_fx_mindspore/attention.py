@@ -38,17 +38,16 @@ from .runtime import Tier, choose_tier, ms_dtype
 _bmm, _bmm_t = ops.BatchMatMul(), ops.BatchMatMul(transpose_b=True)
 
 # Which portable kernel path a step runs (plain ints: jit-graph constants, one graph each).
-GENERAL = 0  # any mix of prefills, prefix hits and decodes
+GENERAL = 0  # any mix of prefills, prefix hits, draft-token verification and decodes: queries in groups
 ONE_TOKEN = 1  # every sequence has exactly one new token (decode): queries and outputs are plain
 #                reshapes, so the graph skips two gathers
-CAUSAL = 2  # an EXTEND step whose longest extend is at least CAUSAL_ROWS: queries in CAUSAL_GROUPS groups
 
-#: A long extend's queries run in this many groups of consecutive new tokens, each against only the
-#: keys its last query sees: on a prompt of E tokens, (1 + 2 + 3 + 4) / 16 = 62% of the score work
-#: of one E x E block, and each group's scores a quarter of that block's memory.
-CAUSAL_GROUPS = 4
-CAUSAL_ROWS = 128  # the least longest-extend that runs grouped (below, the extra kernels cost more)
-
+#: A GENERAL step's new-token rows run in this many groups of consecutive ones, each against only
+#: the keys its last query sees: on a prompt of E tokens, (1 + 2 + 3 + 4) / 16 = 62% of the score
+#: work of one E x E block, and each group's scores a quarter of that block's memory. Every
+#: multi-token step runs grouped, short ones too, so that one dynamic graph serves them all: a
+#: second one (ungrouped, for short extends) held about 230 MB more for SmolLM2 on CPU.
+QUERY_GROUPS = 4
 
 @dataclass(frozen=True)
 class PortableInputs:
@@ -58,7 +57,7 @@ class PortableInputs:
     into [B, Hkv, L, D]. Queries are padded per sequence to E rows, and each KV head's G query
     heads are stacked with them (R = E * G rows per KV head).
 
-    variant     GENERAL, ONE_TOKEN or CAUSAL.
+    variant     GENERAL or ONE_TOKEN.
     q_index     [B, Hkv, R] int32. Row of q.reshape(T * Hq, D) for (sequence, KV head, e * G + g).
     kv_index    [B, Hkv, L] int32. Row of the pool viewed as [S * Hkv, D] holding token j of
                 sequence b, KV head h (slot * Hkv + h), for j < seq_len_b; else 0 (masked).
@@ -70,10 +69,13 @@ class PortableInputs:
     the identity there): both are [1, ...] zero placeholders, not built. Indices are int32
     because MindSpore's CPU Gather casts int64 indices with an extra kernel.
 
-    CAUSAL steps split the E new-token rows into groups of consecutive ones (`groups`): group i
-    has its own q_index [B, Hkv, R_i], kv_index [B, Hkv, L_i] (the first L_i keys: those its last
-    query sees) and bias [B, Hkv, R_i, L_i]; the outputs of the groups are stacked in order, and
-    out_index is a row of that stack [sum_i B * Hkv * R_i, Dv]. The other variants are one group.
+    GENERAL steps split the E new-token rows into QUERY_GROUPS groups of S = ceil(E / QUERY_GROUPS)
+    consecutive rows (`groups`; rows past E are padding, so a short step's last groups may be
+    padding only): group i has its own q_index [B, Hkv, S * G], kv_index [B, Hkv, L_i] (the first
+    L_i keys: those its last query sees; all L in a VERIFY step, whose draft tokens see by their
+    tree mask) and bias [B, Hkv, S * G, L_i]; the outputs of the groups are stacked in order, and
+    out_index is a row of that stack [QUERY_GROUPS * B * Hkv * S * G, Dv]. ONE_TOKEN steps are
+    one group.
     """
 
     variant: int
@@ -109,35 +111,31 @@ def portable_inputs(meta: ForwardMetadata, num_heads: int, num_kv_heads: int) ->
         bias = bias[:, None, None, :].expand(B, Hkv, G, L).contiguous()
         unused = torch.zeros((1, Hkv, 1), dtype=i32, device=dev), torch.zeros((1, Hq), dtype=i32, device=dev)
         return PortableInputs(ONE_TOKEN, ((unused[0], kv_index, bias),), unused[1])
-    causal = meta.mode is not ForwardMode.VERIFY and E >= CAUSAL_ROWS
-    size = -(-E // CAUSAL_GROUPS) if causal else E  # new-token rows per group
+    S = -(-E // QUERY_GROUPS)  # new-token rows per group
     ext, prefix = meta.extend_lens.long(), meta.prefix_lens.long()
     starts = ext.cumsum(0) - ext  # [B] first row of each sequence
-    head = torch.arange(Hq, device=dev).view(Hkv, 1, G)  # [Hkv, 1, G]
-    groups, counts = [], []  # counts: each group's new-token rows E_i
-    for first in range(0, E, size):
-        e = torch.arange(first, min(E, first + size), device=dev)  # this group's new-token rows
-        query_pos = (prefix[:, None] + e[None, :]).repeat_interleave(G, dim=1)  # [B, R_i]; padding rows see a superset
-        # Keys the group's last real query sees (a group of only padding rows still reads one key).
-        width = max(1, max(min(p + first + size, n) for p, n in zip(meta.prefix_lens_cpu, meta.seq_lens_cpu))) if causal else L
-        hidden = j[:, None, None, :width] > query_pos[:, None, :, None]  # [B, 1, R_i, L_i]
-        if meta.mode is ForwardMode.VERIFY:  # draft tokens see the prefix and what their tree-mask row allows
-            for b, (n, length) in enumerate(zip(meta.extend_lens_cpu, meta.seq_lens_cpu)):
-                hidden[b, 0, : n * G, :length] = ~meta.visible(b).to(dev).repeat_interleave(G, dim=0)
-        bias = torch.zeros((B, Hkv, len(e) * G, width), dtype=torch.float32, device=dev).masked_fill_(hidden, float("-inf"))
-        q_rows = torch.where(e[None, :] < ext[:, None], starts[:, None] + e[None, :], 0)  # [B, E_i], padding -> 0
-        q_index = (q_rows[:, None, :, None] * Hq + head).reshape(B, Hkv, len(e) * G)
-        groups.append((q_index.to(i32), kv_index[:, :, :width].contiguous(), bias))
-        counts.append(len(e))
+    e = torch.arange(S * QUERY_GROUPS, device=dev)  # every group's new-token rows; those past E are padding
+    query_pos = (prefix[:, None] + e[None, :]).repeat_interleave(G, dim=1)  # [B, R]; padding rows see a superset
+    hidden = j[:, None, :] > query_pos[:, :, None]  # [B, R, L]
+    verify = meta.mode is ForwardMode.VERIFY
+    if verify:  # draft tokens see the prefix and what their tree-mask row allows
+        for b, (n, length) in enumerate(zip(meta.extend_lens_cpu, meta.seq_lens_cpu)):
+            hidden[b, : n * G, :length] = ~meta.visible(b).to(dev).repeat_interleave(G, dim=0)
+    q_rows = torch.where(e[None, :] < ext[:, None], starts[:, None] + e[None, :], 0)  # [B, S * groups], padding -> 0
+    q_index = (q_rows[:, None, :, None] * Hq + torch.arange(Hq, device=dev).view(Hkv, 1, G)).reshape(B, Hkv, -1).to(i32)
+    groups = []
+    for i in range(QUERY_GROUPS):
+        rows = slice(i * S * G, (i + 1) * S * G)
+        # Keys the group's last query sees (a group of only padding rows still reads one key).
+        width = L if verify else max(1, max(min(p + (i + 1) * S, n) for p, n in zip(meta.prefix_lens_cpu, meta.seq_lens_cpu)))
+        bias = torch.zeros((B, Hkv, S * G, width), dtype=torch.float32, device=dev).masked_fill_(hidden[:, None, rows, :width], float("-inf"))
+        groups.append((q_index[:, :, rows].contiguous(), kv_index[:, :, :width].contiguous(), bias))
     seq = torch.repeat_interleave(torch.arange(B, device=dev), ext, output_size=T)  # [T]
     e_of_row = torch.arange(T, device=dev) - starts[seq]
-    group, e_in = e_of_row // size, e_of_row % size
-    counts_t = torch.tensor(counts, device=dev)
-    bases = B * Hkv * G * (counts_t.cumsum(0) - counts_t)  # each group's first row in the stack of outputs
-    rows = counts_t[group]  # E_i of each token's group
+    group, e_in = e_of_row // S, e_of_row % S
     h = torch.arange(Hq, device=dev)
-    out_index = bases[group][:, None] + ((seq[:, None] * Hkv + h // G) * rows[:, None] + e_in[:, None]) * G + h % G
-    return PortableInputs(CAUSAL if causal else GENERAL, tuple(groups), out_index.to(i32))
+    out_index = B * Hkv * S * G * group[:, None] + ((seq[:, None] * Hkv + h // G) * S + e_in[:, None]) * G + h % G
+    return PortableInputs(GENERAL, tuple(groups), out_index.to(i32))
 
 
 class PortablePagedAttention(nn.Cell):
@@ -177,7 +175,7 @@ class PortablePagedAttention(nn.Cell):
             Tensor(shape=[batch, Hkv, R, None], dtype=ms.float32),  # bias [B, Hkv, R, L]
         )
         out_index = Tensor(shape=[None, Hq] if batch is None else [1, Hq], dtype=i32)  # [T, Hq]
-        return group * (CAUSAL_GROUPS if variant == CAUSAL else 1) + (out_index,)
+        return group * (QUERY_GROUPS if variant == GENERAL else 1) + (out_index,)
 
     @staticmethod
     def cache_views(cache: MindSporeKVCache) -> tuple[tuple, tuple | None]:

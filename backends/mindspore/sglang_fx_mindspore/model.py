@@ -39,7 +39,7 @@ from sglang_fx.sharding import Shard
 from sglang_fx.spi import RunnerOptions
 
 from . import collectives, int8
-from .attention import CAUSAL_ROWS, make_attention
+from .attention import make_attention
 from .compile_cache import CompileCache, refuse_process_wide_cache
 from .decoder import Decoder
 from .deepseek_v3 import DeepseekV3
@@ -196,7 +196,7 @@ class MindSporeRunner:
         and large-decode kernels; decode above the largest bucket). Only on the first forward:
         the pool holds no K/V yet, so the dummy steps' writes (page 0) touch nothing a sequence
         owns, and the real step then writes its own slots."""
-        prefills = [("prefill", 2), ("prefill (causal query groups)", CAUSAL_ROWS)]
+        prefills = [("prefill", 2)]
         if self.spec.moe is not None:  # a long prefill computes the experts densely: another graph
             prefills.append(("prefill (dense experts)", -(-self.spec.moe.num_experts // self.spec.moe.top_k)))
         steps = buckets.warmup_steps(self.layout.page_size, self.precompile, prefills, device=str(device))
