@@ -38,7 +38,7 @@ hidden states it is fed. Greedy outputs equal the plain server's (near-ties coun
 request's (verify steps, accepted drafts) equal an independent simulation of SGLang's EAGLE3 chain
 (target: transformers' logits and output_hidden_states; draft: the conformance suite's plain
 float64 torch draft), which a capture of the same layers in the other order would not match.
-Budget: about 11 minutes on a 2-core machine (start-ups most of it).
+Budget: about 8 minutes on a 2-core machine (start-ups most of it).
 """
 
 from __future__ import annotations
@@ -626,3 +626,13 @@ def test_startup_decision_for_eagle3(monkeypatch, tmp_path, model):
     arch, capture = problems("EAGLE3", draft)
     assert arch.startswith("the draft model on backend 'jax': architecture 'LlamaForCausalLMEagle3' is not supported")
     assert "EAGLE3 speculative decoding needs hidden-state capture" in capture
+
+    # An EAGLE3 draft given as the model to serve.
+    draft_config = types.SimpleNamespace(hf_config=types.SimpleNamespace(architectures=["LlamaForCausalLMEagle3"]),
+                                         dtype="torch.float32")  # fmt: skip
+    monkeypatch.setattr(compat, "server_model_config", lambda server_args: draft_config)
+    args = types.SimpleNamespace(model_impl="numpy", device="cpu", page_size=1, tp_size=1, ep_size=1, disable_cuda_graph=True,
+                                 model_path=str(draft))  # fmt: skip
+    with pytest.raises(ValueError, match=r"is an EAGLE3 draft \(LlamaForCausalLMEagle3\), not a model to serve: give it as "
+                                         r"--speculative-draft-model-path"):  # fmt: skip
+        plugin.check_backend("numpy", args)

@@ -164,6 +164,9 @@ def check_backend(name: str, server_args: Any) -> None:
             tp_size=tp, ep_size=ep, options=backend_options(name), quantization=spec.quant.scheme if spec and spec.quant else None,
         )
         problems += compat.parallel_problems(view) + compat.feature_problems(view, capabilities)
+        if spec is not None and spec.eagle3 is not None:
+            problems.append(f"{path} is an EAGLE3 draft (LlamaForCausalLMEagle3), not a model to serve: give it as "
+                            "--speculative-draft-model-path with --speculative-algorithm EAGLE3, and its target as --model-path")  # fmt: skip
         if not problems and getattr(view, "speculative_draft_model_path", None):
             problems += draft_problems(name, view, dtype, device, target_spec=spec)
         if spec_error is not None and not problems:
