@@ -2,6 +2,7 @@
 STANDALONE, one run.
 
     python benchmarks/speculative.py [--impls mindspore jax] [--batch 1 --batch 8] [--no-standalone]
+                                     [--modes NGRAM STANDALONE EAGLE3]
 
 Per --model-impl, three SGLang servers in turn on the same checkpoint, with the same
 --max-running-requests cap (speculation sets one otherwise): plain, --speculative-algorithm
@@ -9,7 +10,11 @@ NGRAM (SGLang's defaults: a breadth-10 tree of 12 draft tokens; n-gram corpus ca
 so the corpus does not take 2 GB), and STANDALONE with the checkpoint as its own draft on the
 same backend (chains of 3 draft tokens, topk 1; SGLang's EAGLE worker feeds the draft the
 sequence shifted by one, so even a self-draft misses tokens: see the README). Prompts that copy text (repeat a list, rewrite code with
-one change) and one that does not, chat-templated, greedy, 64 new tokens each. At batch 1 the
+one change) and one that does not, chat-templated, greedy, 64 new tokens each. EAGLE3 (only when
+--modes names it): a random-weight LlamaForCausalLMEagle3 draft for SmolLM2 (`make_tiny_eagle3`,
+an 8192-token draft vocabulary; no trained one exists for it), on the same backend, chains of 3:
+it accepts next to nothing, so it measures what EAGLE3's drafting and verification cost, not
+what a trained draft would gain. At batch 1 the
 prompts are sent one after another, at batch N N at a time (the prompts repeated to fill the
 batch); after one untimed round. Printed per impl and batch: output tokens/s plain and NGRAM,
 the speed-up, and SGLang's spec_accept_length (tokens per verify step, the bonus token included)
@@ -44,6 +49,7 @@ CAP = ["--max-running-requests", "8"]
 NGRAM = ["--speculative-algorithm", "NGRAM", "--speculative-ngram-capacity", "200000"]
 STANDALONE = ["--speculative-algorithm", "STANDALONE", "--speculative-num-steps", "3", "--speculative-eagle-topk", "1",
               "--speculative-num-draft-tokens", "4"]  # fmt: skip
+EAGLE3 = ["--speculative-algorithm", "EAGLE3", *STANDALONE[2:]]
 NEW_TOKENS = 64
 
 
@@ -63,8 +69,14 @@ def run_round(url: str, ids: list[list[int]], batch: int) -> tuple[float, list[d
 
 
 def bench(impl: str, model: str, mode: str, batches: list[int], ids, work: Path, port: int) -> dict:
-    """mode: "plain", "NGRAM" or "STANDALONE" (the checkpoint as its own draft)."""
-    extra = {"plain": [], "NGRAM": NGRAM, "STANDALONE": [*STANDALONE, "--speculative-draft-model-path", model]}[mode]
+    """mode: "plain", "NGRAM", "STANDALONE" (the checkpoint as its own draft) or "EAGLE3" (a random
+    EAGLE3 draft, written under `work`)."""
+    if mode == "EAGLE3" and not (work / "eagle3-draft").exists():
+        from sglang_fx.tiny import make_tiny_eagle3
+
+        make_tiny_eagle3(model, work / "eagle3-draft", draft_vocab_size=8192)
+    extra = {"plain": [], "NGRAM": NGRAM, "STANDALONE": [*STANDALONE, "--speculative-draft-model-path", model],
+             "EAGLE3": [*EAGLE3, "--speculative-draft-model-path", str(work / "eagle3-draft")]}[mode]  # fmt: skip
     spec = mode != "plain"
     cmd = server_command(model, impl, port=port) + CAP + extra
     log = work / f"{impl}-{mode}.log"
@@ -95,6 +107,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, action="append", help="batch sizes (default 1 and 8)")
     ap.add_argument("--port", type=int, default=31870)
     ap.add_argument("--no-standalone", action="store_true", help="measure plain and NGRAM only")
+    ap.add_argument("--modes", nargs="+", choices=["NGRAM", "STANDALONE", "EAGLE3"], help="the speculative runs "
+                    "(default NGRAM and STANDALONE)")  # fmt: skip
     args = ap.parse_args()
     batches = args.batch or [1, 8]
     model = str(fetch("smollm2"))
@@ -103,7 +117,7 @@ def main() -> int:
            for p in PROMPTS]
     print(f"SmolLM2-135M-Instruct, SGLang server on CPU (float32), greedy, {NEW_TOKENS} new tokens, {len(PROMPTS)} prompts "
           f"(3 copy text), max-running-requests 8", flush=True)  # fmt: skip
-    modes = ["NGRAM"] + ([] if args.no_standalone else ["STANDALONE"])
+    modes = args.modes or ["NGRAM"] + ([] if args.no_standalone else ["STANDALONE"])
     rows, mismatches = [], 0
     with tempfile.TemporaryDirectory() as tmp:
         for impl in args.impls:

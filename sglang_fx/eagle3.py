@@ -32,6 +32,9 @@ import torch
 
 from .checkpoint import Checkpoint, ModelSpec, load_spec
 
+#: A target's tensors an EAGLE3 draft may share (`draft_weights`): what a target keeps for it.
+SHAREABLE = ("model.embed_tokens.weight", "lm_head.weight")
+
 
 def capture_layers(num_layers: int, aux_layer_ids: Sequence[int] | None = None) -> tuple[int, ...]:
     """The target layers to capture (SGLang's `set_eagle3_layers_to_capture`) for a draft trained on

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint, load_spec
-from .eagle3 import draft_weights
+from .eagle3 import SHAREABLE, draft_weights
 from .errors import KVPoolFullError
 from .kv_pool import PagedKVPool, layout_for
 from .metadata import ForwardMetadata
@@ -20,10 +20,6 @@ from .parallel import SINGLE, Parallel
 from .registry import Backend, load_backend
 from .sharding import Shard
 from .spi import RunnerOptions
-
-
-#: A target's tensors an EAGLE3 draft may share (`eagle3.draft_weights`).
-SHAREABLE = ("model.embed_tokens.weight", "lm_head.weight")
 
 
 class Session:

@@ -8,6 +8,7 @@ the same code path a real checkpoint takes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,12 +151,14 @@ def make_tiny_model(
 
 
 def make_tiny_eagle3(target: str | Path, out: str | Path, *, seed: int = 0, draft_vocab_size: int = 256,
-                     aux_layer_ids: tuple[int, ...] | None = None, own_embedding: bool = False) -> Path:  # fmt: skip
+                     aux_layer_ids: tuple[int, ...] | None = None, own_embedding: bool = False,
+                     hot_ids: Sequence[int] | None = None) -> Path:  # fmt: skip
     """Write a random-weight EAGLE3 draft (`LlamaForCausalLMEagle3`, the layout of EAGLE3's own
     checkpoints: fc, midlayer.*, norm, lm_head, d2t, t2d) for the Llama-family checkpoint at
     `target` to `out`, and return it. Its sizes are the target's; aux_layer_ids: the target layers
     whose outputs it reads (default: the first three, as many as the target has); its draft
-    vocabulary is `draft_vocab_size` target ids chosen at random (sorted), mapped by d2t. With
+    vocabulary is `draft_vocab_size` target ids chosen at random (sorted), or the target ids
+    `hot_ids` (then draft_vocab_size is their number), mapped by d2t. With
     own_embedding it carries an embed_tokens.weight of its own (which the target's replaces, as
     in SGLang: `sglang_fx.eagle3.draft_weights`)."""
     import json
@@ -171,6 +174,8 @@ def make_tiny_eagle3(target: str | Path, out: str | Path, *, seed: int = 0, draf
     H, V = cfg["hidden_size"], cfg["vocab_size"]
     heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     D = cfg.get("head_dim") or H // heads
+    if hot_ids is not None:
+        draft_vocab_size = len(set(hot_ids))
     if not 0 < draft_vocab_size <= V:
         raise ValueError(f"draft_vocab_size must be in [1, {V}] (the target's vocabulary), got {draft_vocab_size}")
     g = torch.Generator().manual_seed(seed)
@@ -183,6 +188,10 @@ def make_tiny_eagle3(target: str | Path, out: str | Path, *, seed: int = 0, draf
 
     I, p = cfg["intermediate_size"], "midlayer."
     hot = torch.randperm(V, generator=g)[:draft_vocab_size].sort().values  # the draft vocabulary, as target ids
+    if hot_ids is not None:
+        if not all(0 <= i < V for i in hot_ids):
+            raise ValueError(f"hot_ids must be target ids in [0, {V}), got {sorted(hot_ids)}")
+        hot = torch.tensor(sorted(set(hot_ids)), dtype=torch.int64)
     weights = {
         "fc.weight": rand(H, H * len(ids)),
         p + "input_layernorm.weight": norm(H), p + "hidden_norm.weight": norm(H),

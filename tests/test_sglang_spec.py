@@ -27,7 +27,18 @@ independent transformers simulation of that algorithm on the same weights, excep
 simulated draft's top-2 gap is a near-tie (counted). --disable-radix-cache: with prefix hits, the
 draft's KV at the cached boundary holds the earlier request's next token (SGLang keys its radix
 cache by bigrams for EAGLE but not for STANDALONE), which lowers acceptance unpredictably.
-Budget: about 9 minutes on a 2-core machine (start-ups most of it).
+
+EAGLE3 (in the same wave: a mindspore target with a numpy draft, a jax target with a mindspore
+draft): a random-weight LlamaForCausalLMEagle3 draft of the same tiny target
+(`make_tiny_eagle3`), reading the embeddings and layer 0's output (aux layer ids -1 and 0: SGLang
+captures the inputs of layers 0 and 1), chains of 3, radix cache on (EAGLE keys it by bigrams).
+A random draft accepts almost nothing over a full vocabulary, so its vocabulary is the target's 4
+most frequent greedy tokens on PROMPTS: it then accepts some drafts, and which ones depends on the
+hidden states it is fed. Greedy outputs equal the plain server's (near-ties counted), and each
+request's (verify steps, accepted drafts) equal an independent simulation of SGLang's EAGLE3 chain
+(target: transformers' logits and output_hidden_states; draft: the conformance suite's plain
+float64 torch draft), which a capture of the same layers in the other order would not match.
+Budget: about 8.5 minutes on a 2-core machine (start-ups most of it; 6.5 without the EAGLE3 servers).
 """
 
 from __future__ import annotations
@@ -43,7 +54,7 @@ import pytest
 pytest.importorskip("sglang")
 requests = pytest.importorskip("requests")
 
-from sglang_fx.tiny import CORPUS  # noqa: E402
+from sglang_fx.tiny import CORPUS, make_tiny_eagle3  # noqa: E402
 
 from .sglang_support import Server, available, stop_all, verdict  # noqa: E402
 
@@ -61,6 +72,12 @@ DRAFT_STEPS = 3
 STANDALONE = ("--speculative-algorithm", "STANDALONE", "--speculative-num-steps", str(DRAFT_STEPS),
               "--speculative-eagle-topk", "1", "--speculative-num-draft-tokens", str(DRAFT_STEPS + 1),
               "--disable-radix-cache")  # fmt: skip
+EAGLE3_PAIRS = (("mindspore", "numpy"), ("jax", "mindspore"))  # (target backend, draft backend)
+EAGLE3_AUX = (-1, 0)  # the target layers whose outputs the draft reads (-1: the embeddings)
+EAGLE3_HOT = 4  # the draft vocabulary: the target's most frequent greedy tokens on PROMPTS
+EAGLE3_SEED = 2  # the draft's weights (make_tiny_eagle3); its choices are never near-ties on PROMPTS
+EAGLE3 = ("--speculative-algorithm", "EAGLE3", "--speculative-num-steps", str(DRAFT_STEPS), "--speculative-eagle-topk", "1",
+          "--speculative-num-draft-tokens", str(DRAFT_STEPS + 1))  # fmt: skip
 
 
 def _copy_prompt(rng: random.Random) -> str:
@@ -83,6 +100,36 @@ def model(tmp_path_factory) -> str:
     return str(make_tiny_model("llama", tmp_path_factory.mktemp("sglang_spec") / "llama"))
 
 
+@pytest.fixture(scope="module")
+def hf(model):
+    """(transformers model, tokenizer) of the tiny target, float32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(model)
+
+
+@pytest.fixture(scope="module")
+def eagle3_draft(model, hf, tmp_path_factory) -> str:
+    """The tiny EAGLE3 draft of `model`: random weights, its vocabulary the EAGLE3_HOT target tokens
+    that transformers' greedy continuations of PROMPTS use most."""
+    import collections
+
+    import torch
+
+    hf_model, tokenizer = hf
+    counts = collections.Counter()
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            ids = tokenizer(prompt)["input_ids"]
+            for _ in range(MAX_NEW_TOKENS):
+                ids.append(int(hf_model(torch.tensor([ids])).logits[0, -1].argmax()))
+                counts[ids[-1]] += 1
+    hot = [t for t, _ in counts.most_common(EAGLE3_HOT)]
+    out = tmp_path_factory.mktemp("sglang_spec_eagle3") / "draft"
+    return str(make_tiny_eagle3(model, out, seed=EAGLE3_SEED, aux_layer_ids=EAGLE3_AUX, hot_ids=hot))
+
+
 def _draft_route(backend: str) -> dict:
     return {**os.environ, "SGLANG_FX_OPTIONS": json.dumps({"draft": {"backend": backend}})}
 
@@ -90,12 +137,13 @@ def _draft_route(backend: str) -> dict:
 class Waves:
     """The servers of one wave at a time: `servers(backend)` starts the wave holding `backend`
     (after stopping the previous one) and returns {(backend, "plain" | "ngram"): Server};
-    `standalone()` starts the STANDALONE wave, {(target, "standalone"): Server, "bad route":
-    Server}, plus plain servers for targets whose plain outputs no earlier wave recorded in
+    `standalone()` starts the STANDALONE and EAGLE3 wave, {(target, "standalone" | "eagle3"):
+    Server, "bad route": Server}, plus plain servers for targets whose plain outputs no earlier wave recorded in
     `plain` (backend -> the plain server's answers to PROMPTS, with top-2 logprobs)."""
 
-    def __init__(self, model: str, root):
+    def __init__(self, model: str, root, eagle3_draft: str):
         self.model, self.root, self.wave, self.started, self.plain = model, root, None, {}, {}
+        self.eagle3_draft = eagle3_draft
 
     def _base(self, backend: str) -> tuple:
         return ("--model-impl", backend, "--context-length", "512", *CAP)
@@ -118,7 +166,7 @@ class Waves:
     def standalone(self) -> dict:
         if self.wave != "standalone":
             self.stop()
-            missing = [b for pair in STANDALONE_PAIRS for b in pair if not available(b)]
+            missing = [b for pair in STANDALONE_PAIRS + EAGLE3_PAIRS for b in pair if not available(b)]
             if missing:
                 pytest.fail(f"backends not available: {missing} (make setup installs them)")
             self.wave = "standalone"
@@ -126,9 +174,13 @@ class Waves:
                 args = (*self._base(target), *STANDALONE, "--speculative-draft-model-path", self.model)
                 self.started[target, "standalone"] = Server(f"{target}-standalone-{draft}", self.model, args,
                                                             _draft_route(draft), self.root)  # fmt: skip
-                if target not in self.plain:
-                    self.started[target, "plain"] = Server(f"{target}-plain", self.model, self._base(target),
-                                                           dict(os.environ), self.root)  # fmt: skip
+            for target, draft in EAGLE3_PAIRS:
+                args = (*self._base(target), *EAGLE3, "--speculative-draft-model-path", self.eagle3_draft)
+                self.started[target, "eagle3"] = Server(f"{target}-eagle3-{draft}", self.model, args, _draft_route(draft),
+                                                        self.root)  # fmt: skip
+            for target in sorted({t for t, _ in STANDALONE_PAIRS + EAGLE3_PAIRS} - set(self.plain)):
+                self.started[target, "plain"] = Server(f"{target}-plain", self.model, self._base(target),
+                                                       dict(os.environ), self.root)  # fmt: skip
             bad = (*self._base("numpy"), *STANDALONE, "--speculative-draft-model-path", self.model)
             self.started["bad route"] = Server("standalone-bad-route", self.model, bad, _draft_route("no_such_backend"), self.root)
         return self.started
@@ -144,8 +196,8 @@ class Waves:
 
 
 @pytest.fixture(scope="module")
-def waves(model, tmp_path_factory):
-    w = Waves(model, tmp_path_factory.mktemp("sglang_spec_servers"))
+def waves(model, eagle3_draft, tmp_path_factory):
+    w = Waves(model, tmp_path_factory.mktemp("sglang_spec_servers"), eagle3_draft)
     try:
         yield w
     finally:
@@ -249,6 +301,106 @@ def test_standalone_self_draft_on_another_backend(waves, model, target, draft):
     assert all(n > 0 for n, _ in got), f"{target}: some requests ran no verify step: {got}"
 
 
+def _simulate_eagle3(hf_model, draft: str, prompt: list[int], capture: tuple[int, ...]) -> tuple[int, int, float]:
+    """SGLang 0.5.23's EAGLE3 at topk 1, greedy, with the target in transformers and the draft in
+    the conformance suite's plain float64 torch (`draft_reference`, written from SGLang's
+    models/llama_eagle3.py); `capture`: the target layers whose inputs (output_hidden_states) the
+    draft reads, concatenated in that order. The EAGLE v2 worker keeps the draft one token ahead:
+    draft position p holds committed token p + 1 with the target's captured hidden state at p (its
+    prefill extend, and after each verification the accepted window's extend); a draft decode step
+    feeds the draft's own hidden output of the row before. Per verify step: the draft extends over
+    the committed sequence (its last row picks the first draft token), DRAFT_STEPS - 1 decode
+    steps pick the rest (draft ids mapped to target ids by d2t), the target verifies the chain and
+    the longest agreeing prefix is accepted plus the target's next token, until MAX_NEW_TOKENS.
+    Recomputing each pass densely equals SGLang's cached one: causal attention, and every cached
+    draft row it reads is an accepted one. Returns (verify steps, accepted drafts, the smallest
+    top-2 logit gap among the draft's choices)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from sglang_fx.checkpoint import load_spec
+    from sglang_fx.conformance.eagle3 import draft_fc, draft_reference
+
+    spec = load_spec(draft)
+    w = load_file(f"{draft}/model.safetensors")
+    w["embed_tokens.weight"] = hf_model.get_input_embeddings().weight.detach()  # shared with the target, as SGLang does
+    hot = torch.arange(len(w["d2t"])) + w["d2t"]
+
+    def target(seq: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = hf_model(torch.tensor([seq]), output_hidden_states=True)
+        return out.logits[0], torch.cat([out.hidden_states[i][0] for i in capture], -1)
+
+    with torch.no_grad():
+        seq = prompt + [int(target(prompt)[0][-1].argmax())]
+        made, steps, accepted, gap = 1, 0, 0, float("inf")
+        while made < MAX_NEW_TOKENS:
+            ids, h = seq[1:], draft_fc(w, target(seq)[1][:-1])  # draft rows 0 .. len(seq) - 2
+            drafts = []
+            for _ in range(DRAFT_STEPS):
+                logits, out = draft_reference(spec, w, ids, h)
+                top = logits[-1].topk(2)
+                drafts.append(int(hot[top.indices[0]]))
+                gap = min(gap, float(top.values[0] - top.values[1]))
+                ids, h = ids + drafts[-1:], torch.cat([h, out[-1:]])
+            verified = target(seq + drafts)[0][len(seq) - 1 :].argmax(-1).tolist()
+            k = 0
+            while k < DRAFT_STEPS and drafts[k] == verified[k]:
+                k += 1
+            seq += drafts[:k] + [verified[k]]
+            made, steps, accepted = made + k + 1, steps + 1, accepted + k
+    return steps, accepted, gap
+
+
+@pytest.fixture(scope="module")
+def eagle3_simulated(hf, eagle3_draft) -> list[tuple[int, int, float]]:
+    """_simulate_eagle3 of each of PROMPTS with the layers SGLang captures for the draft (j + 1)."""
+    hf_model, tokenizer = hf
+    capture = tuple(j + 1 for j in EAGLE3_AUX)
+    return [_simulate_eagle3(hf_model, eagle3_draft, tokenizer(p)["input_ids"], capture) for p in PROMPTS]
+
+
+def test_eagle3_simulation_depends_on_the_captured_layers(hf, eagle3_draft, eagle3_simulated):
+    """The acceptance check below can fail: the draft accepts some drafts, and fed the same layers'
+    capture in the other order, it would accept others."""
+    hf_model, tokenizer = hf
+    right = [(s, a) for s, a, _ in eagle3_simulated]
+    swapped = tuple(j + 1 for j in reversed(EAGLE3_AUX))
+    wrong = [_simulate_eagle3(hf_model, eagle3_draft, tokenizer(p)["input_ids"], swapped)[:2] for p in PROMPTS]
+    print(f"\nEAGLE3 simulation, (verify steps, accepted drafts) per request: {right}; with the capture's layers swapped: {wrong}")
+    assert sum(a for _, a in right) > 0, f"the draft accepts nothing: {right}"
+    assert wrong != right, f"the simulated acceptance does not depend on the capture: {right}"
+
+
+@pytest.mark.parametrize("target,draft", EAGLE3_PAIRS)
+def test_eagle3_with_a_draft_on_another_backend(waves, eagle3_draft, eagle3_simulated, target, draft):
+    servers = waves.standalone()
+    plain = waves.plain_answers(target)
+    spec = _run_all(servers[target, "eagle3"])
+    log = servers[target, "eagle3"].output(200_000)
+    assert f"LlamaForCausalLMEagle3 from {eagle3_draft} on backend {draft!r}" in log, f"the draft did not run on {draft}:\n{log[-3000:]}"
+    capture = [j + 1 for j in EAGLE3_AUX]
+    assert f"EAGLE3 target captures the inputs of layers {capture}" in log, log[-3000:]
+    verdicts = [verdict(s["output_ids"], p) for s, p in zip(spec, plain)]
+    bad = [(PROMPTS[k], v) for k, v in enumerate(verdicts) if v not in ("same", "near-tie")]
+    assert not bad, f"{target} + {draft} EAGLE3 draft: outputs differ from plain greedy beyond near-ties: {bad}"
+    got = [(s["meta_info"]["spec_verify_ct"], s["meta_info"]["spec_num_correct_drafts"]) for s in spec]
+    want = [(steps, accepted) for steps, accepted, _ in eagle3_simulated]
+    draft_ties = 0
+    for k, (steps, accepted, gap) in enumerate(eagle3_simulated):
+        if got[k] != (steps, accepted) or verdicts[k] != "same":
+            assert gap < 1e-3 or verdicts[k] == "near-tie", (
+                f"{target} + {draft} EAGLE3 draft, prompt {k}: (verify steps, accepted drafts) {got[k]}, the simulation of "
+                f"SGLang's EAGLE3 on the same weights {(steps, accepted)}, and no near-tie (smallest draft top-2 gap {gap:.2e})")
+            draft_ties += 1
+    accept = [round(s["meta_info"]["spec_accept_length"], 2) for s in spec]
+    proposed = sum(s["meta_info"]["spec_num_proposed_drafts"] for s in spec)
+    print(f"\n{target} target + {draft} EAGLE3 draft (random weights, {EAGLE3_HOT}-token vocabulary, chains of {DRAFT_STEPS}), "
+          f"{len(PROMPTS)} concurrent requests x {MAX_NEW_TOKENS} tokens: {verdicts.count('same')} same as plain, "
+          f"{verdicts.count('near-tie')} near-ties; (verify steps, accepted drafts) {got}, simulation {want}, "
+          f"{draft_ties} near-ties; accepted {sum(a for _, a in got)}/{proposed} drafts; spec_accept_length {accept}")  # fmt: skip
+    assert sum(a for _, a in got) > 0, f"{target} + {draft}: the EAGLE3 draft accepted nothing: {got}"
+
+
 def test_a_bad_draft_route_is_refused_at_startup(waves):
     server = waves.standalone()["bad route"]
     code = server.wait_exit(STARTUP_TIMEOUT)
@@ -324,8 +476,8 @@ def test_startup_decision_for_speculative_decoding():
     assert "needs tree verification" in tree_on_chain and "verifies chain masks only" in tree_on_chain
     (none,) = feature_problems(args("NGRAM", 1), caps(()))
     assert "needs chain verification" in none and "this backend verifies nothing" in none
-    (eagle,) = feature_problems(args("EAGLE3"), caps({"tree"}))
-    assert "--speculative-algorithm EAGLE3 is not supported" in eagle and "supported: NGRAM" in eagle
+    (eagle,) = feature_problems(args("EAGLE"), caps({"tree"}))
+    assert "--speculative-algorithm EAGLE is not supported" in eagle and "supported: NGRAM, STANDALONE, EAGLE3" in eagle
 
 
 def test_a_quantized_draft_model_is_refused_at_startup(tmp_path):
@@ -423,3 +575,64 @@ def test_startup_decision_for_standalone_and_its_draft_route(monkeypatch, tmp_pa
     assert plugin.draft_problems("jax", view, "float32", "cpu") == []
     (dtype,) = plugin.draft_problems("jax", view, "float64", "cpu")
     assert dtype.startswith("the draft model on backend 'numpy': dtype 'float64' is not supported")
+
+
+def test_startup_decision_for_eagle3(monkeypatch, tmp_path, model):
+    import dataclasses
+    import types
+
+    from sglang_fx.capabilities import Capabilities
+    from sglang_fx.checkpoint import load_spec
+    from sglang_fx.sglang import compat, plugin
+    from sglang_fx.tiny import make_tiny_model
+
+    caps = Capabilities(dtypes={"cpu": frozenset({"float32"})}, architectures=frozenset({"LlamaForCausalLM"}),
+                        verify=frozenset({"chain"}))  # fmt: skip
+    with_eagle3 = dataclasses.replace(caps, eagle3=True, architectures=caps.architectures | {"LlamaForCausalLMEagle3"})
+
+    def args(topk=1, tp=1):
+        return types.SimpleNamespace(speculative_algorithm="EAGLE3", speculative_eagle_topk=topk, tp_size=tp)
+
+    assert compat.feature_problems(args(), with_eagle3) == []
+    (tree,) = compat.feature_problems(args(topk=4), with_eagle3)
+    assert "EAGLE3 with --speculative-eagle-topk 4 is not supported" in tree and "use --speculative-eagle-topk 1" in tree
+    (no_capture,) = compat.feature_problems(args(), caps)  # a backend written for SPI 1.3
+    assert "EAGLE3 speculative decoding needs hidden-state capture" in no_capture and "Capabilities.eagle3" in no_capture
+    (tp,) = compat.feature_problems(args(tp=2), with_eagle3)
+    assert "EAGLE3 with --tp-size 2 is not supported" in tp and "use --tp-size 1" in tp
+
+    # The draft: an EAGLE3 checkpoint made for this target, on a backend declaring eagle3.
+    draft = make_tiny_eagle3(model, tmp_path / "draft")
+    registry = types.SimpleNamespace(available_info=lambda name, isolated: types.SimpleNamespace(
+        capabilities=with_eagle3 if name == "numpy" else caps))  # fmt: skip
+    monkeypatch.setattr(plugin, "default_registry", lambda: registry)
+    monkeypatch.setattr(plugin, "_backends", ["jax", "numpy"])
+    monkeypatch.setenv("SGLANG_FX_OPTIONS", '{"draft": {"backend": "numpy"}}')
+    target = load_spec(model)
+
+    def problems(algorithm, path, target_spec=target):
+        view = types.SimpleNamespace(speculative_algorithm=algorithm, speculative_draft_model_path=str(path), page_size=1)
+        return plugin.draft_problems("jax", view, "float32", "cpu", target_spec=target_spec)
+
+    assert problems("EAGLE3", draft) == []
+    (plain_draft,) = problems("EAGLE3", model)
+    assert "--speculative-algorithm EAGLE3 needs an EAGLE3 draft (architecture LlamaForCausalLMEagle3)" in plain_draft
+    (standalone,) = problems("STANDALONE", draft)
+    assert "is an EAGLE3 draft" in standalone and "use --speculative-algorithm EAGLE3, not STANDALONE" in standalone
+    other = load_spec(make_tiny_model("llama", tmp_path / "other", hidden_size=32))
+    (hidden,) = problems("EAGLE3", draft, other)
+    assert "reads hidden states 64 wide (target_hidden_size) and the target's are 32" in hidden
+    monkeypatch.setenv("SGLANG_FX_OPTIONS", '{"draft": {"backend": "jax"}}')  # a backend without eagle3
+    arch, capture = problems("EAGLE3", draft)
+    assert arch.startswith("the draft model on backend 'jax': architecture 'LlamaForCausalLMEagle3' is not supported")
+    assert "EAGLE3 speculative decoding needs hidden-state capture" in capture
+
+    # An EAGLE3 draft given as the model to serve.
+    draft_config = types.SimpleNamespace(hf_config=types.SimpleNamespace(architectures=["LlamaForCausalLMEagle3"]),
+                                         dtype="torch.float32")  # fmt: skip
+    monkeypatch.setattr(compat, "server_model_config", lambda server_args: draft_config)
+    args = types.SimpleNamespace(model_impl="numpy", device="cpu", page_size=1, tp_size=1, ep_size=1, disable_cuda_graph=True,
+                                 model_path=str(draft))  # fmt: skip
+    with pytest.raises(ValueError, match=r"is an EAGLE3 draft \(LlamaForCausalLMEagle3\), not a model to serve: give it as "
+                                         r"--speculative-draft-model-path"):  # fmt: skip
+        plugin.check_backend("numpy", args)

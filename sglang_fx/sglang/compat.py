@@ -254,10 +254,12 @@ def parallel_problems(server_args: Any) -> list[str]:
 
 #: Speculative algorithms sglang-fx runs. NGRAM needs only verify steps of the target;
 #: STANDALONE also runs a draft model (a second sglang-fx runner, `draft_problems`) whose steps
-#: are ordinary EXTEND/DECODE steps of the SPI, drafting chains (topk 1) only.
-SPEC_ALGORITHMS = ("NGRAM", "STANDALONE")
+#: are ordinary EXTEND/DECODE steps of the SPI, drafting chains (topk 1) only; EAGLE3 runs the
+#: same steps through ModelRunner.forward_hidden (SPI 1.4: the target's captured hidden states
+#: feed a LlamaForCausalLMEagle3 draft), on backends declaring Capabilities.eagle3.
+SPEC_ALGORITHMS = ("NGRAM", "STANDALONE", "EAGLE3")
 #: Draft-model algorithms and the EAGLE topk they run with.
-DRAFT_TOPK = {"STANDALONE": 1}
+DRAFT_TOPK = {"STANDALONE": 1, "EAGLE3": 1}
 
 
 def feature_problems(server_args: Any, capabilities: Any = None) -> list[str]:
@@ -271,14 +273,17 @@ def feature_problems(server_args: Any, capabilities: Any = None) -> list[str]:
     topk = int(getattr(server_args, "speculative_eagle_topk", None) or 1)
     if algorithm and name not in SPEC_ALGORITHMS:
         out.append(f"speculative decoding with --speculative-algorithm {algorithm} is not supported by sglang-fx backends "
-                   f"yet; supported: {', '.join(SPEC_ALGORITHMS)} (STANDALONE with --speculative-eagle-topk 1), "
+                   f"yet; supported: {', '.join(SPEC_ALGORITHMS)} (STANDALONE and EAGLE3 with --speculative-eagle-topk 1), "
                    "or use --model-impl sglang")  # fmt: skip
     elif name in DRAFT_TOPK and topk != DRAFT_TOPK[name]:
         out.append(f"--speculative-algorithm {name} with --speculative-eagle-topk {topk} is not supported by sglang-fx "
                    f"backends yet (draft trees); use --speculative-eagle-topk {DRAFT_TOPK[name]} (a chain of "
                    "--speculative-num-steps tokens, --speculative-num-draft-tokens = steps + 1)")  # fmt: skip
     elif algorithm and capabilities is not None:
-        out += capabilities.validate(verify=spec_verify_kind(server_args))
+        out += capabilities.validate(verify=spec_verify_kind(server_args), eagle3=name == "EAGLE3")
+    if name == "EAGLE3" and int(getattr(server_args, "tp_size", 1) or 1) > 1:
+        out.append(f"--speculative-algorithm EAGLE3 with --tp-size {server_args.tp_size} is not supported by sglang-fx "
+                   "backends yet (the draft's weights have no sharding rules); use --tp-size 1")  # fmt: skip
     if algorithm and (scheme := _quantization_of(getattr(server_args, "speculative_draft_model_path", None))):
         out.append(f"the draft model {server_args.speculative_draft_model_path} is quantized ({scheme}); a quantized draft "
                    "is not supported by sglang-fx yet: give a float draft checkpoint (the target may stay quantized)")  # fmt: skip
@@ -414,6 +419,41 @@ def logits_output(next_token_logits: torch.Tensor):
     from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 
     return LogitsProcessorOutput(next_token_logits=next_token_logits)
+
+
+def speculative_algorithm() -> str | None:
+    """The server's --speculative-algorithm in upper case ("EAGLE3"...), or None (scheduler
+    process, `runtime_context.get_spec()`, published before the models are built)."""
+    from sglang.srt.runtime_context import get_spec
+
+    name = getattr(get_spec(), "speculative_algorithm", None)
+    return str(name).upper() if name else None
+
+
+def hidden_wanted(forward_batch: Any) -> str | None:
+    """The hidden states SGLang wants back in this step's LogitsProcessorOutput.hidden_states
+    (`forward_batch.capture_hidden_mode`, forward_batch_info.py:303): "full" (one row per new
+    token, as EAGLE's worker asks of a target's prefill and TARGET_VERIFY and of a draft's
+    DRAFT_EXTEND_V2), "last" (the last new token of each sequence: a draft's prefill extend and
+    decode steps), or None."""
+    mode = getattr(forward_batch, "capture_hidden_mode", None)
+    if mode is None or not mode.need_capture():
+        return None
+    return "full" if mode.is_full() else "last"
+
+
+def draft_hidden_in(forward_batch: Any) -> torch.Tensor | None:
+    """The hidden states an EAGLE draft step takes in, one row per new token: the worker puts
+    them in `forward_batch.spec_info.hidden_states` (the target's capture for a draft extend, the
+    draft's own previous output for a draft decode step; models/llama_eagle3.py reads them there)."""
+    return getattr(getattr(forward_batch, "spec_info", None), "hidden_states", None)
+
+
+def logits_output_with_hidden(next_token_logits: torch.Tensor, hidden_states: torch.Tensor | None):
+    """LogitsProcessorOutput carrying the hidden states EAGLE's worker reads (`hidden_states`)."""
+    from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+
+    return LogitsProcessorOutput(next_token_logits=next_token_logits, hidden_states=hidden_states)
 
 
 def wants_input_logprobs(forward_batch: Any) -> bool:

@@ -11,6 +11,19 @@ Under SGLang's tensor parallelism every TP rank builds one, for its own shard
 
 Per step: ForwardBatch -> ForwardMetadata (a few small index tensors; the KV cache is never
 copied) -> backend runner -> float32 logits for the tokens SGLang needs -> LogitsProcessorOutput.
+
+EAGLE3 (SGLang's EAGLE v2 worker, speculative/eagle_worker_v2.py), through the runner's
+`forward_hidden` (SPI 1.4), the surface of SGLang's own LlamaForCausalLM / LlamaForCausalLMEagle3:
+- the target: `set_eagle3_layers_to_capture` (called by SGLang's model runner with the draft's
+  eagle_aux_hidden_state_layer_ids) picks the layers to capture; every step in which SGLang asks
+  for hidden states (prefill and TARGET_VERIFY: all tokens) returns that capture [T, H * n] in
+  LogitsProcessorOutput.hidden_states; `get_embed_and_head` hands the draft the target's
+  embedding and head (torch tensors, kept from loading for this);
+- the draft (an EAGLE3 checkpoint): its runner is built once the worker has given it the
+  target's embedding (`set_embed`, or `set_embed_and_head` when it has no head of its own,
+  `load_lm_head_from_target`); each step takes `spec_info.hidden_states` in (the target's
+  capture, or its own previous output) and returns draft-vocabulary logits and its own hidden
+  out; `hot_token_id` (from d2t) is the map SGLang's worker applies to draft ids.
 """
 
 from __future__ import annotations
@@ -21,6 +34,7 @@ from typing import Any
 
 import torch
 
+from .. import eagle3
 from ..checkpoint import Checkpoint, load_spec
 from ..errors import UnsupportedConfigError
 from ..kv_pool import layout_for
@@ -40,6 +54,10 @@ class SglangFxForCausalLM(torch.nn.Module):
     backend_name: str = ""
     #: True for a speculative draft model (run by SGLang's draft worker; `model_class(..., draft=True)`).
     is_draft: bool = False
+    #: An EAGLE3 draft's [draft_vocab] target id of each draft id (SGLang's worker maps the draft's
+    #: choices through it), None otherwise; and whether it scores with the target's head.
+    hot_token_id: torch.Tensor | None = None
+    load_lm_head_from_target: bool = False
 
     def __init__(self, config: Any, quant_config: Any = None, prefix: str = "", **_: Any) -> None:
         super().__init__()
@@ -63,6 +81,9 @@ class SglangFxForCausalLM(torch.nn.Module):
             peer_watch.watch(list(self.parallel.tp.ranks), self.parallel.tp.name)
         self.runner: ModelRunner | None = None
         self.cache: KVCache | None = None
+        self.capture: tuple[int, ...] = ()  # an EAGLE3 target's captured layers (set_eagle3_layers_to_capture)
+        self._shareable: dict[str, torch.Tensor] | None = None  # an EAGLE3 target's embedding and head
+        self._draft_own: dict[str, torch.Tensor] | None = None  # an EAGLE3 draft's own weights, until set_embed
         self._kv_identity: tuple | None = None
         self.logits_processor = compat.backend_logits_processor(config)
         logger.info(
@@ -80,8 +101,57 @@ class SglangFxForCausalLM(torch.nn.Module):
         SGLang's own weight iterator is not consumed (the backend gets HF-named tensors from
         `Checkpoint.load`)."""
         loaded = Checkpoint(self.model_path).load(self.spec, self.shard)  # this rank's slices only
-        options = RunnerOptions(device=self.device, extra=backend_options(self.backend_name), parallel=self.parallel)
-        self.runner = self.backend.runner(self.spec, loaded, options)
+        if self.spec.eagle3 is not None:  # an EAGLE3 draft: the runner waits for the target's embedding
+            self._draft_own = loaded
+            self.hot_token_id = eagle3.hot_token_ids(loaded["d2t"]) if "d2t" in loaded else None
+            self.load_lm_head_from_target = self.spec.eagle3.head_from_target
+            return
+        if not self.is_draft and compat.speculative_algorithm() == "EAGLE3":
+            self._shareable = {k: loaded[k] for k in eagle3.SHAREABLE if k in loaded}
+        self.runner = self.backend.runner(self.spec, loaded, self._options())
+
+    def _options(self) -> RunnerOptions:
+        return RunnerOptions(device=self.device, extra=backend_options(self.backend_name), parallel=self.parallel)
+
+    # ----------------------------------------------------------------------------------------
+    # EAGLE3: what SGLang's EAGLE v2 worker and model runner call (see the module docstring)
+    # ----------------------------------------------------------------------------------------
+
+    def set_eagle3_layers_to_capture(self, layer_ids: list[int] | None = None) -> None:
+        """SGLang's model runner, for an EAGLE3 target (attention_backend_setup.py:61): layer_ids
+        are the draft's eagle_aux_hidden_state_layer_ids (None: SGLang's default layers)."""
+        if self.spec.eagle3 is not None or not self.backend.info.capabilities.eagle3:
+            raise UnsupportedConfigError(f"sglang-fx backend {self.backend_name!r} cannot capture hidden states for EAGLE3 "
+                                         f"here ({self.spec.architecture}; Capabilities.eagle3 {self.backend.info.capabilities.eagle3})")  # fmt: skip
+        self.capture = eagle3.capture_layers(self.spec.num_layers, layer_ids)
+        logger.info("sglang-fx: EAGLE3 target captures the inputs of layers %s", list(self.capture))
+
+    def get_embed_and_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target's (embedding [V, H], lm_head [V, H]) for its EAGLE3 draft (eagle_worker_v2.py:init_lm_head)."""
+        if self._shareable is None:
+            raise UnsupportedConfigError(f"sglang-fx backend {self.backend_name!r}: the target keeps its embedding and head "
+                                         "only when the server runs --speculative-algorithm EAGLE3")  # fmt: skip
+        return self._shareable["model.embed_tokens.weight"], self._shareable["lm_head.weight"]
+
+    def set_embed(self, embed: torch.Tensor) -> None:
+        """SGLang's EAGLE3 worker gives the draft its target's embedding (the draft keeps its own
+        when the hidden sizes differ, as SGLang's does: `eagle3.draft_weights`); builds the runner."""
+        self._build_draft({"model.embed_tokens.weight": embed})
+
+    def set_embed_and_head(self, embed: torch.Tensor, head: torch.Tensor) -> None:
+        """`set_embed`, and the target's head for a draft without one (load_lm_head_from_target)."""
+        self._build_draft({"model.embed_tokens.weight": embed, "lm_head.weight": head})
+
+    def _build_draft(self, target: dict[str, torch.Tensor]) -> None:
+        if self.spec.eagle3 is None or self._draft_own is None:
+            raise UnsupportedConfigError(f"sglang-fx: only a loaded EAGLE3 draft takes its target's embedding; this is a "
+                                         f"{self.spec.architecture} (runner built: {self.runner is not None})")  # fmt: skip
+        try:
+            weights = eagle3.draft_weights(self.spec, self._draft_own, target)
+        except ValueError as e:
+            raise UnsupportedConfigError(f"the EAGLE3 draft {self.model_path}: {e}") from None
+        self._draft_own = None
+        self.runner = self.backend.runner(self.spec, weights, self._options())
 
     def _bind(self) -> KVCache:
         """Alias SGLang's KV buffers, on the first step (SGLang sizes its pools after loading
@@ -101,6 +171,9 @@ class SglangFxForCausalLM(torch.nn.Module):
                 f"needs {layout.num_layers} of K {layout.k_shape} and V {layout.v_shape}"
             )
         if self.runner is None:
+            if self.spec.eagle3 is not None:
+                raise UnsupportedConfigError(f"the EAGLE3 draft {self.model_path} ran before SGLang's worker gave it the "
+                                             "target's embedding (set_embed); it runs only under --speculative-algorithm EAGLE3")  # fmt: skip
             self.load_weights()
         self.cache = self.backend.kv_cache(layout, k, v, self.device)
         self._kv_identity = compat.kv_identity(pool)
@@ -122,18 +195,32 @@ class SglangFxForCausalLM(torch.nn.Module):
             )
         mode = forward_batch.forward_mode
         if mode.is_idle():
-            return compat.logits_output(torch.empty((0, self.spec.vocab_size), dtype=torch.float32, device=input_ids.device))
+            vocab = self.spec.eagle3.draft_vocab_size if self.spec.eagle3 is not None else self.spec.vocab_size
+            return compat.logits_output(torch.empty((0, vocab), dtype=torch.float32, device=input_ids.device))
         cache = self._bind()
-        all_logits = not mode.is_target_verify() and compat.wants_input_logprobs(forward_batch)
+        all_logits = not self.is_draft and not mode.is_target_verify() and compat.wants_input_logprobs(forward_batch)
         meta = to_metadata(forward_batch, positions, compat.req_to_token(), cache.layout.page_size, all_logits,
                            draft=self.is_draft)  # fmt: skip
         if meta.mode is ForwardMode.VERIFY and not self.backend.info.capabilities.verify:
             raise UnsupportedConfigError(f"sglang-fx backend {self.backend_name!r} declares no verify steps "
                                          "(Capabilities.verify): serve it without speculative decoding")  # fmt: skip
-        logits = self.runner.forward(input_ids.to(torch.int64), meta, cache)  # [N, V] float32
+        ids, wanted = input_ids.to(torch.int64), compat.hidden_wanted(forward_batch)
+        if self.spec.eagle3 is not None:  # an EAGLE3 draft: hidden states in (the worker's) and out
+            hidden_in = compat.draft_hidden_in(forward_batch)
+            hidden_in = None if hidden_in is None else hidden_in.to(torch.float32)
+            logits, hidden = self.runner.forward_hidden(ids, meta, cache, hidden=hidden_in)
+        elif wanted and self.capture:  # an EAGLE3 target: the captured layers' inputs
+            logits, hidden = self.runner.forward_hidden(ids, meta, cache, capture=self.capture)
+        else:
+            logits, hidden = self.runner.forward(ids, meta, cache), None  # [N, V] float32
+        if hidden is not None and wanted == "last":  # the last new token of each sequence
+            hidden = hidden[torch.cumsum(meta.extend_lens, 0, dtype=torch.int64) - 1]
+        hidden = hidden if wanted else None
         if all_logits:
-            return self.logits_processor(input_ids, logits, None, forward_batch)
-        return compat.logits_output(logits)
+            out = self.logits_processor(input_ids, logits, None, forward_batch)
+            out.hidden_states = hidden
+            return out
+        return compat.logits_output_with_hidden(logits, hidden)
 
 
 def to_metadata(

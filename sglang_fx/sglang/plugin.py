@@ -164,8 +164,11 @@ def check_backend(name: str, server_args: Any) -> None:
             tp_size=tp, ep_size=ep, options=backend_options(name), quantization=spec.quant.scheme if spec and spec.quant else None,
         )
         problems += compat.parallel_problems(view) + compat.feature_problems(view, capabilities)
+        if spec is not None and spec.eagle3 is not None:
+            problems.append(f"{path} is an EAGLE3 draft (LlamaForCausalLMEagle3), not a model to serve: give it as "
+                            "--speculative-draft-model-path with --speculative-algorithm EAGLE3, and its target as --model-path")  # fmt: skip
         if not problems and getattr(view, "speculative_draft_model_path", None):
-            problems += draft_problems(name, view, dtype, device)
+            problems += draft_problems(name, view, dtype, device, target_spec=spec)
         if spec_error is not None and not problems:
             raise spec_error
         if not problems and (tp > 1 or ep > 1):
@@ -181,12 +184,14 @@ def check_backend(name: str, server_args: Any) -> None:
         raise ValueError(f"--model-impl {name}: sglang-fx backend {name!r} cannot serve this: {e}") from e
 
 
-def draft_problems(target: str, view: Any, dtype: str, device: str) -> list[str]:
+def draft_problems(target: str, view: Any, dtype: str, device: str, target_spec: Any = None) -> list[str]:
     """What stops the draft model (--speculative-draft-model-path) from running on the backend
     its route names (`draft_backend`: SGLANG_FX_OPTIONS' "draft" entry, else the target's
     backend): an unknown or unavailable backend, or one whose Capabilities refuse the draft
     checkpoint (architecture, dtype, device, page size, the target's tp/ep sizes, which the
-    draft runs under). [] when it can run."""
+    draft runs under; an EAGLE3 draft needs Capabilities.eagle3). With EAGLE3 the draft must be
+    an EAGLE3 checkpoint (and only there), made for the target (`target_spec`, its ModelSpec when
+    known): the same vocabulary, its target_hidden_size, aux layers the target has. [] when it can run."""
     name = draft_backend(target)
     if name not in _backends:
         return [f"the draft model's backend {name!r} ({OPTIONS_ENV} {{\"draft\": {{\"backend\": ...}}}}) is not an installed "
@@ -198,8 +203,43 @@ def draft_problems(target: str, view: Any, dtype: str, device: str) -> list[str]
         return [f"the draft model cannot run on backend {name!r}: {e}"]
     problems = capabilities.validate(architecture=spec.architecture, dtype=dtype, device=device, page_size=view.page_size,
                                      tp_size=int(getattr(view, "tp_size", 1) or 1), ep_size=int(getattr(view, "ep_size", 1) or 1),
-                                     options=backend_options(name))  # fmt: skip
-    return [f"the draft model on backend {name!r}: {p}" for p in problems]
+                                     options=backend_options(name), eagle3=spec.eagle3 is not None)  # fmt: skip
+    problems = [f"the draft model on backend {name!r}: {p}" for p in problems]
+    return problems + eagle3_draft_problems(view, spec, target_spec)
+
+
+def eagle3_draft_problems(view: Any, draft: Any, target: Any = None) -> list[str]:
+    """An EAGLE3 draft checkpoint where the algorithm wants one and nowhere else, and one that
+    fits its target (ModelSpecs; target None: not checked)."""
+    algorithm = str(getattr(view, "speculative_algorithm", "") or "").upper()
+    path = view.speculative_draft_model_path
+    if algorithm == "EAGLE3" and draft.eagle3 is None:
+        return [f"--speculative-algorithm EAGLE3 needs an EAGLE3 draft (architecture LlamaForCausalLMEagle3); "
+                f"{path} is a {draft.architecture}: give an EAGLE3 draft, or use --speculative-algorithm STANDALONE"]  # fmt: skip
+    if algorithm != "EAGLE3" and draft.eagle3 is not None:
+        return [f"{path} is an EAGLE3 draft (LlamaForCausalLMEagle3), which needs the target's hidden states: use "
+                f"--speculative-algorithm EAGLE3, not {algorithm}"]  # fmt: skip
+    if draft.eagle3 is None or target is None:
+        return []
+    from ..eagle3 import capture_layers
+
+    e, out = draft.eagle3, []
+    if draft.vocab_size != target.vocab_size:
+        out.append(f"the EAGLE3 draft {path} has a vocabulary of {draft.vocab_size} and the target {target.vocab_size}: "
+                   "is it the draft of this target?")  # fmt: skip
+    if e.target_hidden_size != target.hidden_size:
+        out.append(f"the EAGLE3 draft {path} reads hidden states {e.target_hidden_size} wide (target_hidden_size) and the "
+                   f"target's are {target.hidden_size}: is it the draft of this target?")  # fmt: skip
+    try:
+        layers = capture_layers(target.num_layers, e.aux_layer_ids)
+    except ValueError as err:
+        out.append(f"the EAGLE3 draft {path} reads the target layers {list(e.aux_layer_ids or ())} and the target has "
+                   f"{target.num_layers}: {err}")  # fmt: skip
+    else:
+        if len(layers) != e.num_aux:
+            out.append(f"the EAGLE3 draft {path} projects {e.num_aux} captured layers (fc) and its config names the target "
+                       f"layers {list(layers)}; the two must agree")  # fmt: skip
+    return out
 
 
 def refuse_empty_prompt(original, manager: Any, obj: Any, input_ids: Any, *args: Any, **kwargs: Any):
