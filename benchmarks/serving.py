@@ -55,6 +55,10 @@ PYTHON = sys.executable
 LOCAL_SHAREGPT = ROOT / "examples" / "data" / "prompts.sharegpt.json"
 CPU = ["--device", "cpu", "--attention-backend", "torch_native", "--dtype", "float32", "--disable-cuda-graph",
        "--max-total-tokens", "65536"]  # fmt: skip
+#: Every server and offline engine runs SGLang's plain scheduler loop: sglang-fx chooses it on CPU
+#: (sglang_fx/sglang/plugin.py `synchronous_schedule`: the overlap loop only holds each step's
+#: tokens back one step there), and native gets the same loop so that the figures compare steps.
+SCHEDULE = ["--disable-overlap-schedule"]
 STAGES = ("prefill", "serving", "offline", "decode")
 PREFILL_SHAPES = [(1, 128), (1, 512), (8, 128), (8, 512)]  # (batch, input tokens)
 
@@ -149,7 +153,7 @@ def serving_stage(impl: str, model: str, args, work: Path, r: Result) -> None:
     log = work / f"server-{impl}.log"
     with open(log, "w") as f:
         server = subprocess.Popen(
-            [PYTHON, "-m", "sglang_fx.sglang.launch_server", "--model-path", model, "--model-impl", impl, *CPU,
+            [PYTHON, "-m", "sglang_fx.sglang.launch_server", "--model-path", model, "--model-impl", impl, *CPU, *SCHEDULE,
              "--chunked-prefill-size", str(args.chunked_prefill_size), "--sleep-on-idle", "--host", "127.0.0.1",
              "--port", str(port)], env={**env(), **precompile_options(impl)}, cwd=str(work), stdout=f, stderr=subprocess.STDOUT,
             start_new_session=True)  # fmt: skip
@@ -204,7 +208,7 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> N
 def offline_stage(impl: str, model: str, args, work: Path, r: Result) -> None:
     out = work / f"offline-{impl}.jsonl"
     groups = 4 if args.quick else 8
-    tool(["sglang.benchmark.offline_throughput", "--model-path", model, "--model-impl", impl, *CPU,
+    tool(["sglang.benchmark.offline_throughput", "--model-path", model, "--model-impl", impl, *CPU, *SCHEDULE,
           "--chunked-prefill-size", str(args.chunked_prefill_size), "--dataset-name", "generated-shared-prefix",
           "--gsp-num-groups", str(groups), "--gsp-prompts-per-group", "8", "--gsp-system-prompt-len", "512",
           "--gsp-question-len", "64", "--gsp-output-len", "64", "--dataset-path", str(LOCAL_SHAREGPT),

@@ -51,6 +51,15 @@ def test_nothing_changes_off_cpu_or_outside_pd_mode():
     assert pd.plan(view(disaggregation_mode="null"), raw={}, environ={}, rdma=False) == pd.Plan()
 
 
+def test_sglang_fx_servers_run_the_plain_scheduler_loop_on_cpu_only():
+    plain = view(disaggregation_mode="null")
+    assert plugin.synchronous_schedule(plain)
+    assert not plugin.synchronous_schedule(view(disaggregation_mode="null", device="cuda"))
+    assert not plugin.synchronous_schedule(view(disaggregation_mode="null", speculative_algorithm="NGRAM"))
+    assert not plugin.synchronous_schedule(view())  # PD: pd.configure decides
+    assert not plugin.synchronous_schedule(view(disaggregation_mode="null", disable_overlap_schedule=True))  # already
+
+
 def test_what_cannot_run_is_named():
     assert pd.problems(view(), sglang_fx_backend=True) == []
     (nixl,) = pd.problems(view(disaggregation_transfer_backend="nixl"), sglang_fx_backend=False)

@@ -167,6 +167,7 @@ def test_server_runs_the_sglang_fx_backend(both):
     native, ms = both
     info = requests.get(ms.url + "/server_info", timeout=REQUEST_TIMEOUT).json()
     assert info["model_impl"] == ms.name, info.get("model_impl")
+    assert info["disable_overlap_schedule"] is True  # plugin.synchronous_schedule, on CPU
     log = ms.log.read_text(errors="replace")
     assert f"on backend '{ms.name}' ({ms.name}" in log, ms.output()  # the adapter's load message
     assert "on backend '" not in native.log.read_text(errors="replace")  # native runs SGLang's own Qwen3

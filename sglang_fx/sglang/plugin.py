@@ -14,7 +14,8 @@ hooks (SGLang applies them right after):
   rule with that capability check. On a CPU host it also sets SGLANG_CPU_OMP_THREADS_BIND
   when several schedulers need it and the user has not (`bind_cpu_threads`), and, with
   --disaggregation-mode prefill|decode, checks and completes the PD settings a CPU host needs
-  (`prepare_disaggregation`, see sglang_fx/sglang/pd.py).
+  (`prepare_disaggregation`, see sglang_fx/sglang/pd.py). On CPU it runs sglang-fx backends
+  under SGLang's plain scheduler loop (`synchronous_schedule`).
 - AROUND `get_model_architecture` (every process): for an sglang-fx name, resolves the model
   class to the adapter (`sglang_fx.sglang.model`) instead of SGLang's own.
 - AROUND `TokenizerManager._validate_one_request` (the HTTP server's process): refuses a
@@ -106,6 +107,10 @@ def check_server_args(original, server_args: Any, *args: Any, **kwargs: Any):
             )
         return original(server_args, *args, **kwargs)
     check_backend(name, server_args)
+    if synchronous_schedule(compat.server_view(server_args)):
+        compat.declare_server_args(server_args, "sglang_fx.schedule", disable_overlap_schedule=True)
+        logger.info("sglang-fx: --disable-overlap-schedule on CPU (a step runs on the scheduler's thread: the overlap loop "
+                    "would only hand out its tokens one step later)")  # fmt: skip
     if name in compat.sglang_model_impls():  # "mindspore": SGLang asserts an NPU for its own wrapper
         with compat.npu_rule_answered():
             return original(server_args, *args, **kwargs)
@@ -129,6 +134,20 @@ def bind_cpu_threads(server_args: Any) -> None:
         logger.info("sglang-fx: %s=%s (one CPU set per scheduler; set it yourself to choose)", compat.CPU_THREADS_BIND_ENV, value)
     # There is no CUDA here: don't wait for CUDA core dumps after a crash (SGLang waits 60 s).
     os.environ.setdefault(compat.CUDA_COREDUMP_ENV, "0")
+
+
+def synchronous_schedule(view: Any) -> bool:
+    """Whether an sglang-fx backend's server should run SGLang's plain scheduler loop
+    (--disable-overlap-schedule): on a CPU device, unless the user chose it already, with neither
+    speculative decoding (SGLang's v2 workers are written for the overlap loop) nor PD
+    disaggregation (`pd.configure` decides there). The overlap loop launches step k + 1 before it
+    hands out step k's tokens, which pays where a launch returns at once (CUDA streams); on CPU
+    the step runs to its end inside the launch, on the scheduler's thread, so overlap only holds
+    every step's tokens back by one more step: a prefill's first token also waits for the prefill
+    after it. Nothing runs alongside a step there, so throughput does not change."""
+    return (str(getattr(view, "device", None) or "cpu") == "cpu" and not view.disable_overlap_schedule
+            and not getattr(view, "speculative_algorithm", None)
+            and str(getattr(view, "disaggregation_mode", None) or "null") == "null")  # fmt: skip
 
 
 def prepare_disaggregation(name: str, server_args: Any) -> None:
