@@ -377,7 +377,15 @@ def _model_name(kind: str, arch: str, variant: str) -> str:
 
 def _session_logits(ctx: Context, arch: str, variant: str = "", **session) -> tuple[torch.Tensor, list[int]]:
     """All-token logits of PROMPTS[1:] in one ragged step, after PROMPTS[0] filled the cache,
-    and how many tokens of each prompt came from the cache. session: Context.session keywords."""
+    and how many tokens of each prompt came from the cache. session: Context.session keywords.
+    Computed once per backend, checkpoint and layout (Context.remember: several cases compare
+    the same logits with different things); read only."""
+    backend = session.get("backend") or ctx.backend.name
+    key = ("session_logits", backend, str(ctx.checkpoint(arch, variant)), session.get("parallel", ctx.parallel))
+    return ctx.remember(key, lambda: _compute_session_logits(ctx, arch, variant, **session))
+
+
+def _compute_session_logits(ctx: Context, arch: str, variant: str, **session) -> tuple[torch.Tensor, list[int]]:
     session = ctx.session(arch, page_size=16, variant=variant, **session)
     first, _ = session.new_sequence(PROMPTS[0])
     session.forward([first], [PROMPTS[0]])
