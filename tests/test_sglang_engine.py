@@ -1,7 +1,7 @@
 """SGLang 0.5.23's offline `sglang.Engine` end to end on the CPU, through the sglang-fx plugin
 (`--model-impl NAME`): native Qwen3, reference_torch, mindspore and jax on the same tiny float32
 checkpoint must give the same greedy tokens; a tiny W8A8 Qwen3 serves at --dtype float32; the
-real SmolLM2 in W8A8 answers alike through reference_torch, mindspore and jax.
+real SmolLM2 in W8A8 answers alike through mindspore and jax as reference_torch does.
 
 The engines run in a subprocess (`examples/sglang_compare.py`: SGLang's Engine spawns processes
 and needs a real `__main__`), with SGLANG_USE_CPU_ENGINE=1 set by our launch path. If the
@@ -11,7 +11,7 @@ mindspore backend is not installed, the same mechanism serves the name "mindspor
 test-only stand-in wrapping reference_torch, which still shows that sglang-fx serves that name
 on a CPU, past SGLang's NPU-only check. Start-up failures are tested through the HTTP server
 (test_sglang_server.py). Budget: about 2 minutes on a 2-core machine, plus the W8A8 SmolLM2
-test (three engines of the real model: 5.5 minutes measured at a load average of 8).
+test (two engines of the real model, mindspore and jax, against reference_torch in a Session).
 """
 
 from __future__ import annotations
