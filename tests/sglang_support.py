@@ -257,3 +257,12 @@ def session_answers(session, prompts: list[list[int]], max_new_tokens: int) -> l
         for s in seqs:
             session.release(s)
     return out
+
+
+def rank_answers(parallel, backend: str, model: str, prompts: list[list[int]], max_new_tokens: int) -> list[dict]:
+    """`session_answers` of a Session of `backend` on `model` as one rank of a tensor-parallel
+    world: the function `sglang_fx.distributed.run_parallel` runs on every rank."""
+    from sglang_fx.generate import Session
+
+    session = Session(backend, model, dtype="float32", page_size=1, max_total_tokens=2048, parallel=parallel)
+    return session_answers(session, prompts, max_new_tokens)
