@@ -104,6 +104,31 @@ def test_fetch_model_quantize_gives_the_w8a8_checkpoint_and_reuses_it(smollm2, c
     assert got.out.strip() == str(out) and got.err == ""
 
 
+def test_sglang_serves_the_real_model_like_native(smollm2, tmp_path):
+    """sglang.Engine on SmolLM2 with --model-impl mindspore and jax (those available here): the
+    greedy tokens of examples/sglang_compare.py's requests (a ragged batch, radix-cache hits, a
+    chunked prefill, input top-k) identical to SGLang's native Llama, logprobs within 1e-4."""
+    pytest.importorskip("sglang")
+    from .sglang_support import PYTHON, ROOT, available
+
+    impls = ["sglang", *filter(available, ("mindspore", "jax"))]
+    if len(impls) == 1:
+        pytest.skip("neither the mindspore nor the jax backend is available here")
+    report_path = tmp_path / "report.json"
+    proc = subprocess.run([PYTHON, str(ROOT / "examples" / "sglang_compare.py"), "--model", str(smollm2), "--impls", *impls,
+                           "--repeats", "1", "--max-new-tokens", "16", "--out", str(report_path)],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)  # fmt: skip
+    log = f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert report_path.exists(), log
+    report = json.loads(report_path.read_text())
+    print(json.dumps(report["comparison"]))
+    for impl in impls[1:]:
+        cmp = report["comparison"][impl]
+        assert all(cmp["tokens_identical"].values()), (impl, cmp, log)
+        assert cmp["max_abs_input_logprob_diff"] < 1e-4 and cmp["max_abs_output_logprob_diff"] < 1e-4, (impl, cmp)
+    assert report["ok"] and proc.returncode == 0, log
+
+
 @pytest.fixture(scope="module")
 def w8a8_sessions(smollm2) -> dict:
     """backend -> a Session of SmolLM2 in W8A8 (`fetch-model --quantize w8a8`), for every backend
@@ -188,28 +213,3 @@ def test_each_backends_w8a8_linear_is_the_integer_math_on_real_activations(w8a8_
         if worst > 1e-6:
             problems.append((backend, worst, at))
     assert not problems, problems
-
-
-def test_sglang_serves_the_real_model_like_native(smollm2, tmp_path):
-    """sglang.Engine on SmolLM2 with --model-impl mindspore and jax (those available here): the
-    greedy tokens of examples/sglang_compare.py's requests (a ragged batch, radix-cache hits, a
-    chunked prefill, input top-k) identical to SGLang's native Llama, logprobs within 1e-4."""
-    pytest.importorskip("sglang")
-    from .sglang_support import PYTHON, ROOT, available
-
-    impls = ["sglang", *filter(available, ("mindspore", "jax"))]
-    if len(impls) == 1:
-        pytest.skip("neither the mindspore nor the jax backend is available here")
-    report_path = tmp_path / "report.json"
-    proc = subprocess.run([PYTHON, str(ROOT / "examples" / "sglang_compare.py"), "--model", str(smollm2), "--impls", *impls,
-                           "--repeats", "1", "--max-new-tokens", "16", "--out", str(report_path)],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)  # fmt: skip
-    log = f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    assert report_path.exists(), log
-    report = json.loads(report_path.read_text())
-    print(json.dumps(report["comparison"]))
-    for impl in impls[1:]:
-        cmp = report["comparison"][impl]
-        assert all(cmp["tokens_identical"].values()), (impl, cmp, log)
-        assert cmp["max_abs_input_logprob_diff"] < 1e-4 and cmp["max_abs_output_logprob_diff"] < 1e-4, (impl, cmp)
-    assert report["ok"] and proc.returncode == 0, log
