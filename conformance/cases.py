@@ -590,6 +590,10 @@ def w8a8_linear_case(arch: str) -> Case:
             x = torch.randn((6, w.shape[1]), generator=g) * torch.logspace(-3, 2, 6)[:, None]  # tokens of very different sizes
             x[0] = 0  # an all-zero token: scale floors at 1e-10 / 127, q = 0
             x[1, 3] = 1e3  # an outlier channel
+            # a token whose x / scale lands exactly on rounding edges (scale = 2^-4 exactly; x / scale in
+            # -3.5 .. 3.5): halves round to even (-4, -2, -2, 0, 0, 2, 2, 4), not away from zero
+            x[2] = (torch.arange(w.shape[1]) % 8 - 3.5) * 2**-4
+            x[2, 0] = 127 * 2**-4
             ours = session.runner.apply_linear(name, x).cpu()
             ref = torch.from_numpy(w8a8_linear(x.numpy(), w.numpy(), scale.numpy()))
             worst = max(worst, (_max_diff(ours, ref) / max(ref.abs().max().item(), 1e-30)))
@@ -601,7 +605,8 @@ def w8a8_linear_case(arch: str) -> Case:
             return _w8a8_skip(ctx)
         return "the runner has no apply_linear probe (optional, SPI 1.3)"
 
-    return Case(f"w8a8/linear/{arch}", run, f"{arch}: each W8A8 linear of layer 0 (apply_linear probe) against sglang_fx.quant.w8a8_linear",
+    return Case(f"w8a8/linear/{arch}", run, f"{arch}: each W8A8 linear of layer 0 (apply_linear probe) against sglang_fx.quant.w8a8_linear "
+                "on tokens of very different sizes, an all-zero one, an outlier channel and activations exactly on rounding edges",
                 "sglang_fx/quant.py, apply_linear in ModelRunner (sglang_fx/spi.py)", skip)  # fmt: skip
 
 
