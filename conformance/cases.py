@@ -377,7 +377,15 @@ def _model_name(kind: str, arch: str, variant: str) -> str:
 
 def _session_logits(ctx: Context, arch: str, variant: str = "", **session) -> tuple[torch.Tensor, list[int]]:
     """All-token logits of PROMPTS[1:] in one ragged step, after PROMPTS[0] filled the cache,
-    and how many tokens of each prompt came from the cache. session: Context.session keywords."""
+    and how many tokens of each prompt came from the cache. session: Context.session keywords.
+    Computed once per backend, checkpoint and layout (Context.remember: several cases compare
+    the same logits with different things); read only."""
+    backend = session.get("backend") or ctx.backend.name
+    key = ("session_logits", backend, str(ctx.checkpoint(arch, variant)), session.get("parallel", ctx.parallel))
+    return ctx.remember(key, lambda: _compute_session_logits(ctx, arch, variant, **session))
+
+
+def _compute_session_logits(ctx: Context, arch: str, variant: str, **session) -> tuple[torch.Tensor, list[int]]:
     session = ctx.session(arch, page_size=16, variant=variant, **session)
     first, _ = session.new_sequence(PROMPTS[0])
     session.forward([first], [PROMPTS[0]])
@@ -582,6 +590,10 @@ def w8a8_linear_case(arch: str) -> Case:
             x = torch.randn((6, w.shape[1]), generator=g) * torch.logspace(-3, 2, 6)[:, None]  # tokens of very different sizes
             x[0] = 0  # an all-zero token: scale floors at 1e-10 / 127, q = 0
             x[1, 3] = 1e3  # an outlier channel
+            # a token whose x / scale lands exactly on rounding edges (scale = 2^-4 exactly; x / scale in
+            # -3.5 .. 3.5): halves round to even (-4, -2, -2, 0, 0, 2, 2, 4), not away from zero
+            x[2] = (torch.arange(w.shape[1]) % 8 - 3.5) * 2**-4
+            x[2, 0] = 127 * 2**-4
             ours = session.runner.apply_linear(name, x).cpu()
             ref = torch.from_numpy(w8a8_linear(x.numpy(), w.numpy(), scale.numpy()))
             worst = max(worst, (_max_diff(ours, ref) / max(ref.abs().max().item(), 1e-30)))
@@ -593,7 +605,8 @@ def w8a8_linear_case(arch: str) -> Case:
             return _w8a8_skip(ctx)
         return "the runner has no apply_linear probe (optional, SPI 1.3)"
 
-    return Case(f"w8a8/linear/{arch}", run, f"{arch}: each W8A8 linear of layer 0 (apply_linear probe) against sglang_fx.quant.w8a8_linear",
+    return Case(f"w8a8/linear/{arch}", run, f"{arch}: each W8A8 linear of layer 0 (apply_linear probe) against sglang_fx.quant.w8a8_linear "
+                "on tokens of very different sizes, an all-zero one, an outlier channel and activations exactly on rounding edges",
                 "sglang_fx/quant.py, apply_linear in ModelRunner (sglang_fx/spi.py)", skip)  # fmt: skip
 
 

@@ -49,14 +49,25 @@ class Context:
     """One conformance run against one backend. Expensive things are built once and cached."""
 
     def __init__(self, backend: str, *, device: str = "cpu", workdir: str | Path | None = None, registry: Registry | None = None,
-                 parallel: Parallel = SINGLE):  # fmt: skip
+                 parallel: Parallel = SINGLE, truth: dict | None = None):  # fmt: skip
         """parallel: run the model cases as this rank of a tensor-parallel world (every rank
-        runs the same cases in step; `runner.run(..., tp_size=N)` starts the world)."""
+        runs the same cases in step; `runner.run(..., tp_size=N)` starts the world). truth: where
+        results are kept that a backend's Context computes once and other backends' would compute
+        alike (transformers' models, logits and greedy tokens, and each backend's Session logits
+        `cases._session_logits`), keyed by checkpoint path and backend name; Contexts of several
+        backends given one dict and one workdir compute them once (the pytest plugin does)."""
         self.registry = registry or default_registry()
         self.backend: Backend = self.registry.load(backend)
         self.device, self.parallel = device, parallel
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="sglang-fx-conformance-")
         self.workdir = Path(workdir or self._tmp.name)
+        self.truth = {} if truth is None else truth
+
+    def remember(self, key: tuple, make):
+        """self.truth[key], made by make() on first use. What it returns is shared: read only."""
+        if key not in self.truth:
+            self.truth[key] = make()
+        return self.truth[key]
 
     def architectures(self) -> list[str]:
         """The tiny-checkpoint architectures this backend claims to run, in a stable order."""
@@ -98,14 +109,15 @@ class Context:
             out = self.hf_model(arch, variant)(torch.tensor([prompt]), output_hidden_states=True)
         return tuple(h[0].float() for h in out.hidden_states)
 
-    @functools.cache
     def hf_model(self, arch: str, variant: str = ""):
         import transformers
 
-        if variant == W8A8:
-            return fake_quantized(self.hf_model(arch), self.checkpoint(arch, W8A8))
-        model = transformers.AutoModelForCausalLM.from_pretrained(self.checkpoint(arch, variant), dtype=torch.float32)
-        return model.eval()
+        def make():
+            if variant == W8A8:
+                return fake_quantized(self.hf_model(arch), self.checkpoint(arch, W8A8))
+            return transformers.AutoModelForCausalLM.from_pretrained(self.checkpoint(arch, variant), dtype=torch.float32).eval()
+
+        return self.remember(("hf_model", str(self.checkpoint(arch, variant))), make)
 
     def session(self, arch: str, *, page_size: int = 16, backend: str | None = None, variant: str = "",
                 parallel: Parallel | None = None) -> Session:  # fmt: skip
@@ -121,17 +133,24 @@ class Context:
                        max_total_tokens=4096, target=target)  # fmt: skip
 
     def hf_logits(self, arch: str, prompt: list[int], variant: str = "") -> torch.Tensor:
-        """[len(prompt), vocab] float32 logits of transformers, one prompt, no padding."""
-        with torch.inference_mode():
-            return self.hf_model(arch, variant)(torch.tensor([prompt])).logits[0].float()
+        """[len(prompt), vocab] float32 logits of transformers, one prompt, no padding (read only)."""
+
+        def make():
+            with torch.inference_mode():
+                return self.hf_model(arch, variant)(torch.tensor([prompt])).logits[0].float()
+
+        return self.remember(("hf_logits", str(self.checkpoint(arch, variant)), tuple(prompt)), make)
 
     def hf_greedy(self, arch: str, prompt: list[int], steps: int, variant: str = "") -> list[int]:
-        with torch.inference_mode():
-            out = self.hf_model(arch, variant).generate(
-                torch.tensor([prompt]), max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                eos_token_id=None, pad_token_id=0,
-            )
-        return out[0, len(prompt):].tolist()
+        def make():
+            with torch.inference_mode():
+                out = self.hf_model(arch, variant).generate(
+                    torch.tensor([prompt]), max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                    eos_token_id=None, pad_token_id=0,
+                )
+            return tuple(out[0, len(prompt):].tolist())
+
+        return list(self.remember(("hf_greedy", str(self.checkpoint(arch, variant)), tuple(prompt), steps), make))
 
     def close(self) -> None:
         if self._tmp is not None:

@@ -9,6 +9,8 @@ shipped test is `sglang_fx.conformance.test_conformance`; a third party runs it 
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 
 from .cases import Case, cases_for
@@ -16,6 +18,7 @@ from .context import Context
 from .runner import CaseResult, judge
 
 _CONTEXTS = pytest.StashKey[dict]()
+_SHARED = pytest.StashKey[tuple]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -26,9 +29,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def _context(config: pytest.Config, backend: str) -> Context:
+    """The backend's Context; all of them share one workdir (the tiny checkpoints) and one truth
+    cache (transformers' and the reference backend's results: computed once, not per backend)."""
     contexts = config.stash.setdefault(_CONTEXTS, {})
     if backend not in contexts:
-        contexts[backend] = Context(backend, device=config.getoption("fx_device"))
+        if _SHARED not in config.stash:
+            config.stash[_SHARED] = (tempfile.TemporaryDirectory(prefix="sglang-fx-conformance-"), {})
+        workdir, truth = config.stash[_SHARED]
+        contexts[backend] = Context(backend, device=config.getoption("fx_device"), workdir=workdir.name, truth=truth)
     return contexts[backend]
 
 
@@ -65,3 +73,5 @@ def fx_result(fx_case: tuple[str, Case], request: pytest.FixtureRequest) -> Case
 def pytest_unconfigure(config: pytest.Config) -> None:
     for ctx in config.stash.get(_CONTEXTS, {}).values():
         ctx.close()
+    if _SHARED in config.stash:
+        config.stash[_SHARED][0].cleanup()

@@ -9,10 +9,7 @@ with the first batch (radix-cache hits); a long prompt split by chunked prefill;
 sampling (SGLang's sampler path; only the lengths are compared); and input logprobs with
 top-k. Prints a JSON report (tokens, logprob differences, timings) and exits 1 if the greedy
 tokens differ. --tp-size/--ep-size run every engine tensor-parallel (experts split ep ways);
---hf also reports each engine's input logprobs against transformers on the same checkpoint;
---vs-tp1 also runs the first impl unsharded and puts its results in the report ("tp1"), not
-judged: for checkpoints whose math changes with sharding (W8A8: each rank quantizes its slice of
-a row-parallel layer's input with that slice's own scale), the caller compares.
+--hf also reports each engine's input logprobs against transformers on the same checkpoint.
 
 With --answers N each engine instead answers only the --prompt texts (default the demo's
 questions), greedily, N tokens each, with the top-2 logprobs of every output token (SGLang's
@@ -137,7 +134,6 @@ def main() -> int:
     ap.add_argument("--tp-size", type=int, default=1, help="tensor-parallel size of every engine (default 1)")
     ap.add_argument("--ep-size", type=int, default=1, help="expert-parallel size of every engine (default 1)")
     ap.add_argument("--hf", action="store_true", help="also compare input logprobs with transformers")
-    ap.add_argument("--vs-tp1", action="store_true", help="also run the first impl at tp_size 1 (report's tp1; not judged)")
     ap.add_argument("--answers", type=int, metavar="N", help="only greedy answers of N tokens to the --prompt texts, "
                     "with top-2 logprobs; no comparison (the caller judges)")  # fmt: skip
     ap.add_argument("--prompt", action="append", help="with --answers: a prompt (repeat; default the demo's)")
@@ -159,8 +155,6 @@ def main() -> int:
     if args.hf:
         truth = hf_input_logprobs(args.model, base["input_ids"])
         report["vs_transformers"] = {impl: max_diff(r["input_logprobs"], truth) for impl, r in results.items()}
-    if args.vs_tp1:
-        report["tp1"] = run(base_name, args.model, args.max_new_tokens, args.repeats, args.page_size, 1, 1, prompts)
     ok = True
     if args.answers:
         report["prompts"] = prompts  # the caller judges the answers

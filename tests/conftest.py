@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,43 @@ def smollm2() -> Path:
     from sglang_fx.models import fetch
 
     return fetch("smollm2")
+
+
+#: The demo's questions to the real model (examples/sglang_compare.py's --answers default too).
+REAL_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of"]
+REAL_ANSWER_TOKENS = 12
+
+
+@pytest.fixture(scope="session")
+def smollm2_float(smollm2) -> types.SimpleNamespace:
+    """transformers' float32 SmolLM2 on REAL_PROMPTS, run once per test session (the model is not
+    kept): tok (its tokenizer), prompts (the texts), ids (their token ids), greedy
+    (REAL_ANSWER_TOKENS greedy tokens per prompt), and linear_inputs: HF module name of every
+    decoder-layer linear ("model.layers.0.self_attn.q_proj") -> its input rows, float32 numpy
+    [T, in], on each prompt followed by its greedy answer (T: all those tokens, prompt after
+    prompt). These are the real activations, outliers included, that a W8A8 linear quantizes."""
+    import numpy as np
+    import torch
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    ids = [tok.encode(p) for p in REAL_PROMPTS]
+    inputs: dict[str, list[np.ndarray]] = {}
+
+    def keep(name):
+        return lambda module, args: inputs.setdefault(name, []).append(args[0][0].detach().numpy().copy())
+
+    with torch.no_grad():
+        greedy = [hf.generate(torch.tensor([p]), max_new_tokens=REAL_ANSWER_TOKENS, do_sample=False)[0, len(p):].tolist()
+                  for p in ids]  # fmt: skip
+        hooks = [m.register_forward_pre_hook(keep(n)) for n, m in hf.named_modules()
+                 if n.startswith("model.layers.") and isinstance(m, torch.nn.Linear)]  # fmt: skip
+        try:
+            for p, g in zip(ids, greedy):
+                hf(torch.tensor([p + g]))
+        finally:
+            for h in hooks:
+                h.remove()
+    return types.SimpleNamespace(tok=tok, prompts=REAL_PROMPTS, ids=ids, greedy=greedy,
+                                 linear_inputs={n: np.concatenate(xs) for n, xs in inputs.items()})

@@ -1,6 +1,7 @@
 """Helpers shared by the SGLang end-to-end tests (test_sglang_engine.py, test_sglang_server.py):
-test-only backend distributions declared in a temporary dist-info, and SGLang servers run as
-subprocesses with every wait bounded and every process group terminated."""
+test-only backend distributions declared in a temporary dist-info, SGLang servers run as
+subprocesses with every wait bounded and every process group terminated, and how greedy answers
+are compared (with a standalone Session's answers in the same format)."""
 
 from __future__ import annotations
 
@@ -230,3 +231,38 @@ def flip_verdict(got: dict, ref: dict, spread: float) -> tuple[str, str]:
     if v in ("same", "near-tie"):
         return v, v
     return ("rounding flip" if verdict(got["output_ids"], ref, near_tie=2 * spread) == "near-tie" else "other"), v
+
+
+def session_answers(session, prompts: list[list[int]], max_new_tokens: int) -> list[dict]:
+    """Greedy answers of a standalone `sglang_fx.generate.Session` to token-id prompts, in the
+    format of examples/sglang_compare.py's (SGLang's /generate): per prompt {"output_ids", "meta_info":
+    {"output_top_logprobs": per output token [[logprob, token id, None] x 2], best first}}, the
+    logprobs log_softmax of the float32 logits (as SGLang's at temperature 0). One extend step
+    for all prompts, then one decode step per token; the sequences are released after."""
+    import torch
+
+    made = [session.new_sequence(p) for p in prompts]
+    seqs = [seq for seq, _ in made]
+    out = [{"output_ids": [], "meta_info": {"output_top_logprobs": []}} for _ in prompts]
+    try:
+        logits = session.forward(seqs, [list(p[shared:]) for p, (_, shared) in zip(prompts, made)])
+        for step in range(max_new_tokens):
+            top = torch.log_softmax(logits.float(), -1).topk(2, -1)
+            for o, lp, ids in zip(out, top.values.tolist(), top.indices.tolist()):
+                o["output_ids"].append(ids[0])
+                o["meta_info"]["output_top_logprobs"].append([[lp[0], ids[0], None], [lp[1], ids[1], None]])
+            if step + 1 < max_new_tokens:
+                logits = session.forward(seqs, [[o["output_ids"][-1]] for o in out])
+    finally:
+        for s in seqs:
+            session.release(s)
+    return out
+
+
+def rank_answers(parallel, backend: str, model: str, prompts: list[list[int]], max_new_tokens: int) -> list[dict]:
+    """`session_answers` of a Session of `backend` on `model` as one rank of a tensor-parallel
+    world: the function `sglang_fx.distributed.run_parallel` runs on every rank."""
+    from sglang_fx.generate import Session
+
+    session = Session(backend, model, dtype="float32", page_size=1, max_total_tokens=2048, parallel=parallel)
+    return session_answers(session, prompts, max_new_tokens)

@@ -1,7 +1,7 @@
 """SGLang 0.5.23's offline `sglang.Engine` end to end on the CPU, through the sglang-fx plugin
 (`--model-impl NAME`): native Qwen3, reference_torch, mindspore and jax on the same tiny float32
 checkpoint must give the same greedy tokens; a tiny W8A8 Qwen3 serves at --dtype float32; the
-real SmolLM2 in W8A8 answers alike through reference_torch, mindspore and jax.
+real SmolLM2 in W8A8 answers alike through mindspore and jax as reference_torch does.
 
 The engines run in a subprocess (`examples/sglang_compare.py`: SGLang's Engine spawns processes
 and needs a real `__main__`), with SGLANG_USE_CPU_ENGINE=1 set by our launch path. If the
@@ -11,7 +11,7 @@ mindspore backend is not installed, the same mechanism serves the name "mindspor
 test-only stand-in wrapping reference_torch, which still shows that sglang-fx serves that name
 on a CPU, past SGLang's NPU-only check. Start-up failures are tested through the HTTP server
 (test_sglang_server.py). Budget: about 2 minutes on a 2-core machine, plus the W8A8 SmolLM2
-test (three engines of the real model: 5.5 minutes measured at a load average of 8).
+test (two engines of the real model, mindspore and jax, against reference_torch in a Session).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import pytest
 pytest.importorskip("sglang")
 
 from .sglang_support import (  # noqa: E402
-    DEVICE_BACKEND, PYTHON, ROOT, available, entry_points_env, installed_backends, flip_verdict, leading_agreement, logprob_spread)  # fmt: skip
+    DEVICE_BACKEND, PYTHON, ROOT, available, entry_points_env, installed_backends, flip_verdict, leading_agreement, logprob_spread,
+    session_answers)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -149,12 +150,13 @@ def test_engine_serves_a_w8a8_checkpoint_at_float32(env, models, tmp_path):
 W8A8_SPREAD_LIMIT = 1.0
 
 
-def test_engine_backends_serve_the_w8a8_real_model(env, smollm2, tmp_path):
+def test_engine_backends_serve_the_w8a8_real_model(env, smollm2_float, tmp_path):
     """SmolLM2 in W8A8 (`fetch-model --quantize w8a8`) through sglang.Engine, one engine per
-    backend (reference_torch, then mindspore and jax where available), greedy answers of 12
-    tokens to the demo's prompts, compared with reference_torch's, and the capital answer still
-    starts with " Paris". How many leading tokens each answer shares with the float model's
-    (transformers, greedy) is printed.
+    backend (mindspore and jax where available), greedy answers of 12 tokens to the demo's
+    prompts, compared with the reference backend's (reference_torch in a standalone Session, which
+    answers as its engine does: test_engine_serves_a_w8a8_checkpoint_at_float32), and the capital
+    answer still starts with " Paris". How many leading tokens each answer shares with the float
+    model's (transformers, greedy) is printed.
 
     Token identity holds only up to W8A8's rounding flips on this checkpoint: an activation next
     to an int8 rounding boundary lands on either side under float rounding differences (reduction
@@ -164,25 +166,21 @@ def test_engine_backends_serve_the_w8a8_real_model(env, smollm2, tmp_path):
     prompt). So a first difference passes as a near-tie (the load test's rule: reference top-2 gap
     < NEAR_TIE) or as a rounding flip (gap < 2x the spread the same two runs show before it: each
     of the two logprobs may have moved by the spread), the spread itself must stay below
-    W8A8_SPREAD_LIMIT, and anything else fails. The exact W8A8 math of each backend is checked
-    where it is deterministic: the conformance suite (w8a8/*) on tiny checkpoints."""
-    import torch
-    import transformers
-
+    W8A8_SPREAD_LIMIT, and anything else fails. Each backend's W8A8 linear is the exact integer
+    math on this model's real activations (tests/test_models.py), and the whole W8A8 models agree
+    where the math is deterministic: the conformance suite (w8a8/*) on tiny checkpoints."""
+    from sglang_fx.generate import Session
     from sglang_fx.models import fetch
 
-    model = fetch("smollm2", quantize="w8a8", progress=None)
-    impls = with_backends(["reference_torch"])
-    report, log, code = run_compare(env, str(model), impls, tmp_path, "--answers", "12")
+    model, n = fetch("smollm2", quantize="w8a8", progress=None), len(smollm2_float.greedy[0])
+    impls = with_backends([]) or ["reference_torch"]
+    report, log, code = run_compare(env, str(model), impls, tmp_path, "--answers", str(n))
     assert report["ok"] and code == 0, log
-    tok = transformers.AutoTokenizer.from_pretrained(smollm2)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
-    base = report["results"]["reference_torch"]["answers"]
-    floats = []
-    for prompt in report["prompts"]:
-        ids = tok.encode(prompt)
-        with torch.no_grad():
-            floats.append(hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist())
+    assert report["prompts"] == smollm2_float.prompts, report["prompts"]  # the float model's answers are to these
+    reference = Session("reference_torch", model, dtype="float32", page_size=1, max_total_tokens=1024)
+    base, floats = session_answers(reference, smollm2_float.ids, n), smollm2_float.greedy
+    print(f"W8A8 reference_torch (Session): {[smollm2_float.tok.decode(b['output_ids']) for b in base]}")
+    assert smollm2_float.tok.decode(base[0]["output_ids"]).startswith(" Paris"), base[0]
     counts, problems = dict.fromkeys(("same", "near-tie", "rounding flip", "other"), 0), []
     for impl in impls:
         got = report["results"][impl]["answers"]
@@ -194,7 +192,7 @@ def test_engine_backends_serve_the_w8a8_real_model(env, smollm2, tmp_path):
             kind, v = flip_verdict(g, ref, spread)
             counts[kind] += 1
             print(f"  {prompt!r} -> {g['text']!r}: vs reference_torch {v} [{kind}]; leading tokens equal to float32 "
-                  f"{leading_agreement(g['output_ids'], flt)}/{len(flt)} (float32: {tok.decode(flt)!r})")  # fmt: skip
+                  f"{leading_agreement(g['output_ids'], flt)}/{len(flt)} (float32: {smollm2_float.tok.decode(flt)!r})")  # fmt: skip
             if kind == "other":
                 problems.append((impl, prompt, v))
         if not got[0]["text"].startswith(" Paris"):
