@@ -49,13 +49,14 @@ ONE_TOKEN = 1  # every sequence has exactly one new token (decode): queries and 
 #: second one (ungrouped, for short extends) held about 230 MB more for SmolLM2 on CPU.
 QUERY_GROUPS = 4
 
+
 @dataclass(frozen=True)
 class PortableInputs:
     """The portable tier's step tensors (torch, on the step's device), in the shapes the graph
     uses them, so that it needs no dynamic transposes. Each sequence's keys, this step's
     included (they are stored before attention reads them), are gathered from the pool straight
-    into [B, Hkv, L, D]. Queries are padded per sequence to E rows, and each KV head's G query
-    heads are stacked with them (R = E * G rows per KV head).
+    into [B, Hkv, L, D]. Queries are padded per sequence to E rows (GENERAL: QUERY_GROUPS * S, below),
+    and each KV head's G query heads are stacked with them (R = rows * G per KV head).
 
     variant     GENERAL or ONE_TOKEN.
     q_index     [B, Hkv, R] int32. Row of q.reshape(T * Hq, D) for (sequence, KV head, e * G + g).
