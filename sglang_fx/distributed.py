@@ -31,12 +31,21 @@ HOST = "127.0.0.1"
 EXIT_GRACE = 30.0
 
 
+#: Ports this process has handed out: a port is free until its owner binds it, which may be
+#: minutes later (a server starting), so a later call must not hand it out again.
+_HANDED_OUT: set[int] = set()
+
+
 def free_ports(n: int, low: int = 30000) -> list[int]:
     """n distinct TCP ports, free now, for servers that bind them later (a rendezvous, an HTTP
-    server). They are taken below the kernel's ephemeral range and above the 22000-29999 where
-    SGLang takes its own: a port from bind(0) is ephemeral, and between this check and the later bind the OS may hand it to
-    any socket that binds port 0 (gloo's listeners do), which was seen to take an SGLang
-    server's HTTP port."""
+    server), none handed out before by this process. They are taken below the kernel's
+    ephemeral range and above the 22000-29999 where SGLang takes its own: a port from bind(0)
+    is ephemeral, and between this check and the later bind the OS may hand it to any socket
+    that binds port 0 (gloo's listeners do), which was seen to take an SGLang server's HTTP
+    port. And a port handed out earlier may not be bound yet, since a server binds its port
+    minutes after it starts, so finding it free says nothing: CI saw a PD test's server find
+    its HTTP port taken while the module's other servers, their ports chosen the same way,
+    were running."""
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
             high = int(f.read().split()[0]) - 1
@@ -47,13 +56,17 @@ def free_ports(n: int, low: int = 30000) -> list[int]:
         try:
             for sock in socks:
                 sock.bind((HOST, 0))
-            return [sock.getsockname()[1] for sock in socks]
+            ports = [sock.getsockname()[1] for sock in socks]
+            _HANDED_OUT.update(ports)
+            return ports
         finally:
             for sock in socks:
                 sock.close()
     ports: list[int] = []
     # SystemRandom: processes started together (and seeded alike) must not try the same ports.
     for port in random.SystemRandom().sample(range(low, high + 1), high + 1 - low):
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("0.0.0.0", port))
@@ -61,6 +74,7 @@ def free_ports(n: int, low: int = 30000) -> list[int]:
                 continue
         ports.append(port)
         if len(ports) == n:
+            _HANDED_OUT.update(ports)
             return ports
     raise OSError(f"fewer than {n} free TCP ports between {low} and {high}")
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sglang_fx.checkpoint import Checkpoint, load_spec
-from sglang_fx.distributed import run_parallel
+from sglang_fx.distributed import free_ports, run_parallel
 from sglang_fx.errors import UnsupportedConfigError
 from sglang_fx.kv_pool import layout_for
 from sglang_fx.parallel import Group, Parallel, Rendezvous
@@ -132,6 +132,14 @@ def _fail_on_rank_1(parallel: Parallel, how: str) -> int:
         os._exit(7)
     dist.barrier(group=parallel.tp.torch_group)  # waits on the rank that is gone
     return 0
+
+
+def test_a_port_is_handed_out_once():
+    """A port handed out is not bound until its server starts (minutes later): later calls must
+    not hand it out again, although it still looks free."""
+    first = free_ports(40)
+    again = free_ports(40)
+    assert len(set(first)) == len(set(again)) == 40 and not set(first) & set(again)
 
 
 @pytest.mark.parametrize("how,message", [("raise", r"(?s)rank 1 of 2 failed:.*ValueError: rank 1 gave up"),

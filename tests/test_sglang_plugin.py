@@ -43,7 +43,9 @@ def test_check_server_args_routes_by_name(registry, monkeypatch):
         return "ok"
 
     assert plugin.check_server_args(original, SimpleNamespace(model_impl="sglang")) == "ok"
-    assert plugin.check_server_args(original, SimpleNamespace(model_impl="reference_torch")) == "ok"
+    # Off CPU: no scheduler-loop declaration (that path is tests/test_sglang_pd_args.py's).
+    backend_args = SimpleNamespace(model_impl="reference_torch", device="cuda", disable_overlap_schedule=False)
+    assert plugin.check_server_args(original, backend_args) == "ok"
     assert checked == ["reference_torch"] and calls == ["sglang", "reference_torch"]
     with pytest.raises(ValueError, match="'nope' is neither an SGLang implementation nor an installed sglang-fx backend; valid values: auto, mindspore, reference_torch, sglang, transformers"):
         plugin.check_server_args(original, SimpleNamespace(model_impl="nope"))
