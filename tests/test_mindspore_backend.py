@@ -36,7 +36,7 @@ from sglang_fx_mindspore.attention import (  # noqa: E402
     ascend_inputs,
     flash_causal_mask,
 )
-from sglang_fx_mindspore.runtime import Tier, choose_tier  # noqa: E402
+from sglang_fx_mindspore.runtime import PRIMITIVE_CACHE, Tier, choose_tier, limit_primitive_cache  # noqa: E402
 
 ARCHS = ["qwen3", "qwen3_moe", "qwen2", "llama", "deepseek_v3"]
 
@@ -122,6 +122,21 @@ def test_device_this_mindspore_cannot_use_is_refused(backend):
     with pytest.raises(UnsupportedConfigError, match="MindSpore cannot run on 'npu:0' in this process"):
         backend.exchange("npu:0")
     backend.exchange("cpu").from_torch(torch.ones(2)).asnumpy()  # MindSpore still works on CPU
+
+
+def test_cpu_kernels_get_a_small_onednn_primitive_cache(ex):
+    """Decode shapes change every step with the context length: oneDNN's default cache (1024
+    primitives, ~1 MB each on SmolLM2) only grows. The exchange for cpu set it small."""
+    assert limit_primitive_cache() == PRIMITIVE_CACHE
+
+
+def test_a_onednn_primitive_cache_the_user_chose_is_kept():
+    code = ("from sglang_fx.registry import load_backend; from sglang_fx_mindspore.runtime import limit_primitive_cache; "
+            "load_backend('mindspore').exchange('cpu'); print(limit_primitive_cache())")  # fmt: skip
+    env = {**os.environ, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "8"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "8"
 
 
 # --- exchange ----------------------------------------------------------------------------------
