@@ -277,28 +277,39 @@ def test_standalone_self_draft_on_another_backend(waves, model, target, draft):
     spec = _run_all(servers[target, "standalone"])
     log = servers[target, "standalone"].output(200_000)
     assert f"on backend {draft!r}" in log and "_Draft_ForCausalLM" in log, f"the draft did not run on {draft}:\n{log[-3000:]}"
-    verdicts = [verdict(s["output_ids"], p) for s, p in zip(spec, plain)]
-    bad = [(PROMPTS[k], v) for k, v in enumerate(verdicts) if v not in ("same", "near-tie")]
-    assert not bad, f"{target} + {draft} draft: STANDALONE outputs differ from plain greedy beyond near-ties: {bad}"
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model)
+    simulated = [_simulate_standalone(hf, tokenizer(prompt)["input_ids"]) for prompt in PROMPTS]
+    got, summary = _matches_simulation(f"{target} + {draft} draft", "STANDALONE", spec, plain, simulated)
+    print(f"\n{target} target + {draft} draft (self-draft, chains of {DRAFT_STEPS}), {summary}")
+    assert all(n > 0 for n, _ in got), f"{target}: some requests ran no verify step: {got}"
+
+
+def _matches_simulation(run: str, algorithm: str, spec: list[dict], plain: list[dict],
+                        simulated: list[tuple[int, int, float]]) -> tuple[list[tuple[int, int]], str]:  # fmt: skip
+    """A speculative run's answers (`spec`, one per PROMPTS) against plain greedy's and against
+    the simulation of SGLang's `algorithm` on the same weights ((verify steps, accepted drafts,
+    smallest draft top-2 gap) per prompt): every output equals plain greedy up to near-ties, and
+    each request's (verify steps, accepted drafts) equals the simulation's unless the draft or
+    the output met a near-tie. Returns the run's (verify steps, accepted drafts) and a summary."""
+    verdicts = [verdict(s["output_ids"], p) for s, p in zip(spec, plain)]
+    bad = [(PROMPTS[k], v) for k, v in enumerate(verdicts) if v not in ("same", "near-tie")]
+    assert not bad, f"{run}: {algorithm} outputs differ from plain greedy beyond near-ties: {bad}"
     got = [(s["meta_info"]["spec_verify_ct"], s["meta_info"]["spec_num_correct_drafts"]) for s in spec]
-    want, draft_ties = [], 0
-    for k, prompt in enumerate(PROMPTS):
-        steps, accepted, gap = _simulate_standalone(hf, tokenizer(prompt)["input_ids"])
-        want.append((steps, accepted))
-        if got[k] != want[-1] or verdicts[k] != "same":
+    draft_ties = 0
+    for k, (steps, accepted, gap) in enumerate(simulated):
+        if got[k] != (steps, accepted) or verdicts[k] != "same":
             assert gap < 1e-3 or verdicts[k] == "near-tie", (
-                f"{target} + {draft} draft, prompt {k}: (verify steps, accepted drafts) {got[k]}, the simulation of "
-                f"SGLang's STANDALONE on the same weights {want[-1]}, and no near-tie (smallest draft top-2 gap {gap:.2e})")
+                f"{run}, prompt {k}: (verify steps, accepted drafts) {got[k]}, the simulation of SGLang's {algorithm} "
+                f"on the same weights {(steps, accepted)}, and no near-tie (smallest draft top-2 gap {gap:.2e})")
             draft_ties += 1
     accept = [round(s["meta_info"]["spec_accept_length"], 2) for s in spec]
     proposed = sum(s["meta_info"]["spec_num_proposed_drafts"] for s in spec)
-    print(f"\n{target} target + {draft} draft (self-draft, chains of {DRAFT_STEPS}), {len(PROMPTS)} concurrent requests x "
-          f"{MAX_NEW_TOKENS} tokens: {verdicts.count('same')} same as plain, {verdicts.count('near-tie')} near-ties; "
-          f"(verify steps, accepted drafts) {got} = simulation except {draft_ties} near-ties; accepted "
-          f"{sum(a for _, a in got)}/{proposed} drafts; spec_accept_length {accept}")  # fmt: skip
-    assert all(n > 0 for n, _ in got), f"{target}: some requests ran no verify step: {got}"
+    summary = (f"{len(PROMPTS)} concurrent requests x {MAX_NEW_TOKENS} tokens: {verdicts.count('same')} same as plain, "
+               f"{verdicts.count('near-tie')} near-ties; (verify steps, accepted drafts) {got}, simulation "
+               f"{[(n, a) for n, a, _ in simulated]}, {draft_ties} near-ties; accepted {sum(a for _, a in got)}/{proposed} "
+               f"drafts; spec_accept_length {accept}")  # fmt: skip
+    return got, summary
 
 
 def _simulate_eagle3(hf_model, draft: str, prompt: list[int], capture: tuple[int, ...]) -> tuple[int, int, float]:
@@ -380,24 +391,8 @@ def test_eagle3_with_a_draft_on_another_backend(waves, eagle3_draft, eagle3_simu
     assert f"LlamaForCausalLMEagle3 from {eagle3_draft} on backend {draft!r}" in log, f"the draft did not run on {draft}:\n{log[-3000:]}"
     capture = [j + 1 for j in EAGLE3_AUX]
     assert f"EAGLE3 target captures the inputs of layers {capture}" in log, log[-3000:]
-    verdicts = [verdict(s["output_ids"], p) for s, p in zip(spec, plain)]
-    bad = [(PROMPTS[k], v) for k, v in enumerate(verdicts) if v not in ("same", "near-tie")]
-    assert not bad, f"{target} + {draft} EAGLE3 draft: outputs differ from plain greedy beyond near-ties: {bad}"
-    got = [(s["meta_info"]["spec_verify_ct"], s["meta_info"]["spec_num_correct_drafts"]) for s in spec]
-    want = [(steps, accepted) for steps, accepted, _ in eagle3_simulated]
-    draft_ties = 0
-    for k, (steps, accepted, gap) in enumerate(eagle3_simulated):
-        if got[k] != (steps, accepted) or verdicts[k] != "same":
-            assert gap < 1e-3 or verdicts[k] == "near-tie", (
-                f"{target} + {draft} EAGLE3 draft, prompt {k}: (verify steps, accepted drafts) {got[k]}, the simulation of "
-                f"SGLang's EAGLE3 on the same weights {(steps, accepted)}, and no near-tie (smallest draft top-2 gap {gap:.2e})")
-            draft_ties += 1
-    accept = [round(s["meta_info"]["spec_accept_length"], 2) for s in spec]
-    proposed = sum(s["meta_info"]["spec_num_proposed_drafts"] for s in spec)
-    print(f"\n{target} target + {draft} EAGLE3 draft (random weights, {EAGLE3_HOT}-token vocabulary, chains of {DRAFT_STEPS}), "
-          f"{len(PROMPTS)} concurrent requests x {MAX_NEW_TOKENS} tokens: {verdicts.count('same')} same as plain, "
-          f"{verdicts.count('near-tie')} near-ties; (verify steps, accepted drafts) {got}, simulation {want}, "
-          f"{draft_ties} near-ties; accepted {sum(a for _, a in got)}/{proposed} drafts; spec_accept_length {accept}")  # fmt: skip
+    got, summary = _matches_simulation(f"{target} + {draft} EAGLE3 draft", "EAGLE3", spec, plain, eagle3_simulated)
+    print(f"\n{target} target + {draft} EAGLE3 draft (random weights, {EAGLE3_HOT}-token vocabulary, chains of {DRAFT_STEPS}), {summary}")
     assert sum(a for _, a in got) > 0, f"{target} + {draft}: the EAGLE3 draft accepted nothing: {got}"
 
 
