@@ -52,11 +52,14 @@ def free_ports(n: int, low: int = 30000) -> list[int]:
     except (OSError, ValueError, IndexError):
         high = 32767
     if high + 1 - low < 16 * n:  # the ephemeral range starts low on this host: take what bind(0) gives
-        socks = [socket.socket() for _ in range(n)]
+        socks: list[socket.socket] = []  # all held bound until the end, so bind(0) never repeats one
         try:
-            for sock in socks:
-                sock.bind((HOST, 0))
-            ports = [sock.getsockname()[1] for sock in socks]
+            ports = []
+            while len(ports) < n:
+                socks.append(socket.socket())
+                socks[-1].bind((HOST, 0))
+                if (port := socks[-1].getsockname()[1]) not in _HANDED_OUT:
+                    ports.append(port)
             _HANDED_OUT.update(ports)
             return ports
         finally:
